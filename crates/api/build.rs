@@ -1,0 +1,37 @@
+//! Compiles `proto/` with protox (pure Rust: no system `protoc`), then
+//! generates prost messages, tonic clients and servers, and pbjson serde
+//! impls (the proto3 canonical JSON mapping) from one descriptor set, which
+//! is also kept for server reflection.
+
+use std::{env, fs, path::PathBuf};
+
+use prost::Message;
+
+const FILES: &[&str] = &[
+    "lightbox/feed/v1/feed.proto",
+    "lightbox/users/v1/users.proto",
+    "lightbox/contracts/v1/contracts.proto",
+    "lightbox/photos/v1/photos.proto",
+    "lightbox/admin/v1/admin.proto",
+];
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let root = PathBuf::from(env::var("CARGO_MANIFEST_DIR")?).join("../../proto");
+    let out = PathBuf::from(env::var("OUT_DIR")?);
+    println!("cargo:rerun-if-changed={}", root.display());
+
+    let files: Vec<PathBuf> = FILES.iter().map(|f| root.join(f)).collect();
+    let fds = protox::compile(&files, [&root])?;
+    let bytes = fds.encode_to_vec();
+    fs::write(out.join("lightbox_descriptor.bin"), &bytes)?;
+
+    tonic_prost_build::configure()
+        .compile_well_known_types(true)
+        .extern_path(".google.protobuf", "::pbjson_types")
+        .compile_fds(fds)?;
+
+    pbjson_build::Builder::new()
+        .register_descriptors(&bytes)?
+        .build(&[".lightbox"])?;
+    Ok(())
+}

@@ -1,0 +1,220 @@
+//! Checks every service applies to its requests, with the messages clients
+//! see: ids, page sizes, opaque page tokens, revisions, update masks, times.
+
+use uuid::Uuid;
+
+use crate::ApiError;
+
+/// Parses an entity id (a UUID). `field` names the request field in the message.
+pub fn parse_id(field: &str, value: &str) -> Result<Uuid, ApiError> {
+    if value.is_empty() {
+        return Err(ApiError::InvalidArgument(format!("{field} is required")));
+    }
+    Uuid::parse_str(value)
+        .map_err(|_| ApiError::InvalidArgument(format!("{field} {value:?} is not a valid id (expected a UUID)")))
+}
+
+/// Parses an optional id: empty is allowed.
+pub fn parse_optional_id(field: &str, value: &str) -> Result<Option<Uuid>, ApiError> {
+    if value.is_empty() {
+        Ok(None)
+    } else {
+        parse_id(field, value).map(Some)
+    }
+}
+
+/// A new entity id: UUIDv7, so ids sort by creation time.
+pub fn new_id() -> String {
+    Uuid::now_v7().to_string()
+}
+
+/// The page size to use: `default` for 0, an error for negative values,
+/// capped at `max`.
+pub fn page_size(value: i32, default: i64, max: i64) -> Result<i64, ApiError> {
+    match value {
+        0 => Ok(default),
+        n if n < 0 => Err(ApiError::InvalidArgument(format!(
+            "page_size must not be negative (got {n})"
+        ))),
+        n => Ok(i64::from(n).min(max)),
+    }
+}
+
+const TOKEN_PREFIX: &str = "lb1.";
+
+/// Encodes the position after which the next page starts as an opaque token.
+pub fn encode_page_token(after: &str) -> String {
+    let mut token = String::with_capacity(TOKEN_PREFIX.len() + after.len() * 2);
+    token.push_str(TOKEN_PREFIX);
+    for byte in after.as_bytes() {
+        token.push_str(&format!("{byte:02x}"));
+    }
+    token
+}
+
+/// Decodes a token made by [`encode_page_token`]; empty means the first page.
+pub fn decode_page_token(token: &str) -> Result<String, ApiError> {
+    if token.is_empty() {
+        return Ok(String::new());
+    }
+    let invalid = || ApiError::InvalidArgument("page_token is not a token this service issued".into());
+    let hex = token.strip_prefix(TOKEN_PREFIX).ok_or_else(invalid)?;
+    if hex.len() % 2 != 0 || hex.len() > 512 {
+        return Err(invalid());
+    }
+    let bytes = (0..hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(hex.get(i..i + 2).unwrap_or("zz"), 16))
+        .collect::<Result<Vec<u8>, _>>()
+        .map_err(|_| invalid())?;
+    String::from_utf8(bytes).map_err(|_| invalid())
+}
+
+/// Cuts a page read with one item more than `size` (to learn whether more
+/// follow) to `size`, and makes the token of the next page from the last
+/// item's key (empty on the last page).
+pub fn finish_page<T>(mut items: Vec<T>, size: i64, key: impl Fn(&T) -> &str) -> (Vec<T>, String) {
+    if items.len() as i64 <= size {
+        return (items, String::new());
+    }
+    items.truncate(size as usize);
+    let token = items
+        .last()
+        .map(|item| encode_page_token(key(item)))
+        .unwrap_or_default();
+    (items, token)
+}
+
+/// Checks a `since_revision` (watch or change listing).
+pub fn since_revision(value: i64) -> Result<i64, ApiError> {
+    if value < 0 {
+        return Err(ApiError::InvalidArgument(format!(
+            "since_revision must not be negative (got {value})"
+        )));
+    }
+    Ok(value)
+}
+
+/// Checks an `expected_revision` against the entity's current revision
+/// (0: no expectation).
+pub fn check_expected_revision(what: &str, expected: i64, current: i64) -> Result<(), ApiError> {
+    if expected < 0 {
+        return Err(ApiError::InvalidArgument(format!(
+            "expected_revision must not be negative (got {expected})"
+        )));
+    }
+    if expected != 0 && expected != current {
+        return Err(ApiError::Aborted(format!(
+            "{what} is at revision {current}, not the expected revision {expected}; read it again and retry"
+        )));
+    }
+    Ok(())
+}
+
+/// Which of `allowed` fields an update mask names (all of them if the mask
+/// is empty); an unknown path is an error.
+pub fn update_paths<'a>(
+    mask: Option<&'a pbjson_types::FieldMask>,
+    allowed: &[&'static str],
+) -> Result<Vec<&'a str>, ApiError> {
+    let Some(mask) = mask.filter(|mask| !mask.paths.is_empty()) else {
+        return Ok(Vec::new());
+    };
+    for path in &mask.paths {
+        if !allowed.contains(&path.as_str()) {
+            return Err(ApiError::InvalidArgument(format!(
+                "update_mask names {path:?}, which cannot be updated (allowed: {})",
+                allowed.join(", ")
+            )));
+        }
+    }
+    Ok(mask.paths.iter().map(String::as_str).collect())
+}
+
+/// Whether an update touches `field`: an empty mask touches every field.
+pub fn touches(paths: &[&str], field: &str) -> bool {
+    paths.is_empty() || paths.contains(&field)
+}
+
+/// Checks a free-text field: trimmed, non-empty if `required`, at most `max`
+/// characters, no control characters.
+pub fn text(field: &str, value: &str, required: bool, max: usize) -> Result<String, ApiError> {
+    let value = value.trim();
+    if required && value.is_empty() {
+        return Err(ApiError::InvalidArgument(format!("{field} is required")));
+    }
+    if value.chars().count() > max {
+        return Err(ApiError::InvalidArgument(format!(
+            "{field} is longer than {max} characters"
+        )));
+    }
+    if value.chars().any(char::is_control) {
+        return Err(ApiError::InvalidArgument(format!(
+            "{field} contains control characters"
+        )));
+    }
+    Ok(value.to_owned())
+}
+
+/// The current time as a protobuf timestamp.
+pub fn now() -> pbjson_types::Timestamp {
+    let since_epoch = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    pbjson_types::Timestamp {
+        seconds: since_epoch.as_secs() as i64,
+        nanos: since_epoch.subsec_nanos() as i32,
+    }
+}
+
+/// Checks a timestamp a client sent: nanos in range, between years 1 and 9999.
+pub fn timestamp(field: &str, value: &pbjson_types::Timestamp) -> Result<(), ApiError> {
+    const MIN: i64 = -62_135_596_800; // 0001-01-01T00:00:00Z
+    const MAX: i64 = 253_402_300_799; // 9999-12-31T23:59:59Z
+    if !(0..1_000_000_000).contains(&value.nanos) || !(MIN..=MAX).contains(&value.seconds) {
+        return Err(ApiError::InvalidArgument(format!("{field} is not a valid timestamp")));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn page_tokens_round_trip_and_reject_forgeries() {
+        let token = encode_page_token("0190f1d2-aaaa");
+        assert_eq!(decode_page_token(&token).ok().as_deref(), Some("0190f1d2-aaaa"));
+        assert_eq!(decode_page_token("").ok().as_deref(), Some(""));
+        for bad in ["garbage", "lb1.zz", "lb1.abc", "lb1.ff"] {
+            assert!(
+                matches!(decode_page_token(bad), Err(ApiError::InvalidArgument(_))),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn page_sizes() {
+        assert_eq!(page_size(0, 50, 1000).ok(), Some(50));
+        assert_eq!(page_size(5000, 50, 1000).ok(), Some(1000));
+        assert!(matches!(page_size(-1, 50, 1000), Err(ApiError::InvalidArgument(m)) if m.contains("negative")));
+    }
+
+    #[test]
+    fn ids_must_be_uuids() {
+        assert!(matches!(parse_id("id", ""), Err(ApiError::InvalidArgument(m)) if m == "id is required"));
+        assert!(matches!(parse_id("id", "nope"), Err(ApiError::InvalidArgument(m)) if m.contains("not a valid id")));
+        assert!(parse_id("id", &new_id()).is_ok());
+    }
+
+    #[test]
+    fn stale_expected_revision_is_aborted() {
+        assert!(check_expected_revision("user x", 0, 7).is_ok());
+        assert!(check_expected_revision("user x", 7, 7).is_ok());
+        assert!(matches!(
+            check_expected_revision("user x", 6, 7),
+            Err(ApiError::Aborted(_))
+        ));
+    }
+}

@@ -1,0 +1,136 @@
+//! The command line: one `Cli` with every setting, from flags or the
+//! environment, each documented (this is what `--help` prints).
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::targets::Target;
+
+/// Lightbox: event-driven gRPC services that keep answering when their
+/// upstreams are slow or down.
+#[derive(Debug, Parser)]
+#[command(name = "lightbox", about, long_about = None)]
+pub struct Cli {
+    /// How logs are written.
+    #[arg(long, env = "LIGHTBOX_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
+    pub log_format: LogFormat,
+
+    /// What to do (default: `dev`).
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+/// Log output formats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Runs every component in one process on SQLite files under the data
+    /// directory, with demo data on first start (monolithic mode).
+    Dev(ServeArgs),
+    /// Runs the components named by `--target` (microservices mode: one
+    /// per process, typically on PostgreSQL).
+    Serve(ServeArgs),
+    /// Injects faults into a running server: latency, errors, or down.
+    Fault(FaultArgs),
+}
+
+/// Settings of the servers.
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// The components to run: users, contracts, or all.
+    #[arg(long, env = "LIGHTBOX_TARGET", value_delimiter = ',', default_value = "all")]
+    pub target: Vec<Target>,
+
+    /// The database: `postgres://…` or `sqlite://FILE`. Unset: one SQLite
+    /// file per component under the data directory. Components sharing one
+    /// database keep their tables apart.
+    #[arg(long, env = "DATABASE_URL")]
+    pub database_url: Option<String>,
+
+    /// Where the SQLite files live when no database URL is given.
+    #[arg(long, env = "LIGHTBOX_DATA_DIR", default_value = "data")]
+    pub data_dir: PathBuf,
+
+    /// The users service's gRPC address.
+    #[arg(long, env = "LIGHTBOX_USERS_ADDR", default_value = "127.0.0.1:50051")]
+    pub users_addr: SocketAddr,
+
+    /// The contracts service's gRPC address.
+    #[arg(long, env = "LIGHTBOX_CONTRACTS_ADDR", default_value = "127.0.0.1:50052")]
+    pub contracts_addr: SocketAddr,
+
+    /// Where the users service reaches the contracts service. Unset: the
+    /// contracts address above.
+    #[arg(long, env = "LIGHTBOX_CONTRACTS_URL")]
+    pub contracts_url: Option<String>,
+
+    /// How long `GetUser` waits for the contracts service.
+    #[arg(long, env = "LIGHTBOX_CONTRACT_TIMEOUT", value_parser = humantime::parse_duration, default_value = "1s")]
+    pub contract_timeout: Duration,
+
+    /// How many changes a watcher may fall behind before its stream is
+    /// ended for it to resume.
+    #[arg(long, env = "LIGHTBOX_WATCHER_BUFFER", default_value_t = 1024)]
+    pub watcher_buffer: usize,
+
+    /// How often an idle watch stream gets a progress frame.
+    #[arg(long, env = "LIGHTBOX_PROGRESS_INTERVAL", value_parser = humantime::parse_duration, default_value = "5s")]
+    pub progress_interval: Duration,
+
+    /// Changes kept in each changelog (older ones are compacted).
+    #[arg(long, env = "LIGHTBOX_KEEP_CHANGES", default_value_t = 100_000)]
+    pub keep_changes: i64,
+
+    /// Revisions for which deletions are remembered (at least as many as
+    /// the changes kept).
+    #[arg(long, env = "LIGHTBOX_KEEP_TOMBSTONES", default_value_t = 1_000_000)]
+    pub keep_tombstones: i64,
+
+    /// The largest gRPC message accepted or sent, in bytes.
+    #[arg(long, env = "LIGHTBOX_MAX_MESSAGE_BYTES", default_value_t = 4 * 1024 * 1024)]
+    pub max_message_bytes: usize,
+
+    /// How long calls in progress may finish after a shutdown signal.
+    #[arg(long, env = "LIGHTBOX_DRAIN_TIMEOUT", value_parser = humantime::parse_duration, default_value = "10s")]
+    pub drain_timeout: Duration,
+
+    /// Do not load demo data on first start (`dev` only).
+    #[arg(long, env = "LIGHTBOX_NO_DEMO")]
+    pub no_demo: bool,
+}
+
+/// Arguments of `lightbox fault`.
+#[derive(Debug, Clone, Args)]
+pub struct FaultArgs {
+    /// The server to act on.
+    pub target: Target,
+
+    /// Its address (default: the component's local default port).
+    #[arg(long)]
+    pub addr: Option<String>,
+
+    /// Latency to add to every call, e.g. `200ms`.
+    #[arg(long, value_parser = humantime::parse_duration, group = "fault")]
+    pub latency: Option<Duration>,
+
+    /// Share of calls to fail with UNAVAILABLE, from 0 to 1.
+    #[arg(long, group = "fault")]
+    pub error_rate: Option<f64>,
+
+    /// Refuse every call, and end the streams in progress.
+    #[arg(long, group = "fault")]
+    pub down: bool,
+
+    /// Remove every fault.
+    #[arg(long, group = "fault")]
+    pub clear: bool,
+}

@@ -1,0 +1,71 @@
+//! Demo data for `lightbox dev`: a few users and their contracts, with fixed
+//! ids so that the README's commands work as written. Loaded through the
+//! services themselves (validation, changelog) on first start only.
+
+use lightbox_api::{
+    contracts::{Contract, ContractOption, ContractStatus, Plan},
+    users::{User, UserStatus},
+};
+
+/// The demo users' ids, in the order of [`users`].
+pub const USER_IDS: [&str; 3] = [
+    "00000000-0000-7000-8000-000000000001",
+    "00000000-0000-7000-8000-000000000002",
+    "00000000-0000-7000-8000-000000000003",
+];
+
+/// The demo contracts' ids, in the order of [`contracts`].
+pub const CONTRACT_IDS: [&str; 3] = [
+    "00000000-0000-7000-8000-0000000000c1",
+    "00000000-0000-7000-8000-0000000000c2",
+    "00000000-0000-7000-8000-0000000000c3",
+];
+
+/// The demo contracts: premium, standard, and a free one that is suspended.
+pub fn contracts() -> Vec<Contract> {
+    let option = |code: &str, value: &str| ContractOption {
+        code: code.into(),
+        value: value.into(),
+        enabled: true,
+    };
+    let plans = [
+        (Plan::Premium, "1000", ContractStatus::Active),
+        (Plan::Standard, "100", ContractStatus::Active),
+        (Plan::Free, "10", ContractStatus::Suspended),
+    ];
+    plans
+        .into_iter()
+        .enumerate()
+        .map(|(i, (plan, quota, status))| Contract {
+            id: CONTRACT_IDS[i].into(),
+            holder_user_id: USER_IDS[i].into(),
+            plan: plan as i32,
+            options: vec![
+                option("photo_quota", quota),
+                option("hd_upload", if i == 0 { "true" } else { "false" }),
+            ],
+            status: status as i32,
+            ..Contract::default()
+        })
+        .collect()
+}
+
+/// The demo users, each holding the contract of the same rank.
+pub fn users() -> Vec<User> {
+    [
+        ("Ada Lovelace", "ada@example.com"),
+        ("Grace Hopper", "grace@example.com"),
+        ("Alan Turing", "alan@example.com"),
+    ]
+    .into_iter()
+    .enumerate()
+    .map(|(i, (name, email))| User {
+        id: USER_IDS[i].into(),
+        display_name: name.into(),
+        email: email.into(),
+        status: UserStatus::Active as i32,
+        contract_id: CONTRACT_IDS[i].into(),
+        ..User::default()
+    })
+    .collect()
+}

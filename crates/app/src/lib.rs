@@ -1,0 +1,147 @@
+//! The wiring of Lightbox: configuration, the components and how they start,
+//! the monolithic dev stack with its demo data, and the command-line tools.
+//!
+//! # Layout
+//!
+//! - [`config`]: the command line ([`Cli`]), flags and environment.
+//! - [`targets`]: [`Target`] (the components), [`Settings`], and
+//!   [`start`](targets::start), which brings one component up on a bound
+//!   listener and returns a [`Component`] handle to stop it.
+//! - [`demo`]: the demo users and contracts `lightbox dev` loads.
+//! - `fault` (private): `lightbox fault`, the client of the admin service.
+//! - `telemetry` (private): logs.
+//!
+//! [`run`] is what the `lightbox` binary calls.
+
+pub mod config;
+pub mod demo;
+mod fault;
+pub mod targets;
+mod telemetry;
+
+use std::net::SocketAddr;
+
+use anyhow::Context;
+use lightbox_server::Shutdown;
+
+pub use config::{Cli, Command, ServeArgs};
+pub use targets::{Component, Settings, Target};
+
+/// Runs the command the command line asks for. `version` is the binary's
+/// (with the git revision it was built from), for the dev banner.
+pub async fn run(cli: Cli, version: &str) -> anyhow::Result<()> {
+    telemetry::init(cli.log_format);
+    match cli.command {
+        None => {
+            let args = <Cli as clap::Parser>::try_parse_from(["lightbox", "dev"])?;
+            match args.command {
+                Some(Command::Dev(args)) => serve(args, Some(version)).await,
+                _ => anyhow::bail!("`lightbox dev` did not parse"),
+            }
+        }
+        Some(Command::Dev(args)) => serve(args, Some(version)).await,
+        Some(Command::Serve(args)) => serve(args, None).await,
+        Some(Command::Fault(args)) => fault::run(args).await,
+    }
+}
+
+/// Starts the components asked for, prints where they are, and runs them
+/// until SIGINT or SIGTERM, then shuts them down gracefully.
+/// `dev` carries the version to print in the banner in `lightbox dev`.
+async fn serve(args: ServeArgs, dev: Option<&str>) -> anyhow::Result<()> {
+    let mut settings = Settings::from_args(&args);
+    settings.demo = dev.is_some() && !args.no_demo;
+    let components = components(&args.target);
+    let mut running = Vec::new();
+    for component in components {
+        let addr = address(&args, component);
+        let listener = lightbox_server::bind(addr).await?;
+        let started = targets::start(component, &settings, listener)
+            .await
+            .with_context(|| format!("cannot start the {component} component"))?;
+        tracing::info!(component = %component, addr = %started.addr, "component started");
+        running.push(started);
+    }
+    if let Some(version) = dev {
+        print_banner(&args, &running, version);
+    }
+
+    let (trigger, shutdown) = Shutdown::new();
+    tokio::spawn(async move {
+        lightbox_server::ctrl_c_or_term().await;
+        tracing::info!("shutdown signal received; draining");
+        trigger.trigger();
+    });
+    // Each component runs until the signal, or fails on its own; the first
+    // failure stops the others.
+    let mut tasks = tokio::task::JoinSet::new();
+    for component in running {
+        let shutdown = shutdown.clone();
+        tasks.spawn(async move { (component.target, component.run_until(shutdown).await) });
+    }
+    let mut failure = None;
+    while let Some(joined) = tasks.join_next().await {
+        match joined {
+            Ok((_, Ok(()))) => {}
+            Ok((target, Err(err))) => {
+                tracing::error!(component = %target, error = format!("{err:#}"), "component failed; stopping the others");
+                failure.get_or_insert(err);
+                tasks.abort_all();
+            }
+            Err(err) if err.is_cancelled() => {}
+            Err(err) => {
+                failure.get_or_insert(anyhow::Error::new(err));
+            }
+        }
+    }
+    match failure {
+        Some(err) => Err(err),
+        None => {
+            tracing::info!("stopped");
+            Ok(())
+        }
+    }
+}
+
+/// The components `targets` name, each once, upstreams first.
+pub fn components(targets: &[Target]) -> Vec<Target> {
+    Target::COMPONENTS
+        .into_iter()
+        .filter(|c| targets.iter().any(|t| *t == Target::All || t == c))
+        .collect()
+}
+
+fn address(args: &ServeArgs, component: Target) -> SocketAddr {
+    match component {
+        Target::Users => args.users_addr,
+        Target::Contracts | Target::All => args.contracts_addr,
+    }
+}
+
+fn print_banner(args: &ServeArgs, running: &[Component], version: &str) {
+    let storage = match &args.database_url {
+        Some(_) => "the database at DATABASE_URL".to_owned(),
+        None => format!("SQLite files under {}", args.data_dir.display()),
+    };
+    let mut text = format!("\nLightbox {version} is running (monolithic mode, {storage}):\n");
+    for component in running {
+        text.push_str(&format!(
+            "  {:<10} grpc://{}\n",
+            component.target.name(),
+            component.addr
+        ));
+    }
+    let users = args.users_addr;
+    let contracts = args.contracts_addr;
+    let user = demo::USER_IDS[0];
+    text.push_str(&format!(
+        "\nTry (grpcurl needs no .proto files: the servers offer reflection):\n\
+         \x20 grpcurl -plaintext {users} list\n\
+         \x20 grpcurl -plaintext -d '{{\"pageSize\": 10}}' {users} lightbox.users.v1.UsersService/ListUsers\n\
+         \x20 grpcurl -plaintext -d '{{\"id\": \"{user}\", \"includeContract\": true}}' {users} lightbox.users.v1.UsersService/GetUser\n\
+         \x20 grpcurl -plaintext -d '{{\"sinceRevision\": 0}}' {contracts} lightbox.contracts.v1.ContractsService/WatchContracts\n\
+         \x20 lightbox fault contracts --latency 200ms    # then GetUser again; --clear to undo\n\n"
+    ));
+    // The banner is for the person at the terminal, not the logs.
+    println!("{text}");
+}

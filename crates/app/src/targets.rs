@@ -1,0 +1,244 @@
+//! The components, and how each one starts: its database, its gRPC server
+//! on a bound listener, and its shutdown. The same code runs a component
+//! alone (microservices mode) or beside the others (monolithic mode);
+//! components always reach each other over real gRPC.
+
+use std::{fmt, net::SocketAddr, path::PathBuf, str::FromStr, time::Duration};
+
+use anyhow::Context;
+use lightbox_changefeed::{Db, Feed, FeedOptions, Retention};
+use lightbox_server::{Faults, ServerOptions, Shutdown, ShutdownTrigger};
+use tokio::{net::TcpListener, task::JoinHandle};
+use tonic::{server::NamedService, service::Routes};
+
+use crate::config::ServeArgs;
+
+/// A component of Lightbox.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Target {
+    /// The users service (IS 1).
+    Users,
+    /// The contracts service (IS 2).
+    Contracts,
+    /// Every component.
+    All,
+}
+
+impl Target {
+    /// Every component `All` stands for, in start order (upstreams first).
+    pub const COMPONENTS: [Target; 2] = [Target::Contracts, Target::Users];
+
+    /// The component's name, as written on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Target::Users => "users",
+            Target::Contracts => "contracts",
+            Target::All => "all",
+        }
+    }
+}
+
+impl fmt::Display for Target {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for Target {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Target, String> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "users" => Ok(Target::Users),
+            "contracts" => Ok(Target::Contracts),
+            "all" => Ok(Target::All),
+            other => Err(format!("unknown target {other:?}: expected users, contracts or all")),
+        }
+    }
+}
+
+/// Everything a component needs to start, resolved from the command line
+/// (or built directly by tests).
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// One database for every component; `None`: an SQLite file per
+    /// component in `data_dir`.
+    pub database_url: Option<String>,
+    /// Where SQLite files live.
+    pub data_dir: PathBuf,
+    /// Where the users service reaches the contracts service.
+    pub contracts_url: String,
+    /// `GetUser`'s deadline on the contracts service.
+    pub contract_timeout: Duration,
+    /// Changefeed tuning.
+    pub feed: FeedOptions,
+    /// Server tuning (message size, drain deadline).
+    pub server: ServerOptions,
+    /// Load the demo data into an empty database on start.
+    pub demo: bool,
+}
+
+impl Settings {
+    /// Settings from the command line.
+    pub fn from_args(args: &ServeArgs) -> Settings {
+        Settings {
+            database_url: args.database_url.clone(),
+            data_dir: args.data_dir.clone(),
+            contracts_url: args
+                .contracts_url
+                .clone()
+                .unwrap_or_else(|| format!("http://{}", args.contracts_addr)),
+            contract_timeout: args.contract_timeout,
+            feed: FeedOptions {
+                watcher_buffer: args.watcher_buffer,
+                progress_interval: args.progress_interval,
+                retention: Retention {
+                    keep_changes: args.keep_changes,
+                    keep_tombstones: args.keep_tombstones,
+                    ..Retention::default()
+                },
+                ..FeedOptions::default()
+            },
+            server: ServerOptions {
+                max_message_bytes: args.max_message_bytes,
+                drain_timeout: args.drain_timeout,
+                ..ServerOptions::default()
+            },
+            demo: false,
+        }
+    }
+
+    /// Opens the database of `component`.
+    pub async fn database(&self, component: Target) -> anyhow::Result<Db> {
+        match &self.database_url {
+            Some(url) => Db::connect(url)
+                .await
+                .with_context(|| format!("cannot open the {component} database")),
+            None => {
+                let path = self.data_dir.join(format!("{component}.db"));
+                Db::sqlite_file(&path)
+                    .await
+                    .with_context(|| format!("cannot open the {component} database at {}", path.display()))
+            }
+        }
+    }
+}
+
+/// A running component: its address, and how to stop it.
+pub struct Component {
+    /// Which component.
+    pub target: Target,
+    /// The address its gRPC server listens on.
+    pub addr: SocketAddr,
+    /// Its fault switches (also reachable over its admin service).
+    pub faults: Faults,
+    stop: ShutdownTrigger,
+    task: JoinHandle<anyhow::Result<()>>,
+}
+
+impl Component {
+    /// Asks the component to shut down gracefully and waits until it has.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        self.stop.trigger();
+        self.task.await.context("a component's task panicked")?
+    }
+
+    /// Waits until the component stops by itself (it failed) or `shutdown` fires.
+    pub async fn run_until(self, shutdown: Shutdown) -> anyhow::Result<()> {
+        let Component {
+            stop, mut task, target, ..
+        } = self;
+        tokio::select! {
+            result = &mut task => return result.with_context(|| format!("the {target} component's task panicked"))?,
+            _ = shutdown.wait() => {}
+        }
+        stop.trigger();
+        task.await
+            .with_context(|| format!("the {target} component's task panicked"))?
+    }
+}
+
+/// Starts `component` (not `All`) on `listener`.
+pub async fn start(component: Target, settings: &Settings, listener: TcpListener) -> anyhow::Result<Component> {
+    let db = settings.database(component).await?;
+    let server = settings.server.clone();
+    let max = server.max_message_bytes;
+    match component {
+        Target::Users => {
+            let contracts = lightbox_users::ContractsUpstream::new(&settings.contracts_url, settings.contract_timeout)
+                .map_err(anyhow::Error::msg)?;
+            let service = lightbox_users::UsersService::open(db, settings.feed.clone(), contracts)
+                .await
+                .context("cannot open the users service")?;
+            if settings.demo && service.feed().head() == 0 {
+                for user in crate::demo::users() {
+                    service.import(user).await.context("cannot load the demo users")?;
+                }
+            }
+            let feed = service.feed().clone();
+            let server_svc = service.into_server(max);
+            let name = <lightbox_api::users::users_service_server::UsersServiceServer<lightbox_users::UsersService> as NamedService>::NAME;
+            launch(component, listener, Routes::new(server_svc), name, feed, server)
+        }
+        Target::Contracts => {
+            let service = lightbox_contracts::ContractsService::open(db, settings.feed.clone())
+                .await
+                .context("cannot open the contracts service")?;
+            if settings.demo && service.feed().head() == 0 {
+                for contract in crate::demo::contracts() {
+                    service
+                        .import(contract)
+                        .await
+                        .context("cannot load the demo contracts")?;
+                }
+            }
+            let feed = service.feed().clone();
+            let server_svc = service.into_server(max);
+            let name = <lightbox_api::contracts::contracts_service_server::ContractsServiceServer<
+                lightbox_contracts::ContractsService,
+            > as NamedService>::NAME;
+            launch(component, listener, Routes::new(server_svc), name, feed, server)
+        }
+        Target::All => anyhow::bail!("`all` is not one component"),
+    }
+}
+
+/// Serves `routes` on `listener` until stopped; on stop, ends the feed's
+/// watch streams (they tell clients where to resume) so the drain is quick.
+fn launch<T: lightbox_changefeed::feed::Entity>(
+    target: Target,
+    listener: TcpListener,
+    routes: Routes,
+    service_name: &'static str,
+    feed: Feed<T>,
+    mut options: ServerOptions,
+) -> anyhow::Result<Component> {
+    let (stop, shutdown) = Shutdown::new();
+    let faults = Faults::new();
+    let addr = listener.local_addr().context("the listener has no local address")?;
+    options.service_name = target.name().to_owned();
+    let task = {
+        let faults = faults.clone();
+        tokio::spawn(async move {
+            let closer = {
+                let shutdown = shutdown.clone();
+                let feed = feed.clone();
+                tokio::spawn(async move {
+                    shutdown.wait().await;
+                    feed.close();
+                })
+            };
+            let served = lightbox_server::serve(listener, routes, &[service_name], faults, shutdown, options).await;
+            closer.abort();
+            feed.db().close().await;
+            served.with_context(|| format!("the {target} server failed"))
+        })
+    };
+    Ok(Component {
+        target,
+        addr,
+        faults,
+        stop,
+        task,
+    })
+}

@@ -1,0 +1,686 @@
+//! A feed: the entities of one kind in a database, their changelog, and the
+//! reads, writes and listings over them.
+
+use std::{sync::Arc, time::Duration};
+
+use sqlx::{Any, AnyConnection, Row, Transaction, any::AnyRow};
+use tokio::{sync::watch as signal, task::JoinHandle};
+
+use crate::{
+    db::{Backend, Db},
+    hub::{self, Hub},
+};
+
+/// The PostgreSQL notification channel writers signal on commit, so that
+/// every replica's tail wakes at once instead of waiting for its poll.
+pub(crate) const NOTIFY_CHANNEL: &str = "lightbox_changefeed";
+
+/// One committed change to an entity.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Change<T> {
+    /// The revision of the change.
+    pub revision: i64,
+    /// The entity's id.
+    pub entity_id: String,
+    /// The entity after the change; `None` for a deletion.
+    pub entity: Option<T>,
+}
+
+/// One frame of a watch stream.
+#[derive(Debug, Clone)]
+pub enum Frame<T> {
+    /// A change (in a snapshot, the entity's current state at its revision).
+    Change(Arc<Change<T>>),
+    /// A snapshot at `revision` starts.
+    SnapshotBegin {
+        /// The revision the snapshot is taken at.
+        revision: i64,
+    },
+    /// The snapshot at `revision` is complete.
+    SnapshotEnd {
+        /// The revision the snapshot is taken at.
+        revision: i64,
+    },
+    /// Every matching change up to `revision` was delivered.
+    Progress {
+        /// The revision the watcher is now at.
+        revision: i64,
+    },
+    /// The watch cannot resume; a snapshot at `revision` follows.
+    Reset {
+        /// The revision of the snapshot that follows.
+        revision: i64,
+        /// Why, for people and logs.
+        reason: String,
+    },
+}
+
+/// How much history a feed keeps. Counted in revisions: the changelog keeps
+/// the last `keep_changes` changes; tombstones of deleted entities are kept
+/// for the last `keep_tombstones` revisions, which must be at least as many.
+#[derive(Debug, Clone)]
+pub struct Retention {
+    /// Changes kept in the changelog.
+    pub keep_changes: i64,
+    /// Revisions for which deletions are remembered (tombstones).
+    pub keep_tombstones: i64,
+    /// How often the feed trims; `None`: only when [`Feed::compact`] is called.
+    pub interval: Option<Duration>,
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Retention {
+            keep_changes: 100_000,
+            keep_tombstones: 1_000_000,
+            interval: Some(Duration::from_secs(60)),
+        }
+    }
+}
+
+/// Tuning of a feed.
+#[derive(Debug, Clone)]
+pub struct FeedOptions {
+    /// How many changes a watcher may fall behind the live head before its
+    /// stream is ended (`RESOURCE_EXHAUSTED`) for it to resume. Shared ring:
+    /// memory does not grow with the number of watchers.
+    pub watcher_buffer: usize,
+    /// An idle watch stream gets a progress frame this often.
+    pub progress_interval: Duration,
+    /// The tail reads the changelog at least this often even without a
+    /// wake-up (a missed PostgreSQL notification costs at most this).
+    pub poll_interval: Duration,
+    /// History kept.
+    pub retention: Retention,
+}
+
+impl Default for FeedOptions {
+    fn default() -> Self {
+        FeedOptions {
+            watcher_buffer: 1024,
+            progress_interval: Duration::from_secs(5),
+            poll_interval: Duration::from_secs(1),
+            retention: Retention::default(),
+        }
+    }
+}
+
+/// A failure of the changefeed's storage.
+#[derive(Debug, thiserror::Error)]
+pub enum FeedError {
+    /// The database failed.
+    #[error("database error: {0}")]
+    Db(#[from] sqlx::Error),
+    /// A stored payload does not decode: a bug or a corrupted database.
+    #[error("stored entity {entity_id:?} at revision {revision} does not decode: {source}")]
+    Decode {
+        /// The entity.
+        entity_id: String,
+        /// Its revision.
+        revision: i64,
+        /// The decoder's complaint.
+        source: prost::DecodeError,
+    },
+    /// The database could not be migrated.
+    #[error("database migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    /// A feed option is out of range.
+    #[error("invalid feed options: {0}")]
+    Options(String),
+}
+
+impl From<FeedError> for lightbox_api::ApiError {
+    fn from(err: FeedError) -> Self {
+        lightbox_api::ApiError::internal(err)
+    }
+}
+
+/// A page of the pull listing.
+#[derive(Debug, Clone)]
+pub struct ChangePage<T> {
+    /// The changes, in revision order.
+    pub changes: Vec<Arc<Change<T>>>,
+    /// The revision to list from next.
+    pub next_since_revision: i64,
+    /// Set when the requested revision cannot be resumed from: the client
+    /// drops its copy and lists again from 0. Holds the reason.
+    pub reset: Option<String>,
+}
+
+/// What the feed_state row says.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct FeedState {
+    pub revision: i64,
+    pub compacted_revision: i64,
+    pub tombstone_revision: i64,
+}
+
+/// The answer to "what comes after revision N".
+pub(crate) enum CatchUp<T> {
+    /// Changes after N in revision order (at most the page size), and the
+    /// head they were read at.
+    Page { changes: Vec<Arc<Change<T>>>, head: i64 },
+    /// N cannot be resumed from; the client needs a snapshot.
+    Reset { reason: String },
+}
+
+/// Bound on what an entity type must be to travel through a feed.
+pub trait Entity: prost::Message + Default + Clone + Send + Sync + 'static {}
+impl<T: prost::Message + Default + Clone + Send + Sync + 'static> Entity for T {}
+
+/// A named feed of entities of type `T` (a protobuf message) in a database.
+///
+/// Cheap to clone. The feed's background tasks (the changelog tail, the
+/// PostgreSQL listener, retention) run while any clone, or any watch stream
+/// made from one, is alive, and stop when the last is dropped.
+pub struct Feed<T> {
+    pub(crate) inner: Arc<Inner<T>>,
+}
+
+impl<T> Clone for Feed<T> {
+    fn clone(&self) -> Self {
+        Feed {
+            inner: Arc::clone(&self.inner),
+        }
+    }
+}
+
+pub(crate) struct Inner<T> {
+    pub(crate) shared: Arc<Shared<T>>,
+    /// Raised by [`Feed::close`]: watch streams end (`UNAVAILABLE`, with the
+    /// revision to resume from) so a graceful shutdown can drain.
+    pub(crate) closing: signal::Sender<bool>,
+    /// The background tasks; aborted when the last handle drops.
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl<T> Drop for Inner<T> {
+    fn drop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
+/// What the background tasks share with the handles.
+pub(crate) struct Shared<T> {
+    pub(crate) name: &'static str,
+    pub(crate) db: Db,
+    pub(crate) hub: Hub<T>,
+    pub(crate) options: FeedOptions,
+}
+
+impl<T: Entity> Feed<T> {
+    /// Opens the feed `name` in `db` (whose migrations must have run),
+    /// creating its state row if needed, and starts its background tasks.
+    pub async fn open(db: Db, name: &'static str, options: FeedOptions) -> Result<Feed<T>, FeedError> {
+        if options.watcher_buffer == 0 {
+            return Err(FeedError::Options("watcher_buffer must be at least 1".into()));
+        }
+        if options.retention.keep_changes < 1 || options.retention.keep_tombstones < options.retention.keep_changes {
+            return Err(FeedError::Options(
+                "retention must keep at least one change, and tombstones at least as long as changes".into(),
+            ));
+        }
+        sqlx::query("INSERT INTO feed_state (feed) VALUES ($1) ON CONFLICT (feed) DO NOTHING")
+            .bind(name)
+            .execute(db.pool())
+            .await?;
+        let state = read_state(&mut *db.pool().acquire().await?, name).await?;
+        let shared = Arc::new(Shared {
+            name,
+            hub: Hub::new(options.watcher_buffer, state.revision),
+            db,
+            options,
+        });
+        let mut tasks = vec![tokio::spawn(hub::tail(Arc::clone(&shared)))];
+        if shared.db.backend() == Backend::Postgres {
+            tasks.push(tokio::spawn(hub::listen(Arc::clone(&shared))));
+        }
+        if let Some(every) = shared.options.retention.interval {
+            let shared = Arc::clone(&shared);
+            tasks.push(tokio::spawn(async move {
+                let mut tick = tokio::time::interval(every);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tick.tick().await;
+                    if let Err(err) = compact(&shared).await {
+                        tracing::warn!(feed = shared.name, %err, "changefeed retention failed; will retry");
+                    }
+                }
+            }));
+        }
+        let (closing, _) = signal::channel(false);
+        Ok(Feed {
+            inner: Arc::new(Inner { shared, closing, tasks }),
+        })
+    }
+
+    /// The feed's name.
+    pub fn name(&self) -> &'static str {
+        self.inner.shared.name
+    }
+
+    /// The database the feed lives in.
+    pub fn db(&self) -> &Db {
+        &self.inner.shared.db
+    }
+
+    /// The latest revision this process has fanned out to its watchers.
+    pub fn head(&self) -> i64 {
+        self.inner.shared.hub.head()
+    }
+
+    /// Ends every watch stream of this feed (they answer `UNAVAILABLE` with
+    /// the revision to resume from), for a graceful shutdown.
+    pub fn close(&self) {
+        self.inner.closing.send_replace(true);
+    }
+
+    /// Begins a write: takes the feed's counter lock, so that revisions are
+    /// handed out in commit order (see the crate docs).
+    pub async fn begin(&self) -> Result<WriteTx<T>, FeedError> {
+        let mut tx = self.db().begin_write().await?;
+        // Lock: the counter row. Held to commit: the next writer of this feed
+        // waits here, then reads the revision this one committed.
+        let revision: i64 =
+            sqlx::query_scalar("UPDATE feed_state SET revision = revision WHERE feed = $1 RETURNING revision")
+                .bind(self.name())
+                .fetch_one(&mut *tx)
+                .await?;
+        Ok(WriteTx {
+            tx,
+            feed: self.clone(),
+            start: revision,
+            revision,
+        })
+    }
+
+    /// The current state of one entity (`None` if absent or deleted).
+    pub async fn get(&self, id: &str) -> Result<Option<T>, FeedError> {
+        get_entity(&mut *self.db().pool().acquire().await?, self.name(), id).await
+    }
+
+    /// Current entities in id order, after `after_id` (exclusive), at most `limit`.
+    pub async fn list(&self, after_id: &str, limit: i64) -> Result<Vec<(String, T)>, FeedError> {
+        let rows = sqlx::query(
+            "SELECT entity_id, revision, payload FROM feed_entities \
+             WHERE feed = $1 AND deleted = 0 AND entity_id > $2 ORDER BY entity_id LIMIT $3",
+        )
+        .bind(self.name())
+        .bind(after_id)
+        .bind(limit)
+        .fetch_all(self.db().pool())
+        .await?;
+        rows.iter()
+            .map(|row| {
+                let change = decode_row::<T>(row)?;
+                Ok((change.entity_id, change.entity.unwrap_or_default()))
+            })
+            .collect()
+    }
+
+    /// The pull listing: what changed after `since` (0: the whole current
+    /// state), at most `limit` changes. Same revisions and compaction rule
+    /// as the watch: a compacted `since` gets the latest state of every
+    /// entity changed since (deletions included); one older than the
+    /// tombstones kept gets `reset`.
+    pub async fn list_changes(&self, since: i64, limit: i64) -> Result<ChangePage<T>, FeedError> {
+        let shared = &self.inner.shared;
+        let (changes, head) = if since == 0 {
+            let mut tx = shared.db.begin_snapshot().await?;
+            let state = read_state(&mut tx, shared.name).await?;
+            let changes = entities_since(&mut tx, shared.name, 0, limit, false).await?;
+            tx.commit().await?;
+            (changes, state.revision)
+        } else {
+            match catch_up(shared, since, limit).await? {
+                CatchUp::Page { changes, head } => (changes, head),
+                CatchUp::Reset { reason } => {
+                    return Ok(ChangePage {
+                        changes: Vec::new(),
+                        next_since_revision: 0,
+                        reset: Some(reason),
+                    });
+                }
+            }
+        };
+        // A short page holds everything up to the head it was read at.
+        let next_since_revision = match changes.last() {
+            Some(last) if changes.len() as i64 >= limit => last.revision,
+            _ => head.max(since),
+        };
+        Ok(ChangePage {
+            changes,
+            next_since_revision,
+            reset: None,
+        })
+    }
+
+    /// Trims history now, per the retention policy.
+    pub async fn compact(&self) -> Result<(), FeedError> {
+        compact(&self.inner.shared).await
+    }
+}
+
+/// A write transaction on a feed: the entity changes and their changelog
+/// rows commit together (the outbox), each change with the next revision.
+///
+/// Dropping it without [`WriteTx::commit`] rolls everything back.
+pub struct WriteTx<T> {
+    tx: Transaction<'static, Any>,
+    feed: Feed<T>,
+    /// The revision committed before this transaction.
+    start: i64,
+    /// The last revision handed out in this transaction.
+    revision: i64,
+}
+
+impl<T: Entity> WriteTx<T> {
+    /// The revision the next [`WriteTx::put`] or [`WriteTx::delete`] gets, for
+    /// the entity to carry its own revision.
+    pub fn next_revision(&self) -> i64 {
+        self.revision + 1
+    }
+
+    /// The connection, for the service's own tables (indexes, constraints)
+    /// in the same transaction.
+    pub fn conn(&mut self) -> &mut AnyConnection {
+        &mut self.tx
+    }
+
+    /// The current state of an entity, as this transaction sees it.
+    pub async fn get(&mut self, id: &str) -> Result<Option<T>, FeedError> {
+        get_entity(&mut self.tx, self.feed.name(), id).await
+    }
+
+    /// Writes an entity's new state; returns the change's revision.
+    pub async fn put(&mut self, id: &str, entity: &T) -> Result<i64, FeedError> {
+        let revision = self.next_revision();
+        let payload = entity.encode_to_vec();
+        sqlx::query(
+            "INSERT INTO feed_entities (feed, entity_id, revision, deleted, payload) VALUES ($1, $2, $3, 0, $4) \
+             ON CONFLICT (feed, entity_id) DO UPDATE SET revision = excluded.revision, deleted = 0, payload = excluded.payload",
+        )
+        .bind(self.feed.name())
+        .bind(id)
+        .bind(revision)
+        .bind(payload.clone())
+        .execute(&mut *self.tx)
+        .await?;
+        self.record(revision, id, Some(payload)).await?;
+        Ok(revision)
+    }
+
+    /// Deletes an entity, leaving a tombstone; returns the change's revision,
+    /// or `None` if there was nothing to delete.
+    pub async fn delete(&mut self, id: &str) -> Result<Option<i64>, FeedError> {
+        let revision = self.next_revision();
+        let done = sqlx::query(
+            "UPDATE feed_entities SET revision = $3, deleted = 1, payload = NULL \
+             WHERE feed = $1 AND entity_id = $2 AND deleted = 0",
+        )
+        .bind(self.feed.name())
+        .bind(id)
+        .bind(revision)
+        .execute(&mut *self.tx)
+        .await?;
+        if done.rows_affected() == 0 {
+            return Ok(None);
+        }
+        self.record(revision, id, None).await?;
+        Ok(Some(revision))
+    }
+
+    async fn record(&mut self, revision: i64, id: &str, payload: Option<Vec<u8>>) -> Result<(), FeedError> {
+        sqlx::query(
+            "INSERT INTO feed_changes (feed, revision, entity_id, deleted, payload, commit_time_us) \
+             VALUES ($1, $2, $3, $4, $5, $6)",
+        )
+        .bind(self.feed.name())
+        .bind(revision)
+        .bind(id)
+        .bind(i64::from(payload.is_none()))
+        .bind(payload)
+        .bind(now_micros())
+        .execute(&mut *self.tx)
+        .await?;
+        self.revision = revision;
+        Ok(())
+    }
+
+    /// Commits; returns the last revision written (the feed's head before
+    /// this transaction if it wrote nothing). Wakes this process's tail at
+    /// once, and on PostgreSQL every other replica's through a notification.
+    pub async fn commit(mut self) -> Result<i64, FeedError> {
+        if self.revision == self.start {
+            self.tx.rollback().await?;
+            return Ok(self.start);
+        }
+        sqlx::query("UPDATE feed_state SET revision = $2 WHERE feed = $1")
+            .bind(self.feed.name())
+            .bind(self.revision)
+            .execute(&mut *self.tx)
+            .await?;
+        if self.feed.db().backend() == Backend::Postgres {
+            // Delivered at commit, to every listening replica.
+            sqlx::query("SELECT pg_notify($1, $2)")
+                .bind(NOTIFY_CHANNEL)
+                .bind(self.feed.name())
+                .execute(&mut *self.tx)
+                .await?;
+        }
+        self.tx.commit().await?;
+        self.feed.inner.shared.hub.wake();
+        Ok(self.revision)
+    }
+}
+
+pub(crate) fn now_micros() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or(0)
+}
+
+pub(crate) async fn read_state(conn: &mut AnyConnection, feed: &str) -> Result<FeedState, FeedError> {
+    let row = sqlx::query("SELECT revision, compacted_revision, tombstone_revision FROM feed_state WHERE feed = $1")
+        .bind(feed)
+        .fetch_one(conn)
+        .await?;
+    Ok(FeedState {
+        revision: row.try_get(0)?,
+        compacted_revision: row.try_get(1)?,
+        tombstone_revision: row.try_get(2)?,
+    })
+}
+
+async fn get_entity<T: Entity>(conn: &mut AnyConnection, feed: &str, id: &str) -> Result<Option<T>, FeedError> {
+    let row = sqlx::query(
+        "SELECT entity_id, revision, payload FROM feed_entities WHERE feed = $1 AND entity_id = $2 AND deleted = 0",
+    )
+    .bind(feed)
+    .bind(id)
+    .fetch_optional(conn)
+    .await?;
+    match row {
+        Some(row) => Ok(decode_row::<T>(&row)?.entity),
+        None => Ok(None),
+    }
+}
+
+/// Decodes a row of `(entity_id, revision, payload)`; a NULL payload is a
+/// deletion.
+pub(crate) fn decode_row<T: Entity>(row: &AnyRow) -> Result<Change<T>, FeedError> {
+    let entity_id: String = row.try_get(0)?;
+    let revision: i64 = row.try_get(1)?;
+    let payload: Option<Vec<u8>> = row.try_get(2)?;
+    let entity = match payload {
+        Some(bytes) => Some(T::decode(bytes.as_slice()).map_err(|source| FeedError::Decode {
+            entity_id: entity_id.clone(),
+            revision,
+            source,
+        })?),
+        None => None,
+    };
+    Ok(Change {
+        revision,
+        entity_id,
+        entity,
+    })
+}
+
+/// Changes after `cursor` from the changelog, in revision order.
+pub(crate) async fn changes_since<T: Entity>(
+    conn: &mut AnyConnection,
+    feed: &str,
+    cursor: i64,
+    limit: i64,
+) -> Result<Vec<Arc<Change<T>>>, FeedError> {
+    let rows = sqlx::query(
+        "SELECT entity_id, revision, payload FROM feed_changes WHERE feed = $1 AND revision > $2 ORDER BY revision LIMIT $3",
+    )
+    .bind(feed)
+    .bind(cursor)
+    .bind(limit)
+    .fetch_all(conn)
+    .await?;
+    rows.iter().map(|row| decode_row(row).map(Arc::new)).collect()
+}
+
+/// The latest state of each entity written after `cursor`, in revision
+/// order; with `tombstones`, deletions too (the consolidated delta).
+pub(crate) async fn entities_since<T: Entity>(
+    conn: &mut AnyConnection,
+    feed: &str,
+    cursor: i64,
+    limit: i64,
+    tombstones: bool,
+) -> Result<Vec<Arc<Change<T>>>, FeedError> {
+    let sql = if tombstones {
+        "SELECT entity_id, revision, payload FROM feed_entities WHERE feed = $1 AND revision > $2 ORDER BY revision LIMIT $3"
+    } else {
+        "SELECT entity_id, revision, payload FROM feed_entities WHERE feed = $1 AND revision > $2 AND deleted = 0 ORDER BY revision LIMIT $3"
+    };
+    let rows = sqlx::query(sql)
+        .bind(feed)
+        .bind(cursor)
+        .bind(limit)
+        .fetch_all(conn)
+        .await?;
+    rows.iter().map(|row| decode_row(row).map(Arc::new)).collect()
+}
+
+/// What comes after `cursor` (> 0): changelog replay while the history is
+/// kept, the consolidated delta once it was trimmed, a reset past the
+/// tombstones or past the head. Reads state and rows in one snapshot.
+pub(crate) async fn catch_up<T: Entity>(shared: &Shared<T>, cursor: i64, limit: i64) -> Result<CatchUp<T>, FeedError> {
+    let mut tx = shared.db.begin_snapshot().await?;
+    let state = read_state(&mut tx, shared.name).await?;
+    let result = if cursor > state.revision {
+        CatchUp::Reset {
+            reason: format!(
+                "revision {cursor} is ahead of this server's latest revision {} (was its database replaced?)",
+                state.revision
+            ),
+        }
+    } else if cursor < state.tombstone_revision {
+        CatchUp::Reset {
+            reason: format!(
+                "revision {cursor} is older than the deletions this server keeps (from revision {})",
+                state.tombstone_revision
+            ),
+        }
+    } else if cursor >= state.compacted_revision {
+        CatchUp::Page {
+            changes: changes_since(&mut tx, shared.name, cursor, limit).await?,
+            head: state.revision,
+        }
+    } else {
+        CatchUp::Page {
+            changes: entities_since(&mut tx, shared.name, cursor, limit, true).await?,
+            head: state.revision,
+        }
+    };
+    tx.commit().await?;
+    Ok(result)
+}
+
+/// The current state (of the ids given, or of every entity) at one
+/// revision, which it returns.
+pub(crate) async fn snapshot<T: Entity>(
+    shared: &Shared<T>,
+    ids: Option<&[String]>,
+) -> Result<(i64, Vec<Arc<Change<T>>>), FeedError> {
+    let mut tx = shared.db.begin_snapshot().await?;
+    let state = read_state(&mut tx, shared.name).await?;
+    let mut changes = Vec::new();
+    match ids {
+        Some(ids) => {
+            for id in ids {
+                let row = sqlx::query("SELECT entity_id, revision, payload FROM feed_entities WHERE feed = $1 AND entity_id = $2 AND deleted = 0")
+                    .bind(shared.name)
+                    .bind(id.as_str())
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                if let Some(row) = row {
+                    changes.push(Arc::new(decode_row(&row)?));
+                }
+            }
+        }
+        None => {
+            let rows = sqlx::query("SELECT entity_id, revision, payload FROM feed_entities WHERE feed = $1 AND deleted = 0 ORDER BY entity_id")
+                .bind(shared.name)
+                .fetch_all(&mut *tx)
+                .await?;
+            for row in &rows {
+                changes.push(Arc::new(decode_row(row)?));
+            }
+        }
+    }
+    tx.commit().await?;
+    Ok((state.revision, changes))
+}
+
+/// Trims the changelog and the tombstones per the retention policy.
+async fn compact<T: Entity>(shared: &Shared<T>) -> Result<(), FeedError> {
+    let retention = &shared.options.retention;
+    let mut tx = shared.db.begin_write().await?;
+    // Lock: the counter row, so no writer commits between reading the head
+    // and moving the horizons; held for two range deletes only.
+    let row = sqlx::query(
+        "UPDATE feed_state SET revision = revision WHERE feed = $1 \
+         RETURNING revision, compacted_revision, tombstone_revision",
+    )
+    .bind(shared.name)
+    .fetch_one(&mut *tx)
+    .await?;
+    let (head, compacted, tombstones): (i64, i64, i64) = (row.try_get(0)?, row.try_get(1)?, row.try_get(2)?);
+    let compact_to = head - retention.keep_changes;
+    let tombstones_to = head - retention.keep_tombstones;
+    if compact_to <= compacted && tombstones_to <= tombstones {
+        tx.rollback().await?;
+        return Ok(());
+    }
+    let compact_to = compact_to.max(compacted);
+    let tombstones_to = tombstones_to.max(tombstones);
+    sqlx::query("DELETE FROM feed_changes WHERE feed = $1 AND revision <= $2")
+        .bind(shared.name)
+        .bind(compact_to)
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query("DELETE FROM feed_entities WHERE feed = $1 AND deleted = 1 AND revision <= $2")
+        .bind(shared.name)
+        .bind(tombstones_to)
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query("UPDATE feed_state SET compacted_revision = $2, tombstone_revision = $3 WHERE feed = $1")
+        .bind(shared.name)
+        .bind(compact_to)
+        .bind(tombstones_to)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    tracing::debug!(feed = shared.name, compact_to, tombstones_to, "changefeed compacted");
+    Ok(())
+}

@@ -1,0 +1,154 @@
+//! The fan-out: one tail per feed and process reads the changelog in
+//! revision order and publishes each change once into a bounded ring
+//! (a tokio broadcast channel) that every watcher of the process reads at its
+//! own pace. Watchers never query the database while live; writers never wait
+//! for watchers; a watcher that falls a whole ring behind learns it (lag) and
+//! its stream is ended for it to resume, instead of skipping changes.
+
+use std::sync::{
+    Arc, RwLock,
+    atomic::{AtomicI64, Ordering},
+};
+
+use tokio::sync::{Notify, broadcast};
+
+use crate::feed::{Change, Entity, NOTIFY_CHANNEL, Shared, changes_since};
+
+/// The ring and the head of one feed in this process.
+pub(crate) struct Hub<T> {
+    /// The ring. Replaced (closing every receiver) if the tail ever finds a
+    /// hole in the changelog, so that watchers resume rather than skip.
+    sender: RwLock<broadcast::Sender<Arc<Change<T>>>>,
+    capacity: usize,
+    /// The last revision published into the ring. Stored after the send, so
+    /// a watcher that reads it and then finds its receiver empty has seen
+    /// every change up to it.
+    head: AtomicI64,
+    /// Wakes the tail: local commits call it directly; on PostgreSQL the
+    /// listener calls it on each notification from any replica.
+    wake: Notify,
+}
+
+impl<T> Hub<T> {
+    pub(crate) fn new(capacity: usize, head: i64) -> Hub<T> {
+        let (sender, _) = broadcast::channel(capacity);
+        Hub {
+            sender: RwLock::new(sender),
+            capacity,
+            head: AtomicI64::new(head),
+            wake: Notify::new(),
+        }
+    }
+
+    pub(crate) fn head(&self) -> i64 {
+        self.head.load(Ordering::SeqCst)
+    }
+
+    pub(crate) fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    pub(crate) fn wake(&self) {
+        // A permit is stored if the tail is busy reading, so no commit is missed.
+        self.wake.notify_one();
+    }
+
+    pub(crate) fn subscribe(&self) -> broadcast::Receiver<Arc<Change<T>>> {
+        match self.sender.read() {
+            Ok(sender) => sender.subscribe(),
+            Err(poisoned) => poisoned.into_inner().subscribe(),
+        }
+    }
+
+    fn publish(&self, change: Arc<Change<T>>) {
+        let revision = change.revision;
+        let sender = match self.sender.read() {
+            Ok(sender) => sender,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        // An error only means nobody is watching right now.
+        let _ = sender.send(change);
+        drop(sender);
+        self.head.store(revision, Ordering::SeqCst);
+    }
+
+    /// Closes the ring for every current watcher (they end and resume from
+    /// the database) and opens a new one.
+    fn restart(&self) {
+        let mut sender = match self.sender.write() {
+            Ok(sender) => sender,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        *sender = broadcast::channel(self.capacity).0;
+    }
+}
+
+/// The tail: reads every change after the last published one, publishes it,
+/// sleeps until woken (or the poll interval), repeats. Runs for the life of
+/// the feed.
+pub(crate) async fn tail<T: Entity>(shared: Arc<Shared<T>>) {
+    let mut cursor = shared.hub.head();
+    loop {
+        loop {
+            let batch = async {
+                let mut conn = shared.db.pool().acquire().await?;
+                changes_since::<T>(&mut conn, shared.name, cursor, 512).await
+            }
+            .await;
+            let changes = match batch {
+                Ok(changes) => changes,
+                Err(err) => {
+                    // Loud, and retried at the next wake-up or poll: never skipped.
+                    tracing::error!(feed = shared.name, cursor, %err, "changefeed tail cannot read the changelog");
+                    break;
+                }
+            };
+            let full = changes.len() == 512;
+            for change in changes {
+                if change.revision != cursor + 1 {
+                    // Only possible if history was trimmed under a tail that fell
+                    // behind: make every watcher resume from the database.
+                    tracing::warn!(
+                        feed = shared.name,
+                        cursor,
+                        next = change.revision,
+                        "changefeed tail found a hole; restarting watchers"
+                    );
+                    shared.hub.restart();
+                }
+                cursor = change.revision;
+                shared.hub.publish(change);
+            }
+            if !full {
+                break;
+            }
+        }
+        tokio::select! {
+            _ = shared.hub.wake.notified() => {}
+            _ = tokio::time::sleep(shared.options.poll_interval) => {}
+        }
+    }
+}
+
+/// On PostgreSQL: wakes the tail on every commit to this feed by any
+/// replica. Reconnects by itself; what it misses meanwhile, the poll catches.
+pub(crate) async fn listen<T: Entity>(shared: Arc<Shared<T>>) {
+    loop {
+        let result: Result<(), sqlx::Error> = async {
+            let mut listener = sqlx::postgres::PgListener::connect(shared.db.url()).await?;
+            listener.listen(NOTIFY_CHANNEL).await?;
+            loop {
+                let notification = listener.recv().await?;
+                if notification.payload() == shared.name {
+                    shared.hub.wake();
+                }
+            }
+        }
+        .await;
+        if let Err(err) = result {
+            tracing::warn!(feed = shared.name, %err, "changefeed listener lost its connection; polling until it is back");
+        }
+        shared.hub.wake();
+        tokio::time::sleep(shared.options.poll_interval).await;
+    }
+}

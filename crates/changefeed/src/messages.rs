@@ -1,0 +1,101 @@
+//! Conversions from feed values to the API's watch and listing messages,
+//! one set per watchable entity (users, contracts, photos), written once as
+//! a macro because the three APIs have the same shape with other names.
+
+use lightbox_api::{contracts, feed as frames, photos, users};
+
+use crate::feed::{Change, ChangePage, Frame};
+
+/// The API's change kind of a change.
+fn kind<T>(change: &Change<T>) -> frames::ChangeKind {
+    if change.entity.is_some() {
+        frames::ChangeKind::Upsert
+    } else {
+        frames::ChangeKind::Delete
+    }
+}
+
+macro_rules! feed_messages {
+    ($entity:ty, $change:ident { $id:ident, $field:ident }, $watch:ident, $event:path, $list:ident) => {
+        impl From<&Change<$entity>> for $change {
+            fn from(change: &Change<$entity>) -> Self {
+                $change {
+                    revision: change.revision,
+                    kind: kind(change) as i32,
+                    $id: change.entity_id.clone(),
+                    $field: change.entity.clone(),
+                }
+            }
+        }
+
+        impl From<Frame<$entity>> for $watch {
+            fn from(frame: Frame<$entity>) -> Self {
+                use $event as Event;
+                let event = match frame {
+                    Frame::Change(change) => Event::Change(change.as_ref().into()),
+                    Frame::SnapshotBegin { revision } => Event::SnapshotBegin(frames::SnapshotBegin { revision }),
+                    Frame::SnapshotEnd { revision } => Event::SnapshotEnd(frames::SnapshotEnd { revision }),
+                    Frame::Progress { revision } => Event::Progress(frames::Progress { revision }),
+                    Frame::Reset { revision, reason } => Event::Reset(frames::Reset { revision, reason }),
+                };
+                $watch { event: Some(event) }
+            }
+        }
+
+        impl From<ChangePage<$entity>> for $list {
+            fn from(page: ChangePage<$entity>) -> Self {
+                $list {
+                    changes: page.changes.iter().map(|change| change.as_ref().into()).collect(),
+                    next_since_revision: page.next_since_revision,
+                    reset: page.reset.map(|reason| frames::Reset {
+                        revision: page.next_since_revision,
+                        reason,
+                    }),
+                }
+            }
+        }
+    };
+}
+
+feed_messages!(
+    users::User,
+    UserChange { user_id, user },
+    WatchUsersResponse,
+    users::watch_users_response::Event,
+    ListUserChangesResponse
+);
+use users::{ListUserChangesResponse, UserChange, WatchUsersResponse};
+
+feed_messages!(
+    contracts::Contract,
+    ContractChange { contract_id, contract },
+    WatchContractsResponse,
+    contracts::watch_contracts_response::Event,
+    ListContractChangesResponse
+);
+use contracts::{ContractChange, ListContractChangesResponse, WatchContractsResponse};
+
+feed_messages!(
+    photos::Photo,
+    PhotoChange { photo_id, photo },
+    WatchPhotosResponse,
+    photos::watch_photos_response::Event,
+    ListPhotoChangesResponse
+);
+use photos::{ListPhotoChangesResponse, PhotoChange, WatchPhotosResponse};
+
+/// Validates a watch request's arguments (the same for every feed).
+pub fn watch_args(since_revision: i64, ids_field: &str, ids: &[String]) -> Result<i64, lightbox_api::ApiError> {
+    let since = lightbox_api::request::since_revision(since_revision)?;
+    if ids.len() > crate::watch::MAX_WATCH_IDS {
+        return Err(lightbox_api::ApiError::InvalidArgument(format!(
+            "{ids_field} has {} ids; at most {} may be watched on one stream",
+            ids.len(),
+            crate::watch::MAX_WATCH_IDS
+        )));
+    }
+    for id in ids {
+        lightbox_api::request::parse_id(ids_field, id)?;
+    }
+    Ok(since)
+}

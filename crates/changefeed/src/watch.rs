@@ -1,0 +1,228 @@
+//! The watch stream of a feed: what a `Watch…` RPC serves.
+//!
+//! A watcher subscribes to the hub's ring *before* it reads the database,
+//! so every change committed after its read reaches it through the ring, and
+//! the ring's copies of what it already read are skipped by revision: no gap
+//! and no duplicate between the snapshot (or replay) and the live changes.
+//!
+//! The stream is lazy: it reads the ring only when the transport asks for
+//! the next frame, so a client that stops reading holds no growing buffer;
+//! once it is a whole ring behind, its stream ends with `RESOURCE_EXHAUSTED`
+//! naming the revision to resume from.
+
+use std::{collections::HashSet, collections::VecDeque, pin::Pin, sync::Arc};
+
+use futures_util::Stream;
+use tokio::{
+    sync::{broadcast, watch as signal},
+    time::Instant,
+};
+use tonic::Status;
+
+use crate::feed::{CatchUp, Change, Entity, Feed, FeedError, Frame, catch_up, snapshot};
+
+/// A watch stream, as a tonic server-streaming handler returns it.
+pub type WatchStream<T> = Pin<Box<dyn Stream<Item = Result<Frame<T>, Status>> + Send + 'static>>;
+
+/// A watch stream converted to an API message, as a tonic handler returns it.
+pub type MappedStream<R> = Pin<Box<dyn Stream<Item = Result<R, Status>> + Send + 'static>>;
+
+/// Converts each frame of a watch stream to the API's watch response.
+pub fn mapped<T: Entity, R: From<Frame<T>> + Send + 'static>(stream: WatchStream<T>) -> MappedStream<R> {
+    Box::pin(futures_util::StreamExt::map(stream, |item| item.map(R::from)))
+}
+
+/// The most ids one watch may filter on.
+pub const MAX_WATCH_IDS: usize = 1000;
+
+const PAGE: i64 = 512;
+
+impl<T: Entity> Feed<T> {
+    /// Watches the feed from `since_revision` (0: snapshot first), for the
+    /// entities in `ids` only if it is not empty. The caller validates the
+    /// arguments (non-negative revision, at most [`MAX_WATCH_IDS`] ids).
+    pub fn watch(&self, since_revision: i64, ids: Vec<String>) -> WatchStream<T> {
+        let watcher = Watcher {
+            // Subscribe first: see the module docs.
+            ring: self.inner.shared.hub.subscribe(),
+            closing: self.inner.closing.subscribe(),
+            feed: self.clone(),
+            cursor: since_revision,
+            ids: if ids.is_empty() {
+                None
+            } else {
+                Some(ids.into_iter().collect())
+            },
+            pending: VecDeque::new(),
+            phase: if since_revision == 0 {
+                Phase::Snapshot
+            } else {
+                Phase::CatchUp
+            },
+            next_progress: Instant::now() + self.inner.shared.options.progress_interval,
+        };
+        Box::pin(futures_util::stream::unfold(watcher, |mut watcher| async move {
+            watcher.next().await.map(|frame| (frame, watcher))
+        }))
+    }
+}
+
+enum Phase {
+    /// Send a snapshot, then go live.
+    Snapshot,
+    /// Replay from the database after the cursor, then go live.
+    CatchUp,
+    /// Follow the ring.
+    Live,
+    /// The stream has ended.
+    Done,
+}
+
+/// The state of one watch stream; owned by the stream, dropped with it when
+/// the client goes away.
+struct Watcher<T> {
+    feed: Feed<T>,
+    ring: broadcast::Receiver<Arc<Change<T>>>,
+    closing: signal::Receiver<bool>,
+    /// Every change up to here was delivered (or filtered out).
+    cursor: i64,
+    ids: Option<HashSet<String>>,
+    /// Frames read from the database, not yet sent.
+    pending: VecDeque<Frame<T>>,
+    phase: Phase,
+    /// When to send a progress frame if nothing else was sent.
+    next_progress: Instant,
+}
+
+impl<T: Entity> Watcher<T> {
+    fn wanted(&self, change: &Change<T>) -> bool {
+        self.ids.as_ref().is_none_or(|ids| ids.contains(&change.entity_id))
+    }
+
+    async fn next(&mut self) -> Option<Result<Frame<T>, Status>> {
+        loop {
+            if let Some(frame) = self.pending.pop_front() {
+                self.next_progress = Instant::now() + self.feed.inner.shared.options.progress_interval;
+                return Some(Ok(frame));
+            }
+            let result = match self.phase {
+                Phase::Done => return None,
+                Phase::Snapshot => self.snapshot(None).await,
+                Phase::CatchUp => self.catch_up().await,
+                Phase::Live => match self.live().await {
+                    Ok(Some(frame)) => {
+                        self.pending.push_back(frame);
+                        Ok(())
+                    }
+                    Ok(None) => Ok(()),
+                    Err(status) => Err(status),
+                },
+            };
+            if let Err(status) = result {
+                self.phase = Phase::Done;
+                return Some(Err(status));
+            }
+        }
+    }
+
+    /// Queues a snapshot (after a reset frame if `reset` says why) and goes live.
+    async fn snapshot(&mut self, reset: Option<String>) -> Result<(), Status> {
+        let shared = &self.feed.inner.shared;
+        let ids: Option<Vec<String>> = self.ids.as_ref().map(|ids| ids.iter().cloned().collect());
+        let (revision, changes) = snapshot(shared, ids.as_deref()).await.map_err(storage_error)?;
+        if let Some(reason) = reset {
+            self.pending.push_back(Frame::Reset { revision, reason });
+        }
+        self.pending.push_back(Frame::SnapshotBegin { revision });
+        self.pending.extend(changes.into_iter().map(Frame::Change));
+        self.pending.push_back(Frame::SnapshotEnd { revision });
+        self.cursor = revision;
+        self.phase = Phase::Live;
+        Ok(())
+    }
+
+    /// Queues the next page of what follows the cursor in the database.
+    async fn catch_up(&mut self) -> Result<(), Status> {
+        let shared = &self.feed.inner.shared;
+        match catch_up(shared, self.cursor, PAGE).await.map_err(storage_error)? {
+            CatchUp::Reset { reason } => self.snapshot(Some(reason)).await,
+            CatchUp::Page { changes, head } => {
+                let last_page = (changes.len() as i64) < PAGE;
+                for change in changes {
+                    self.cursor = change.revision;
+                    if self.wanted(&change) {
+                        self.pending.push_back(Frame::Change(change));
+                    }
+                }
+                if last_page {
+                    // A short page holds everything up to the head it was read at.
+                    self.cursor = self.cursor.max(head);
+                    self.phase = Phase::Live;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Waits for the next frame from the ring: a wanted change, or progress
+    /// when idle. `Ok(None)`: nothing to send yet (a change filtered out).
+    async fn live(&mut self) -> Result<Option<Frame<T>>, Status> {
+        enum Woken<T> {
+            Closing,
+            Received(Result<Arc<Change<T>>, broadcast::error::RecvError>),
+            Idle,
+        }
+        let woken = tokio::select! {
+            biased;
+            _ = self.closing.wait_for(|closing| *closing) => Woken::Closing,
+            received = self.ring.recv() => Woken::Received(received),
+            _ = tokio::time::sleep_until(self.next_progress) => Woken::Idle,
+        };
+        match woken {
+            Woken::Closing => Err(Status::unavailable(format!(
+                "the server is shutting down; resume with since_revision={}",
+                self.cursor
+            ))),
+            Woken::Received(Ok(change)) => {
+                if change.revision <= self.cursor {
+                    return Ok(None); // already sent by the snapshot or replay
+                }
+                if change.revision != self.cursor + 1 {
+                    // Cannot happen while revisions are gapless; never skip silently.
+                    return Err(Status::unavailable(format!(
+                        "the watch missed revisions {}..{}; resume with since_revision={}",
+                        self.cursor + 1,
+                        change.revision - 1,
+                        self.cursor
+                    )));
+                }
+                self.cursor = change.revision;
+                Ok(self.wanted(&change).then_some(Frame::Change(change)))
+            }
+            Woken::Received(Err(broadcast::error::RecvError::Lagged(_))) => Err(Status::resource_exhausted(format!(
+                "this watcher fell more than {} changes behind and was dropped; resume with since_revision={}",
+                self.feed.inner.shared.hub.capacity(),
+                self.cursor
+            ))),
+            Woken::Received(Err(broadcast::error::RecvError::Closed)) => Err(Status::unavailable(format!(
+                "the changefeed restarted; resume with since_revision={}",
+                self.cursor
+            ))),
+            Woken::Idle => {
+                // Head first, then the ring: if the ring is empty, every change
+                // up to that head has been received.
+                let head = self.feed.inner.shared.hub.head();
+                if self.ring.is_empty() {
+                    self.cursor = self.cursor.max(head);
+                }
+                self.next_progress = Instant::now() + self.feed.inner.shared.options.progress_interval;
+                Ok(Some(Frame::Progress { revision: self.cursor }))
+            }
+        }
+    }
+}
+
+fn storage_error(err: FeedError) -> Status {
+    tracing::error!(%err, "watch stream cannot read the changefeed");
+    Status::unavailable("the changefeed's storage is unavailable; retry with the same since_revision")
+}

@@ -1,0 +1,256 @@
+//! The response body that ends a running call when the server goes down.
+//!
+//! Refusing new calls is not enough to look like a dead server: a client
+//! holding a long-lived server-streaming call (a watch) would keep receiving
+//! and never notice. So each response body of an affected call waits on the
+//! [`Faults`](super::Faults) watch channel next to the data it forwards, and
+//! the moment `down` becomes true it drops the handler's body (the handler
+//! sees its stream closed and stops, as it would on a client going away) and
+//! ends the call with `UNAVAILABLE` trailers, which a client treats like a
+//! lost server: reconnect with backoff.
+
+use std::{
+    future::Future,
+    pin::Pin,
+    task::{Context, Poll, ready},
+};
+
+use http::HeaderMap;
+use http_body::{Body as HttpBody, Frame, SizeHint};
+use tokio::sync::watch;
+use tonic::{Status, body::Body, codegen::Bytes};
+
+use super::FaultSpec;
+
+/// Resolves to `true` when the server goes down, `false` when it never can
+/// any more (every `Faults` handle is gone).
+type DownSignal = Pin<Box<dyn Future<Output = bool> + Send>>;
+
+/// A response body that forwards `inner` until the server goes down, then
+/// ends with `grpc-status: 14` (`UNAVAILABLE`) and `message`.
+pub(crate) struct DownAwareBody {
+    /// The handler's body; `None` once the call has been ended here, which
+    /// drops it at once.
+    inner: Option<Body>,
+    /// `None` once it can no longer matter: it resolved `false`, or the inner
+    /// body already sent its own trailers.
+    down: Option<DownSignal>,
+    message: String,
+}
+
+impl DownAwareBody {
+    /// Wraps `inner`, watching `changes`. A server that is already down when
+    /// the body is first polled ends it at once, so a `down` set between the
+    /// layer's check and the response is not missed.
+    pub(crate) fn new(inner: Body, mut changes: watch::Receiver<FaultSpec>, message: String) -> DownAwareBody {
+        let down: DownSignal = Box::pin(async move {
+            // `wait_for` checks the current value first, then sleeps until the
+            // sender notifies a change: no timer, no polling. Its error means
+            // every `Faults` handle is gone.
+            changes.wait_for(|spec| spec.down).await.is_ok()
+        });
+        DownAwareBody {
+            inner: Some(inner),
+            down: Some(down),
+            message,
+        }
+    }
+
+    fn down_trailers(&self) -> HeaderMap {
+        let mut trailers = HeaderMap::new();
+        // `add_header` percent-encodes the message; it fails only on a
+        // message it cannot encode, and then the status alone still ends the
+        // call with the right code.
+        if Status::unavailable(self.message.as_str())
+            .add_header(&mut trailers)
+            .is_err()
+        {
+            trailers.insert(
+                http::HeaderName::from_static("grpc-status"),
+                http::HeaderValue::from_static("14"),
+            );
+        }
+        trailers
+    }
+}
+
+impl HttpBody for DownAwareBody {
+    type Data = Bytes;
+    type Error = Status;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+        // `DownAwareBody` is `Unpin` (its fields are boxed), so plain `&mut`.
+        let this = &mut *self;
+
+        // The down signal first: a stream with data always ready must still
+        // be cut as soon as the server goes down.
+        if let Some(down) = this.down.as_mut()
+            && let Poll::Ready(is_down) = down.as_mut().poll(cx)
+        {
+            this.down = None;
+            if is_down && this.inner.is_some() {
+                this.inner = None;
+                return Poll::Ready(Some(Ok(Frame::trailers(this.down_trailers()))));
+            }
+        }
+
+        let Some(inner) = this.inner.as_mut() else {
+            return Poll::Ready(None);
+        };
+        let frame = ready!(Pin::new(inner).poll_frame(cx));
+        match &frame {
+            // The handler ended the call itself: nothing more may follow its
+            // trailers, so stop watching.
+            Some(Ok(f)) if f.is_trailers() => this.down = None,
+            Some(Err(_)) | None => {
+                this.down = None;
+                this.inner = None;
+            }
+            Some(Ok(_)) => {}
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.inner {
+            Some(inner) => inner.is_end_stream(),
+            // Ended here (or finished): our trailers, if any, were sent by the
+            // poll that cleared `inner`.
+            None => true,
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.inner {
+            // The trailers we may add carry no data, so the inner hint holds.
+            Some(inner) => inner.size_hint(),
+            None => SizeHint::with_exact(0),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{collections::VecDeque, time::Duration};
+
+    use super::*;
+    use crate::fault::Faults;
+
+    const DEADLINE: Duration = Duration::from_secs(5);
+
+    /// A body that yields its frames, then never ends (like a watch stream
+    /// with nothing new to say).
+    struct Endless(VecDeque<Frame<Bytes>>);
+
+    impl HttpBody for Endless {
+        type Data = Bytes;
+        type Error = Status;
+
+        fn poll_frame(mut self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+            match self.0.pop_front() {
+                Some(frame) => Poll::Ready(Some(Ok(frame))),
+                None => Poll::Pending,
+            }
+        }
+    }
+
+    fn next_frame(body: &mut DownAwareBody) -> impl Future<Output = Option<Result<Frame<Bytes>, Status>>> + '_ {
+        std::future::poll_fn(move |cx| Pin::new(&mut *body).poll_frame(cx))
+    }
+
+    #[tokio::test]
+    async fn going_down_ends_an_endless_stream_with_unavailable() {
+        let faults = Faults::new();
+        let inner = Body::new(Endless(VecDeque::from([Frame::data(Bytes::from_static(b"hello"))])));
+        let mut body = DownAwareBody::new(inner, faults.subscribe(), "users is down".into());
+
+        let first = next_frame(&mut body).await.expect("a frame").expect("ok");
+        assert_eq!(first.into_data().ok(), Some(Bytes::from_static(b"hello")));
+
+        // Nothing more is coming while the server is up.
+        let waiting = tokio::spawn(async move {
+            let trailers = next_frame(&mut body).await;
+            (trailers, body)
+        });
+        faults
+            .set(FaultSpec {
+                down: true,
+                ..FaultSpec::default()
+            })
+            .expect("valid");
+
+        let (trailers, mut body) = tokio::time::timeout(DEADLINE, waiting)
+            .await
+            .expect("going down must wake the body")
+            .expect("no panic");
+        let trailers = trailers
+            .expect("a frame")
+            .expect("ok")
+            .into_trailers()
+            .expect("trailers");
+        assert_eq!(trailers.get("grpc-status").map(|v| v.as_bytes()), Some(&b"14"[..]));
+        let status = Status::from_header_map(&trailers).expect("a status");
+        assert_eq!(status.code(), tonic::Code::Unavailable);
+        assert_eq!(status.message(), "users is down");
+
+        assert!(body.is_end_stream());
+        assert!(next_frame(&mut body).await.is_none());
+    }
+
+    #[tokio::test]
+    async fn already_down_ends_at_first_poll() {
+        let faults = Faults::new();
+        faults
+            .set(FaultSpec {
+                down: true,
+                ..FaultSpec::default()
+            })
+            .expect("valid");
+        let mut body = DownAwareBody::new(Body::new(Endless(VecDeque::new())), faults.subscribe(), "down".into());
+        let frame = tokio::time::timeout(DEADLINE, next_frame(&mut body))
+            .await
+            .expect("must not wait")
+            .expect("a frame")
+            .expect("ok");
+        assert!(frame.is_trailers());
+    }
+
+    #[tokio::test]
+    async fn other_changes_do_not_end_the_stream_and_handler_trailers_pass_through() {
+        let faults = Faults::new();
+        let mut ok = HeaderMap::new();
+        ok.insert("grpc-status", http::HeaderValue::from_static("0"));
+        let inner = Body::new(Endless(VecDeque::from([
+            Frame::data(Bytes::from_static(b"a")),
+            Frame::trailers(ok),
+        ])));
+        let mut body = DownAwareBody::new(inner, faults.subscribe(), "down".into());
+
+        // A change that is not "down" wakes the body, which carries on.
+        faults
+            .set(FaultSpec {
+                error_rate: 0.5,
+                ..FaultSpec::default()
+            })
+            .expect("valid");
+        let data = next_frame(&mut body).await.expect("frame").expect("ok");
+        assert!(data.is_data());
+        let trailers = next_frame(&mut body).await.expect("frame").expect("ok");
+        let trailers = trailers.into_trailers().expect("trailers");
+        assert_eq!(trailers.get("grpc-status").map(|v| v.as_bytes()), Some(&b"0"[..]));
+
+        // Going down after the handler's own trailers adds nothing.
+        faults
+            .set(FaultSpec {
+                down: true,
+                ..FaultSpec::default()
+            })
+            .expect("valid");
+        assert!(
+            std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut body).poll_frame(cx)))
+                .await
+                .is_pending(),
+            "the endless inner body is still the only source of frames"
+        );
+    }
+}

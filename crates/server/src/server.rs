@@ -1,0 +1,231 @@
+//! Binding, and serving a service's routes with everything every Lightbox
+//! server shares.
+
+mod abortable;
+
+use std::{io, net::SocketAddr, time::Duration};
+
+use lightbox_api::admin::fault_service_server::FaultServiceServer;
+use tokio::net::TcpListener;
+use tokio_stream::StreamExt as _;
+use tonic::{
+    service::Routes,
+    transport::{Server, server::TcpIncoming},
+};
+use tonic_health::ServingStatus;
+
+use self::abortable::Abortable;
+use crate::{
+    fault::{FaultLayer, FaultServiceImpl, Faults},
+    shutdown::Shutdown,
+};
+
+/// How long `serve` waits, after cutting the connections left at the drain
+/// deadline, for their tasks to notice. Cutting is immediate (their next
+/// read fails); this only bounds the bookkeeping.
+const ABORT_GRACE: Duration = Duration::from_secs(1);
+
+/// Settings of one server.
+///
+/// `max_message_bytes` applies to the services [`serve`] adds itself. A
+/// generated server does not read it: set it on each one you put in the
+/// routes, or tonic's 4 MiB decoding default applies to it:
+///
+/// ```ignore
+/// UsersServiceServer::new(users)
+///     .max_decoding_message_size(options.max_message_bytes)
+///     .max_encoding_message_size(options.max_message_bytes)
+/// ```
+///
+/// (The generated servers share no trait for this, so no generic helper.)
+#[derive(Debug, Clone)]
+pub struct ServerOptions {
+    /// The largest message accepted or sent, in bytes. Default 4 MiB.
+    pub max_message_bytes: usize,
+    /// How long calls in progress may run on after the shutdown signal
+    /// before their connections are cut and `serve` returns. Default 10 s.
+    pub drain_timeout: Duration,
+    /// The server's short name (e.g. "users"), used in logs and in the
+    /// "`<name>` is down (fault injection)" message.
+    pub service_name: String,
+}
+
+impl Default for ServerOptions {
+    fn default() -> Self {
+        ServerOptions {
+            max_message_bytes: 4 * 1024 * 1024,
+            drain_timeout: Duration::from_secs(10),
+            service_name: "lightbox".to_owned(),
+        }
+    }
+}
+
+/// Why a server could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The address could not be bound.
+    #[error("cannot listen on {addr}: {}", describe_bind_error(.cause))]
+    Bind {
+        /// The address asked for.
+        addr: SocketAddr,
+        /// The operating system's error.
+        cause: io::Error,
+    },
+    /// The listener's own address could not be read.
+    #[error("cannot read the listening address")]
+    LocalAddr(#[source] io::Error),
+    /// A descriptor set given to reflection did not decode.
+    #[error("cannot build the reflection service")]
+    Reflection(#[from] tonic_reflection::server::Error),
+    /// The server failed while running.
+    #[error("the gRPC server failed")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+/// The usual bind failures in words, the rest as the OS says them.
+fn describe_bind_error(err: &io::Error) -> String {
+    match err.kind() {
+        io::ErrorKind::AddrInUse => "address in use".to_owned(),
+        io::ErrorKind::AddrNotAvailable => "address not available on this host".to_owned(),
+        io::ErrorKind::PermissionDenied => "permission denied".to_owned(),
+        _ => err.to_string(),
+    }
+}
+
+/// Binds `addr` (port 0 picks a free port: read it back with
+/// `local_addr`). Bind before spawning [`serve`] so that a port clash fails
+/// the caller at once instead of killing a background task unnoticed.
+pub async fn bind(addr: SocketAddr) -> Result<TcpListener, ServeError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|cause| ServeError::Bind { addr, cause })
+}
+
+/// Serves `routes` on `listener` until `shutdown`, with what every Lightbox
+/// server shares:
+///
+/// - `grpc.health.v1.Health`, reporting `SERVING` for "" (the whole server)
+///   and for each of `health_services` (full proto names, e.g.
+///   "lightbox.users.v1.UsersService");
+/// - server reflection, both `grpc.reflection.v1` and `v1alpha` (grpcurl
+///   1.8.6 speaks only the latter), describing every Lightbox proto and the
+///   health service;
+/// - `lightbox.admin.v1.FaultService` over `faults`, and a [`FaultLayer`]
+///   applying them to every other call.
+///
+/// `routes` must not contain those services itself (duplicate routes
+/// panic when the router is built).
+///
+/// On shutdown, in this order: health turns `NOT_SERVING` for every name
+/// (watchers are told, so load balancers move away), the listener closes,
+/// calls in progress run on; when the last one ends, `serve` returns. If
+/// some are still running `drain_timeout` after the signal (a watch stream
+/// never ends by itself), their connections are cut, so their clients see
+/// `UNAVAILABLE` and reconnect elsewhere, and `serve` returns anyway.
+/// Dropping the `serve` future cuts every connection likewise.
+pub async fn serve(
+    listener: TcpListener,
+    routes: Routes,
+    health_services: &[&str],
+    faults: Faults,
+    shutdown: Shutdown,
+    options: ServerOptions,
+) -> Result<(), ServeError> {
+    let addr = listener.local_addr().map_err(ServeError::LocalAddr)?;
+    let limit = options.max_message_bytes;
+    let name = options.service_name.as_str();
+
+    // The reporter is shared by the health service (which reads it) and the
+    // shutdown future below (which flips it): clones share one map.
+    let (health, health_service) = tonic_health::server::health_reporter();
+    let health_names: Vec<String> = std::iter::once(String::new())
+        .chain(health_services.iter().map(|s| (*s).to_owned()))
+        .collect();
+    for health_name in &health_names {
+        health.set_service_status(health_name, ServingStatus::Serving).await;
+    }
+
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(lightbox_api::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1 = reflection()
+        .build_v1()?
+        .max_decoding_message_size(limit)
+        .max_encoding_message_size(limit);
+    let reflection_v1alpha = reflection()
+        .build_v1alpha()?
+        .max_decoding_message_size(limit)
+        .max_encoding_message_size(limit);
+    let admin = FaultServiceServer::new(FaultServiceImpl::new(faults.clone()))
+        .max_decoding_message_size(limit)
+        .max_encoding_message_size(limit);
+    let health_service = health_service
+        .max_decoding_message_size(limit)
+        .max_encoding_message_size(limit);
+
+    // Fires at the drain deadline. Every accepted connection holds an
+    // observer; the trigger lives in this function, so dropping the `serve`
+    // future also cuts the connections (a dropped trigger counts as fired).
+    let (abort_trigger, abort) = Shutdown::new();
+    let incoming = TcpIncoming::from(listener)
+        .with_nodelay(Some(true))
+        .map(move |conn| conn.map(|io| Abortable::new(io, abort.clone())));
+
+    // tonic stops accepting once this completes, then waits for every
+    // connection to finish; health goes NOT_SERVING before that, so that
+    // watchers hear it while their connection is still open.
+    let signal = {
+        let shutdown = shutdown.clone();
+        let health = health.clone();
+        let name = name.to_owned();
+        async move {
+            shutdown.wait().await;
+            tracing::info!(service = %name, %addr, "shutting down: NOT_SERVING, draining calls in progress");
+            for health_name in &health_names {
+                health.set_service_status(health_name, ServingStatus::NotServing).await;
+            }
+        }
+    };
+
+    let mut builder = Server::builder().layer(FaultLayer::new(faults).with_service_name(name));
+    let server = builder
+        .add_routes(routes)
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(admin)
+        .serve_with_incoming_shutdown(incoming, signal);
+    let mut server = std::pin::pin!(server);
+
+    tracing::info!(service = %name, %addr, "serving gRPC");
+
+    let drain_deadline = async {
+        shutdown.wait().await;
+        tokio::time::sleep(options.drain_timeout).await;
+    };
+    tokio::select! {
+        result = &mut server => {
+            result?;
+            tracing::info!(service = %name, %addr, "stopped");
+            return Ok(());
+        }
+        () = drain_deadline => {}
+    }
+
+    let waited_secs = options.drain_timeout.as_secs_f64();
+    tracing::warn!(
+        service = %name,
+        %addr,
+        waited_secs,
+        "calls still in progress {waited_secs} s after shutdown; closing their connections"
+    );
+    abort_trigger.trigger();
+    match tokio::time::timeout(ABORT_GRACE, &mut server).await {
+        Ok(result) => result?,
+        Err(_) => tracing::warn!(service = %name, "connections still closing; returning anyway"),
+    }
+    tracing::info!(service = %name, %addr, "stopped");
+    Ok(())
+}
