@@ -25,6 +25,7 @@ use anyhow::Context;
 use lightbox_server::Shutdown;
 
 pub use config::{Cli, Command, ServeArgs};
+pub use lightbox_server::ServerOptions;
 pub use targets::{Component, Settings, Target};
 
 /// Runs the command the command line asks for. `version` is the binary's

@@ -35,6 +35,14 @@ pub static CHANGEFEED_MIGRATIONS: Migrations = Migrations {
     postgres: &sqlx::migrate!("migrations/postgres"),
 };
 
+static NO_MIGRATIONS: Migrator = Migrator::DEFAULT;
+
+/// No migrations: for a database that holds only feeds (and for tests).
+pub static FEEDS_ONLY: Migrations = Migrations {
+    sqlite: &NO_MIGRATIONS,
+    postgres: &NO_MIGRATIONS,
+};
+
 /// A pool of connections to one database, and which engine it is.
 ///
 /// Cheap to clone: clones share the pool.

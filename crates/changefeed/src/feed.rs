@@ -271,6 +271,13 @@ impl<T: Entity> Feed<T> {
         self.inner.shared.hub.head()
     }
 
+    /// The latest committed revision, read from the database (the fan-out
+    /// may not have published it yet: see [`Feed::head`]).
+    pub async fn committed_revision(&self) -> Result<i64, FeedError> {
+        let mut conn = self.db().pool().acquire().await?;
+        Ok(read_state(&mut conn, self.name()).await?.revision)
+    }
+
     /// Ends every watch stream of this feed (they answer `UNAVAILABLE` with
     /// the revision to resume from), for a graceful shutdown.
     pub fn close(&self) {

@@ -60,6 +60,7 @@ impl<T: Entity> Feed<T> {
                 Phase::CatchUp
             },
             next_progress: Instant::now() + self.inner.shared.options.progress_interval,
+            lagged: false,
         };
         Box::pin(futures_util::stream::unfold(watcher, |mut watcher| async move {
             watcher.next().await.map(|frame| (frame, watcher))
@@ -92,6 +93,10 @@ struct Watcher<T> {
     phase: Phase,
     /// When to send a progress frame if nothing else was sent.
     next_progress: Instant,
+    /// The ring overwrote changes this watcher had not read. Harmless if it
+    /// had them already (from its snapshot or replay); otherwise the next
+    /// change shows a hole and the stream ends for the client to resume.
+    lagged: bool,
 }
 
 impl<T: Entity> Watcher<T> {
@@ -187,6 +192,13 @@ impl<T: Entity> Watcher<T> {
                 if change.revision <= self.cursor {
                     return Ok(None); // already sent by the snapshot or replay
                 }
+                if change.revision != self.cursor + 1 && self.lagged {
+                    return Err(Status::resource_exhausted(format!(
+                        "this watcher fell more than {} changes behind and was dropped; resume with since_revision={}",
+                        self.feed.inner.shared.hub.capacity(),
+                        self.cursor
+                    )));
+                }
                 if change.revision != self.cursor + 1 {
                     // Cannot happen while revisions are gapless; never skip silently.
                     return Err(Status::unavailable(format!(
@@ -197,13 +209,13 @@ impl<T: Entity> Watcher<T> {
                     )));
                 }
                 self.cursor = change.revision;
+                self.lagged = false;
                 Ok(self.wanted(&change).then_some(Frame::Change(change)))
             }
-            Woken::Received(Err(broadcast::error::RecvError::Lagged(_))) => Err(Status::resource_exhausted(format!(
-                "this watcher fell more than {} changes behind and was dropped; resume with since_revision={}",
-                self.feed.inner.shared.hub.capacity(),
-                self.cursor
-            ))),
+            Woken::Received(Err(broadcast::error::RecvError::Lagged(_))) => {
+                self.lagged = true;
+                Ok(None)
+            }
             Woken::Received(Err(broadcast::error::RecvError::Closed)) => Err(Status::unavailable(format!(
                 "the changefeed restarted; resume with since_revision={}",
                 self.cursor

@@ -1,0 +1,541 @@
+//! The changefeed's guarantees (DESIGN.md section 3), each proven on SQLite
+//! and PostgreSQL with a test that fails without it.
+
+use std::{collections::BTreeMap, sync::Arc, time::Duration};
+
+use lightbox_api::users::User;
+use lightbox_changefeed::{Change, Feed, FeedOptions, Frame, Retention, db::FEEDS_ONLY, watch::WatchStream};
+use lightbox_testkit::{DEADLINE, TestDb, conformance};
+use tokio_stream::StreamExt;
+use tonic::Code;
+
+conformance!(
+    watch_from_zero_is_a_snapshot_then_live_changes,
+    resume_replays_exactly_the_changes_after_the_revision,
+    concurrent_writers_never_let_a_watcher_skip_a_revision,
+    a_rolled_back_write_leaves_no_change_and_no_hole,
+    compacted_history_is_answered_with_the_consolidated_delta,
+    past_the_tombstone_horizon_comes_a_reset_and_a_snapshot,
+    a_revision_ahead_of_the_server_gets_a_reset,
+    idle_streams_carry_progress_past_filtered_changes,
+    a_slow_watcher_is_dropped_without_slowing_writers_or_others,
+    id_filters_apply_to_snapshot_and_live,
+    pull_listing_follows_the_same_revisions_and_compaction_rule,
+    closing_the_feed_ends_streams_with_the_resume_revision,
+);
+
+const FEED: &str = "things";
+
+fn options() -> FeedOptions {
+    FeedOptions {
+        watcher_buffer: 4096,
+        progress_interval: Duration::from_secs(3600),
+        poll_interval: Duration::from_millis(200),
+        retention: Retention {
+            interval: None,
+            ..Retention::default()
+        },
+    }
+}
+
+async fn open(db: &TestDb, options: FeedOptions) -> Feed<User> {
+    let db = db.connect().await;
+    db.migrate(&FEEDS_ONLY)
+        .await
+        .unwrap_or_else(|err| panic!("migrate: {err}"));
+    Feed::open(db, FEED, options)
+        .await
+        .unwrap_or_else(|err| panic!("open feed: {err}"))
+}
+
+fn user(id: &str, name: &str) -> User {
+    User {
+        id: id.into(),
+        display_name: name.into(),
+        ..User::default()
+    }
+}
+
+/// Writes `name` to entity `id` in its own transaction; returns the revision.
+async fn put(feed: &Feed<User>, id: &str, name: &str) -> i64 {
+    let mut tx = feed.begin().await.unwrap_or_else(|err| panic!("begin: {err}"));
+    let mut entity = user(id, name);
+    entity.revision = tx.next_revision();
+    let revision = tx.put(id, &entity).await.unwrap_or_else(|err| panic!("put: {err}"));
+    assert_eq!(
+        tx.commit().await.unwrap_or_else(|err| panic!("commit: {err}")),
+        revision
+    );
+    revision
+}
+
+async fn delete(feed: &Feed<User>, id: &str) -> i64 {
+    let mut tx = feed.begin().await.unwrap_or_else(|err| panic!("begin: {err}"));
+    let revision = tx.delete(id).await.unwrap_or_else(|err| panic!("delete: {err}"));
+    tx.commit().await.unwrap_or_else(|err| panic!("commit: {err}"));
+    revision.unwrap_or_else(|| panic!("nothing to delete at {id}"))
+}
+
+async fn next(stream: &mut WatchStream<User>) -> Result<Frame<User>, tonic::Status> {
+    match tokio::time::timeout(DEADLINE, stream.next()).await {
+        Ok(Some(item)) => item,
+        Ok(None) => panic!("the watch stream ended"),
+        Err(_) => panic!("no frame within {DEADLINE:?}"),
+    }
+}
+
+async fn frame(stream: &mut WatchStream<User>) -> Frame<User> {
+    next(stream)
+        .await
+        .unwrap_or_else(|status| panic!("stream failed: {status:?}"))
+}
+
+async fn change(stream: &mut WatchStream<User>) -> Arc<Change<User>> {
+    match frame(stream).await {
+        Frame::Change(change) => change,
+        other => panic!("expected a change, got {other:?}"),
+    }
+}
+
+async fn committed(feed: &Feed<User>) -> i64 {
+    feed.committed_revision()
+        .await
+        .unwrap_or_else(|err| panic!("read head: {err}"))
+}
+
+/// A client's copy, built only from what the stream says.
+#[derive(Default, Debug)]
+struct Replica {
+    entities: BTreeMap<String, (i64, String)>,
+    cursor: i64,
+    /// Set between a snapshot's begin and end: the snapshot replaces the copy.
+    incoming: Option<BTreeMap<String, (i64, String)>>,
+    resets: usize,
+}
+
+impl Replica {
+    fn apply(&mut self, frame: Frame<User>) {
+        match frame {
+            Frame::Reset { .. } => self.resets += 1,
+            Frame::SnapshotBegin { .. } => self.incoming = Some(BTreeMap::new()),
+            Frame::SnapshotEnd { revision } => {
+                self.entities = self.incoming.take().unwrap_or_default();
+                self.cursor = revision;
+            }
+            Frame::Progress { revision } => self.cursor = self.cursor.max(revision),
+            Frame::Change(change) => {
+                let target = self.incoming.as_mut().unwrap_or(&mut self.entities);
+                match &change.entity {
+                    Some(entity) => {
+                        target.insert(change.entity_id.clone(), (change.revision, entity.display_name.clone()));
+                    }
+                    None => {
+                        target.remove(&change.entity_id);
+                    }
+                }
+                if self.incoming.is_none() {
+                    self.cursor = change.revision;
+                }
+            }
+        }
+    }
+
+    /// Applies frames until the copy's cursor reaches `revision`.
+    async fn follow_to(&mut self, stream: &mut WatchStream<User>, revision: i64) {
+        while self.cursor < revision || self.incoming.is_some() {
+            self.apply(frame(stream).await);
+        }
+    }
+}
+
+/// The server's state, as a fresh snapshot tells it.
+async fn server_state(feed: &Feed<User>) -> BTreeMap<String, (i64, String)> {
+    let mut replica = Replica::default();
+    let mut stream = feed.watch(0, Vec::new());
+    loop {
+        let frame = frame(&mut stream).await;
+        let end = matches!(frame, Frame::SnapshotEnd { .. });
+        replica.apply(frame);
+        if end {
+            return replica.entities;
+        }
+    }
+}
+
+async fn watch_from_zero_is_a_snapshot_then_live_changes(db: TestDb) {
+    let feed = open(&db, options()).await;
+    put(&feed, "a", "A1").await;
+    put(&feed, "b", "B1").await;
+    let r = put(&feed, "a", "A2").await;
+    let mut stream = feed.watch(0, Vec::new());
+    assert!(matches!(frame(&mut stream).await, Frame::SnapshotBegin { revision } if revision == r));
+    let first = change(&mut stream).await;
+    let second = change(&mut stream).await;
+    assert_eq!((first.entity_id.as_str(), first.revision), ("a", r));
+    assert_eq!(first.entity.as_ref().map(|u| u.display_name.as_str()), Some("A2"));
+    assert_eq!((second.entity_id.as_str(), second.revision), ("b", 2));
+    assert!(matches!(frame(&mut stream).await, Frame::SnapshotEnd { revision } if revision == r));
+    // Live: exactly the changes after R, in order, once each.
+    let later = [put(&feed, "c", "C1").await, delete(&feed, "b").await];
+    for revision in later {
+        let live = change(&mut stream).await;
+        assert_eq!(live.revision, revision);
+    }
+}
+
+async fn resume_replays_exactly_the_changes_after_the_revision(db: TestDb) {
+    let feed = open(&db, options()).await;
+    for i in 1..=10 {
+        put(&feed, &format!("e{}", i % 3), &format!("v{i}")).await;
+    }
+    let mut stream = feed.watch(5, Vec::new());
+    for expected in 6..=10 {
+        assert_eq!(change(&mut stream).await.revision, expected);
+    }
+    let live = put(&feed, "e9", "live").await;
+    assert_eq!(
+        change(&mut stream).await.revision,
+        live,
+        "nothing repeated or skipped between replay and live"
+    );
+}
+
+async fn concurrent_writers_never_let_a_watcher_skip_a_revision(db: TestDb) {
+    const WRITERS: usize = 8;
+    const WRITES: usize = 150;
+    let feed = open(&db, options()).await;
+    // The watcher tails from the start while the writers race.
+    let mut stream = feed.watch(0, Vec::new());
+    assert!(matches!(frame(&mut stream).await, Frame::SnapshotBegin { revision: 0 }));
+    assert!(matches!(frame(&mut stream).await, Frame::SnapshotEnd { revision: 0 }));
+    let mut writers = tokio::task::JoinSet::new();
+    for w in 0..WRITERS {
+        let feed = feed.clone();
+        writers.spawn(async move {
+            for i in 0..WRITES {
+                let mut tx = feed.begin().await.unwrap_or_else(|err| panic!("begin: {err}"));
+                tx.put(&format!("w{w}-{}", i % 10), &user("x", &format!("{i}")))
+                    .await
+                    .unwrap_or_else(|err| panic!("put: {err}"));
+                if i % 4 == 0 {
+                    // Hold the transaction open a little: the window in which a
+                    // revision handed out at insert time would commit late.
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+                tx.commit().await.unwrap_or_else(|err| panic!("commit: {err}"));
+            }
+        });
+    }
+    let total = (WRITERS * WRITES) as i64;
+    for expected in 1..=total {
+        let seen = change(&mut stream).await.revision;
+        assert_eq!(seen, expected, "the watcher must see every revision in order");
+    }
+    while let Some(joined) = writers.join_next().await {
+        joined.unwrap_or_else(|err| panic!("writer failed: {err}"));
+    }
+    assert_eq!(committed(&feed).await, total);
+}
+
+async fn a_rolled_back_write_leaves_no_change_and_no_hole(db: TestDb) {
+    let feed = open(&db, options()).await;
+    put(&feed, "a", "1").await;
+    {
+        let mut tx = feed.begin().await.unwrap_or_else(|err| panic!("begin: {err}"));
+        tx.put("ghost", &user("ghost", "never"))
+            .await
+            .unwrap_or_else(|err| panic!("put: {err}"));
+        // Dropped without commit: rolled back.
+    }
+    let next = put(&feed, "b", "2").await;
+    assert_eq!(next, 2, "the rolled-back write must not consume a revision");
+    assert!(
+        feed.get("ghost")
+            .await
+            .unwrap_or_else(|err| panic!("get: {err}"))
+            .is_none()
+    );
+    let mut stream = feed.watch(1, Vec::new());
+    assert_eq!(change(&mut stream).await.entity_id, "b");
+}
+
+fn compacting(keep_changes: i64, keep_tombstones: i64) -> FeedOptions {
+    FeedOptions {
+        retention: Retention {
+            keep_changes,
+            keep_tombstones,
+            interval: None,
+        },
+        ..options()
+    }
+}
+
+/// History: 10 entities created, then updates and deletions: 40 revisions.
+async fn history(feed: &Feed<User>) {
+    let start = committed(feed).await;
+    for i in 0..10 {
+        put(feed, &format!("e{i}"), "v0").await;
+    }
+    for round in 1..=2 {
+        for i in 0..10 {
+            if i % 4 == 0 && round == 2 {
+                delete(feed, &format!("e{i}")).await;
+            } else {
+                put(feed, &format!("e{i}"), &format!("v{round}")).await;
+            }
+        }
+    }
+    for i in 10..20 {
+        put(feed, &format!("e{i}"), "late").await;
+    }
+    assert_eq!(committed(feed).await, start + 40);
+}
+
+async fn compacted_history_is_answered_with_the_consolidated_delta(db: TestDb) {
+    let feed = open(&db, compacting(5, 1000)).await;
+    // A client follows up to revision 12, then goes away.
+    for i in 0..10 {
+        put(&feed, &format!("e{i}"), "v0").await;
+    }
+    put(&feed, "e0", "v1").await;
+    put(&feed, "e1", "v1").await;
+    let mut client = Replica::default();
+    let mut stream = feed.watch(0, Vec::new());
+    client.follow_to(&mut stream, 12).await;
+    drop(stream);
+    // Meanwhile: more history, then compaction keeps only the last 5 changes.
+    for round in 2..=3 {
+        for i in 0..10 {
+            if i % 4 == 0 && round == 3 {
+                delete(&feed, &format!("e{i}")).await;
+            } else {
+                put(&feed, &format!("e{i}"), &format!("v{round}")).await;
+            }
+        }
+    }
+    feed.compact().await.unwrap_or_else(|err| panic!("compact: {err}"));
+    let head = committed(&feed).await;
+    // Resume from 12: no reset, no snapshot, only the latest state of each
+    // changed entity (deletions included), in revision order.
+    let mut stream = feed.watch(12, Vec::new());
+    let mut delta = Vec::new();
+    while client.cursor < head {
+        let frame = frame(&mut stream).await;
+        assert!(
+            matches!(frame, Frame::Change(_)),
+            "expected only changes, got {frame:?}"
+        );
+        if let Frame::Change(change) = &frame {
+            delta.push(change.revision);
+        }
+        client.apply(frame);
+    }
+    assert!(
+        delta.windows(2).all(|w| w[0] < w[1]),
+        "delta in revision order: {delta:?}"
+    );
+    assert_eq!(
+        delta.len(),
+        10,
+        "one change per entity changed since 12, not the {} changes",
+        head - 12
+    );
+    assert_eq!(client.resets, 0);
+    assert_eq!(
+        client.entities,
+        server_state(&feed).await,
+        "applying the delta yields the server's state"
+    );
+}
+
+async fn past_the_tombstone_horizon_comes_a_reset_and_a_snapshot(db: TestDb) {
+    let feed = open(&db, compacting(5, 10)).await;
+    let mut client = Replica::default();
+    put(&feed, "gone", "soon deleted").await;
+    let mut stream = feed.watch(0, Vec::new());
+    client.follow_to(&mut stream, 1).await;
+    drop(stream);
+    history(&feed).await;
+    delete(&feed, "gone").await;
+    for i in 0..15 {
+        put(&feed, &format!("x{i}"), "x").await;
+    }
+    feed.compact().await.unwrap_or_else(|err| panic!("compact: {err}"));
+    let mut stream = feed.watch(1, Vec::new());
+    let head = committed(&feed).await;
+    assert!(
+        matches!(frame(&mut stream).await, Frame::Reset { revision, reason } if revision == head && reason.contains("older than"))
+    );
+    client.follow_to(&mut stream, head).await;
+    assert!(
+        !client.entities.contains_key("gone"),
+        "the deletion the client missed is applied by the reset"
+    );
+    assert_eq!(client.entities, server_state(&feed).await);
+}
+
+async fn a_revision_ahead_of_the_server_gets_a_reset(db: TestDb) {
+    let feed = open(&db, options()).await;
+    put(&feed, "a", "1").await;
+    let mut stream = feed.watch(99, Vec::new());
+    assert!(matches!(frame(&mut stream).await, Frame::Reset { reason, .. } if reason.contains("ahead")));
+    assert!(matches!(frame(&mut stream).await, Frame::SnapshotBegin { revision: 1 }));
+}
+
+async fn idle_streams_carry_progress_past_filtered_changes(db: TestDb) {
+    let feed = open(
+        &db,
+        FeedOptions {
+            progress_interval: Duration::from_millis(100),
+            ..options()
+        },
+    )
+    .await;
+    put(&feed, "mine", "1").await;
+    let mut stream = feed.watch(1, vec!["mine".to_owned()]);
+    let others = put(&feed, "other", "1").await;
+    // The filtered-out change is never sent, but progress moves past it.
+    loop {
+        match frame(&mut stream).await {
+            Frame::Progress { revision } if revision >= others => break,
+            Frame::Progress { .. } => continue,
+            other => panic!("expected only progress, got {other:?}"),
+        }
+    }
+}
+
+async fn a_slow_watcher_is_dropped_without_slowing_writers_or_others(db: TestDb) {
+    let buffer = 16;
+    let feed = open(
+        &db,
+        FeedOptions {
+            watcher_buffer: buffer,
+            ..options()
+        },
+    )
+    .await;
+    put(&feed, "seed", "0").await;
+    let mut stalled = feed.watch(1, Vec::new());
+    let mut reader = feed.watch(1, Vec::new());
+    // Both are live; then the reader keeps up in its own task and the
+    // stalled one reads nothing.
+    put(&feed, "seed", "1").await;
+    assert_eq!(change(&mut stalled).await.revision, 2);
+    assert_eq!(change(&mut reader).await.revision, 2);
+    let writes = (buffer * 20) as i64;
+    let reading = tokio::spawn(async move {
+        let mut last = 2;
+        while last < 2 + writes {
+            let revision = change(&mut reader).await.revision;
+            assert_eq!(revision, last + 1);
+            last = revision;
+        }
+        last
+    });
+    for i in 0..writes {
+        put(&feed, &format!("k{}", i % 7), &format!("{i}")).await;
+    }
+    assert_eq!(reading.await.unwrap_or_else(|err| panic!("reader: {err}")), 2 + writes);
+    // The stalled watcher learns it fell behind, with where to resume.
+    let mut last = 2;
+    let status = loop {
+        match next(&mut stalled).await {
+            Ok(Frame::Change(change)) => last = change.revision,
+            Ok(other) => panic!("unexpected {other:?}"),
+            Err(status) => break status,
+        }
+    };
+    assert_eq!(status.code(), Code::ResourceExhausted);
+    assert!(
+        status.message().contains(&format!("since_revision={last}")),
+        "{}",
+        status.message()
+    );
+    assert!(last < 2 + writes, "it was dropped before reading everything");
+    // Resuming from there loses nothing.
+    let mut resumed = feed.watch(last, Vec::new());
+    for expected in last + 1..=2 + writes {
+        assert_eq!(change(&mut resumed).await.revision, expected);
+    }
+}
+
+async fn id_filters_apply_to_snapshot_and_live(db: TestDb) {
+    let feed = open(&db, options()).await;
+    put(&feed, "a", "1").await;
+    put(&feed, "b", "1").await;
+    let mut stream = feed.watch(0, vec!["b".to_owned(), "absent".to_owned()]);
+    assert!(matches!(frame(&mut stream).await, Frame::SnapshotBegin { .. }));
+    assert_eq!(change(&mut stream).await.entity_id, "b");
+    assert!(matches!(frame(&mut stream).await, Frame::SnapshotEnd { revision: 2 }));
+    put(&feed, "a", "2").await;
+    let wanted = put(&feed, "b", "2").await;
+    let live = change(&mut stream).await;
+    assert_eq!((live.entity_id.as_str(), live.revision), ("b", wanted));
+}
+
+async fn pull_listing_follows_the_same_revisions_and_compaction_rule(db: TestDb) {
+    let feed = open(&db, compacting(5, 12)).await;
+    history(&feed).await;
+    // From 0: the whole current state, paged, then an empty page at the head.
+    let mut copy = BTreeMap::new();
+    let mut since = 0;
+    loop {
+        let page = feed
+            .list_changes(since, 4)
+            .await
+            .unwrap_or_else(|err| panic!("list: {err}"));
+        assert!(page.reset.is_none());
+        for change in &page.changes {
+            assert!(change.revision > since);
+            match &change.entity {
+                Some(u) => copy.insert(change.entity_id.clone(), (change.revision, u.display_name.clone())),
+                None => copy.remove(&change.entity_id),
+            };
+        }
+        if page.changes.is_empty() {
+            assert_eq!(page.next_since_revision, committed(&feed).await);
+            break;
+        }
+        since = page.next_since_revision;
+    }
+    assert_eq!(copy, server_state(&feed).await);
+    // Changelog pages while history is kept.
+    let page = feed
+        .list_changes(37, 100)
+        .await
+        .unwrap_or_else(|err| panic!("list: {err}"));
+    assert_eq!(
+        page.changes.iter().map(|c| c.revision).collect::<Vec<_>>(),
+        vec![38, 39, 40]
+    );
+    feed.compact().await.unwrap_or_else(|err| panic!("compact: {err}"));
+    // Compacted: latest state per entity changed since; past tombstones: reset.
+    let page = feed
+        .list_changes(30, 100)
+        .await
+        .unwrap_or_else(|err| panic!("list: {err}"));
+    assert!(page.reset.is_none());
+    assert_eq!(page.changes.len(), 10);
+    let page = feed
+        .list_changes(3, 100)
+        .await
+        .unwrap_or_else(|err| panic!("list: {err}"));
+    assert!(page.reset.is_some_and(|reason| reason.contains("older than")));
+    assert_eq!(page.next_since_revision, 0);
+}
+
+async fn closing_the_feed_ends_streams_with_the_resume_revision(db: TestDb) {
+    let feed = open(&db, options()).await;
+    let revision = put(&feed, "a", "1").await;
+    let mut stream = feed.watch(0, Vec::new());
+    for _ in 0..3 {
+        frame(&mut stream).await;
+    }
+    feed.close();
+    let status = next(&mut stream)
+        .await
+        .err()
+        .unwrap_or_else(|| panic!("expected the stream to end"));
+    assert_eq!(status.code(), Code::Unavailable);
+    assert!(status.message().contains(&format!("since_revision={revision}")));
+}

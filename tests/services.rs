@@ -1,0 +1,571 @@
+//! Users and Contracts over real gRPC, on SQLite and PostgreSQL: CRUD with
+//! revisions and optimistic concurrency, pagination, the bad inputs each
+//! with its status (and nothing stored changed), the synchronous hop to
+//! Contracts when it is down or slow, and watching over the wire.
+
+use std::time::{Duration, Instant};
+
+use lightbox_api::{
+    contracts::{
+        Contract, ContractOption, CreateContractRequest, Plan, WatchContractsRequest,
+        watch_contracts_response::Event as ContractEvent,
+    },
+    users::{
+        CreateUserRequest, DeleteUserRequest, GetUserRequest, ListUserChangesRequest, ListUsersRequest,
+        UpdateUserRequest, User, WatchUsersRequest, users_service_client::UsersServiceClient,
+        watch_users_response::Event as UserEvent,
+    },
+};
+use lightbox_changefeed::FeedOptions;
+use lightbox_server::FaultSpec;
+use lightbox_testkit::{DEADLINE, Stack, TestDb, conformance};
+use tokio_stream::StreamExt;
+use tonic::Code;
+
+conformance!(
+    users_crud_with_revisions_and_optimistic_concurrency,
+    listing_pages_with_opaque_tokens,
+    bad_input_gets_its_status_and_changes_nothing,
+    get_user_with_contract_makes_the_synchronous_hop,
+    the_hop_fails_clearly_when_contracts_is_down_or_slow,
+    watch_over_grpc_is_snapshot_then_live,
+    a_client_that_stops_reading_is_dropped_and_resumes_losslessly,
+);
+
+fn feed_options() -> FeedOptions {
+    FeedOptions {
+        poll_interval: Duration::from_millis(200),
+        ..FeedOptions::default()
+    }
+}
+
+fn new_user(name: &str, email: &str, contract_id: &str) -> CreateUserRequest {
+    CreateUserRequest {
+        user: Some(User {
+            display_name: name.into(),
+            email: email.into(),
+            contract_id: contract_id.into(),
+            ..User::default()
+        }),
+    }
+}
+
+async fn create_user(stack: &Stack, name: &str, email: &str) -> User {
+    let mut users = stack.users_client().await;
+    match users.create_user(new_user(name, email, "")).await {
+        Ok(response) => response.into_inner().user.unwrap_or_default(),
+        Err(status) => panic!("create user: {status:?}"),
+    }
+}
+
+async fn create_contract(stack: &Stack, holder: &str, quota: &str) -> Contract {
+    let mut contracts = stack.contracts_client().await;
+    let request = CreateContractRequest {
+        contract: Some(Contract {
+            holder_user_id: holder.into(),
+            plan: Plan::Standard as i32,
+            options: vec![ContractOption {
+                code: "photo_quota".into(),
+                value: quota.into(),
+                enabled: true,
+            }],
+            ..Contract::default()
+        }),
+    };
+    match contracts.create_contract(request).await {
+        Ok(response) => response.into_inner().contract.unwrap_or_default(),
+        Err(status) => panic!("create contract: {status:?}"),
+    }
+}
+
+/// The users feed's head, as the pull listing reports it.
+async fn users_head(stack: &Stack) -> i64 {
+    let mut users = stack.users_client().await;
+    let mut since = 0;
+    loop {
+        let page = match users
+            .list_user_changes(ListUserChangesRequest {
+                since_revision: since,
+                page_size: 1000,
+            })
+            .await
+        {
+            Ok(page) => page.into_inner(),
+            Err(status) => panic!("list changes: {status:?}"),
+        };
+        if page.changes.is_empty() {
+            return page.next_since_revision;
+        }
+        since = page.next_since_revision;
+    }
+}
+
+fn expect_status<T: std::fmt::Debug>(result: Result<T, tonic::Status>, code: Code, needle: &str) {
+    match result {
+        Ok(value) => panic!("expected {code:?} ({needle}), got {value:?}"),
+        Err(status) => {
+            assert_eq!(status.code(), code, "{status:?}");
+            assert!(
+                status.message().contains(needle),
+                "{:?} should contain {needle:?}",
+                status.message()
+            );
+        }
+    }
+}
+
+async fn users_crud_with_revisions_and_optimistic_concurrency(db: TestDb) {
+    let stack = Stack::start(db, feed_options()).await;
+    let mut users = stack.users_client().await;
+    let ada = create_user(&stack, "Ada", "ada@example.com").await;
+    assert_eq!(ada.revision, 1);
+    assert!(ada.create_time.is_some());
+    let fetched = users
+        .get_user(GetUserRequest {
+            id: ada.id.clone(),
+            include_contract: false,
+        })
+        .await
+        .map(|r| r.into_inner().user);
+    assert_eq!(fetched.ok().flatten(), Some(ada.clone()));
+
+    // Update with a mask and the right expected revision.
+    let update = |name: &str, expected: i64| UpdateUserRequest {
+        user: Some(User {
+            id: ada.id.clone(),
+            display_name: name.into(),
+            ..User::default()
+        }),
+        update_mask: Some(pbjson_types::FieldMask {
+            paths: vec!["display_name".into()],
+        }),
+        expected_revision: expected,
+    };
+    let updated = users
+        .update_user(update("Ada L.", 1))
+        .await
+        .map(|r| r.into_inner().user);
+    let updated = updated.ok().flatten().unwrap_or_default();
+    assert_eq!((updated.display_name.as_str(), updated.revision), ("Ada L.", 2));
+    assert_eq!(updated.email, "ada@example.com", "fields outside the mask are kept");
+
+    // A stale expected revision is refused; nothing changes.
+    expect_status(
+        users.update_user(update("Lost update", 1)).await,
+        Code::Aborted,
+        "not the expected revision 1",
+    );
+    let current = users
+        .get_user(GetUserRequest {
+            id: ada.id.clone(),
+            include_contract: false,
+        })
+        .await
+        .map(|r| r.into_inner().user);
+    assert_eq!(
+        current.ok().flatten().map(|u| (u.display_name, u.revision)),
+        Some(("Ada L.".into(), 2))
+    );
+
+    // Delete answers its revision; the user is gone; the e-mail is free again.
+    let deleted = users
+        .delete_user(DeleteUserRequest {
+            id: ada.id.clone(),
+            expected_revision: 2,
+        })
+        .await
+        .map(|r| r.into_inner().revision);
+    assert_eq!(deleted.ok(), Some(3));
+    expect_status(
+        users
+            .get_user(GetUserRequest {
+                id: ada.id.clone(),
+                include_contract: false,
+            })
+            .await,
+        Code::NotFound,
+        "not found",
+    );
+    assert_eq!(create_user(&stack, "Ada again", "ADA@example.com").await.revision, 4);
+    stack.stop().await;
+}
+
+async fn listing_pages_with_opaque_tokens(db: TestDb) {
+    let stack = Stack::start(db, feed_options()).await;
+    let mut created = Vec::new();
+    for i in 0..5 {
+        created.push(
+            create_user(&stack, &format!("User {i}"), &format!("u{i}@example.com"))
+                .await
+                .id,
+        );
+    }
+    created.sort();
+    let mut users = stack.users_client().await;
+    let (mut seen, mut token) = (Vec::new(), String::new());
+    loop {
+        let page = users
+            .list_users(ListUsersRequest {
+                page_size: 2,
+                page_token: token.clone(),
+            })
+            .await
+            .map(|r| r.into_inner());
+        let page = page.unwrap_or_else(|status| panic!("list: {status:?}"));
+        assert!(page.users.len() <= 2);
+        seen.extend(page.users.into_iter().map(|u| u.id));
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    assert_eq!(seen, created, "every user once, in id order");
+    stack.stop().await;
+}
+
+async fn bad_input_gets_its_status_and_changes_nothing(db: TestDb) {
+    let stack = Stack::start(db, feed_options()).await;
+    let ada = create_user(&stack, "Ada", "ada@example.com").await;
+    let head = users_head(&stack).await;
+    let mut users = stack.users_client().await;
+    let get = |id: &str| GetUserRequest {
+        id: id.into(),
+        include_contract: false,
+    };
+    expect_status(users.get_user(get("")).await, Code::InvalidArgument, "id is required");
+    expect_status(
+        users.get_user(get("not-a-uuid")).await,
+        Code::InvalidArgument,
+        "not a valid id",
+    );
+    expect_status(
+        users
+            .list_users(ListUsersRequest {
+                page_size: -1,
+                page_token: String::new(),
+            })
+            .await,
+        Code::InvalidArgument,
+        "page_size must not be negative",
+    );
+    expect_status(
+        users
+            .list_users(ListUsersRequest {
+                page_size: 5,
+                page_token: "forged".into(),
+            })
+            .await,
+        Code::InvalidArgument,
+        "page_token",
+    );
+    expect_status(
+        users.create_user(new_user("Eve", "not an email", "")).await,
+        Code::InvalidArgument,
+        "user.email",
+    );
+    expect_status(
+        users.create_user(new_user("Eve", "ada@example.com", "")).await,
+        Code::AlreadyExists,
+        "already exists",
+    );
+    expect_status(
+        users
+            .create_user(new_user("Eve", "eve@example.com", "bad-contract"))
+            .await,
+        Code::InvalidArgument,
+        "user.contract_id",
+    );
+    let mut stale = User {
+        id: ada.id.clone(),
+        display_name: "Eve".into(),
+        ..ada.clone()
+    };
+    expect_status(
+        users
+            .update_user(UpdateUserRequest {
+                user: Some(stale.clone()),
+                update_mask: Some(pbjson_types::FieldMask {
+                    paths: vec!["revision".into()],
+                }),
+                expected_revision: 0,
+            })
+            .await,
+        Code::InvalidArgument,
+        "cannot be updated",
+    );
+    expect_status(
+        users
+            .update_user(UpdateUserRequest {
+                user: Some(stale.clone()),
+                update_mask: None,
+                expected_revision: ada.revision + 7,
+            })
+            .await,
+        Code::Aborted,
+        "expected revision",
+    );
+    // Oversized: beyond the server's 1 MiB limit.
+    stale.display_name = "x".repeat(2 * 1024 * 1024);
+    expect_status(
+        users
+            .update_user(UpdateUserRequest {
+                user: Some(stale),
+                update_mask: None,
+                expected_revision: 0,
+            })
+            .await,
+        Code::OutOfRange,
+        "too large",
+    );
+    expect_status(
+        users
+            .list_user_changes(ListUserChangesRequest {
+                since_revision: -4,
+                page_size: 0,
+            })
+            .await,
+        Code::InvalidArgument,
+        "since_revision",
+    );
+    // Nothing stored changed.
+    assert_eq!(users_head(&stack).await, head);
+    let current = users.get_user(get(&ada.id)).await.map(|r| r.into_inner().user);
+    assert_eq!(current.ok().flatten(), Some(ada));
+    stack.stop().await;
+}
+
+async fn user_with_contract(stack: &Stack) -> (User, Contract) {
+    let holder = create_user(stack, "Grace", "grace@example.com").await;
+    let contract = create_contract(stack, &holder.id, "10").await;
+    let mut users = stack.users_client().await;
+    let user = users
+        .update_user(UpdateUserRequest {
+            user: Some(User {
+                id: holder.id.clone(),
+                contract_id: contract.id.clone(),
+                ..User::default()
+            }),
+            update_mask: Some(pbjson_types::FieldMask {
+                paths: vec!["contract_id".into()],
+            }),
+            expected_revision: 0,
+        })
+        .await
+        .map(|r| r.into_inner().user);
+    (user.ok().flatten().unwrap_or_default(), contract)
+}
+
+async fn get_user_with_contract_makes_the_synchronous_hop(db: TestDb) {
+    let stack = Stack::start(db, feed_options()).await;
+    let (user, contract) = user_with_contract(&stack).await;
+    let mut users = stack.users_client().await;
+    let answer = users
+        .get_user(GetUserRequest {
+            id: user.id.clone(),
+            include_contract: true,
+        })
+        .await
+        .map(|r| r.into_inner());
+    let answer = answer.unwrap_or_else(|status| panic!("get user: {status:?}"));
+    assert_eq!(answer.contract, Some(contract.clone()));
+    let freshness = answer.contract_freshness.unwrap_or_default();
+    assert_eq!(freshness.source, lightbox_api::feed::Source::Upstream as i32);
+    assert_eq!(freshness.revision, contract.revision);
+    stack.stop().await;
+}
+
+async fn the_hop_fails_clearly_when_contracts_is_down_or_slow(db: TestDb) {
+    let mut stack = Stack::start(db, feed_options()).await;
+    let (user, _) = user_with_contract(&stack).await;
+    let mut users = stack.users_client().await;
+    let request = || GetUserRequest {
+        id: user.id.clone(),
+        include_contract: true,
+    };
+    let faults = stack.contracts.as_ref().map(|c| c.faults.clone()).unwrap_or_default();
+    let timeout = stack.settings.contract_timeout;
+
+    faults
+        .set(FaultSpec {
+            down: true,
+            ..FaultSpec::default()
+        })
+        .unwrap_or_else(|e| panic!("{e}"));
+    let started = Instant::now();
+    expect_status(
+        users.get_user(request()).await,
+        Code::Unavailable,
+        "contracts service is unavailable",
+    );
+    assert!(started.elapsed() < DEADLINE);
+
+    faults
+        .set(FaultSpec {
+            latency: timeout * 4,
+            ..FaultSpec::default()
+        })
+        .unwrap_or_else(|e| panic!("{e}"));
+    let started = Instant::now();
+    expect_status(
+        users.get_user(request()).await,
+        Code::DeadlineExceeded,
+        "did not answer within",
+    );
+    assert!(
+        started.elapsed() < timeout * 4,
+        "the deadline, not the upstream, ends the call"
+    );
+
+    // Really stopped, not just refusing.
+    faults.clear();
+    if let Some(contracts) = stack.contracts.take() {
+        contracts.stop().await.unwrap_or_else(|err| panic!("stop: {err:#}"));
+    }
+    expect_status(
+        users.get_user(request()).await,
+        Code::Unavailable,
+        "contracts service is unavailable",
+    );
+    // Without include_contract the user is still served.
+    let plain = users
+        .get_user(GetUserRequest {
+            id: user.id.clone(),
+            include_contract: false,
+        })
+        .await;
+    assert!(plain.is_ok());
+    stack.stop().await;
+}
+
+async fn watch_over_grpc_is_snapshot_then_live(db: TestDb) {
+    let stack = Stack::start(db, feed_options()).await;
+    let holder = create_user(&stack, "Ada", "ada@example.com").await;
+    let first = create_contract(&stack, &holder.id, "10").await;
+    let mut contracts = stack.contracts_client().await;
+    let mut stream = contracts
+        .watch_contracts(WatchContractsRequest {
+            since_revision: 0,
+            contract_ids: Vec::new(),
+        })
+        .await
+        .unwrap_or_else(|status| panic!("watch: {status:?}"))
+        .into_inner();
+    let mut next = async || match tokio::time::timeout(DEADLINE, stream.next()).await {
+        Ok(Some(Ok(frame))) => frame.event,
+        other => panic!("expected a frame, got {other:?}"),
+    };
+    assert!(matches!(next().await, Some(ContractEvent::SnapshotBegin(b)) if b.revision == 1));
+    assert!(matches!(next().await, Some(ContractEvent::Change(c)) if c.contract.as_ref() == Some(&first)));
+    assert!(matches!(next().await, Some(ContractEvent::SnapshotEnd(e)) if e.revision == 1));
+    let second = create_contract(&stack, &holder.id, "20").await;
+    assert!(
+        matches!(next().await, Some(ContractEvent::Change(c)) if c.revision == 2 && c.contract.as_ref() == Some(&second))
+    );
+    // Bad watch arguments are refused before streaming.
+    let refused = contracts
+        .watch_contracts(WatchContractsRequest {
+            since_revision: 0,
+            contract_ids: vec!["nope".into()],
+        })
+        .await;
+    expect_status(refused.map(|_| ()), Code::InvalidArgument, "contract_ids");
+    stack.stop().await;
+}
+
+async fn a_client_that_stops_reading_is_dropped_and_resumes_losslessly(db: TestDb) {
+    let stack = Stack::start(
+        db,
+        FeedOptions {
+            watcher_buffer: 32,
+            ..feed_options()
+        },
+    )
+    .await;
+    let seed = create_user(&stack, "Seed", "seed@example.com").await;
+    // A client that advertises small HTTP/2 windows, as a phone would: once
+    // it stops reading, the server soon cannot send it anything more.
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{}", stack.users_addr))
+        .unwrap_or_else(|err| panic!("{err}"))
+        .initial_stream_window_size(65_535)
+        .initial_connection_window_size(65_535);
+    let mut users = UsersServiceClient::new(endpoint.connect_lazy());
+    let mut stalled = users
+        .watch_users(WatchUsersRequest {
+            since_revision: seed.revision,
+            user_ids: Vec::new(),
+        })
+        .await
+        .unwrap_or_else(|status| panic!("watch: {status:?}"))
+        .into_inner();
+    // Writers are not slowed by a watcher that reads nothing: enough users
+    // to fill the HTTP/2 windows many times over and lap the ring.
+    let writes = 1000;
+    let big = "n".repeat(180);
+    for i in 0..writes {
+        create_user(&stack, &big, &format!("w{i}@example.com")).await;
+    }
+    let head = users_head(&stack).await;
+    assert_eq!(head, seed.revision + writes);
+    // Another client's watcher is served at once. (Not on the stalled
+    // client's connection: HTTP/2 flow control is per connection too, and
+    // that client is not reading.)
+    let mut fresh = stack
+        .users_client()
+        .await
+        .watch_users(WatchUsersRequest {
+            since_revision: head - 1,
+            user_ids: Vec::new(),
+        })
+        .await
+        .unwrap_or_else(|status| panic!("watch: {status:?}"))
+        .into_inner();
+    let got = tokio::time::timeout(DEADLINE, fresh.next()).await;
+    assert!(
+        matches!(got, Ok(Some(Ok(frame))) if matches!(&frame.event, Some(UserEvent::Change(c)) if c.revision == head))
+    );
+    // The stalled one drains what the transport held, then ends clearly.
+    let mut last = seed.revision;
+    let give_up = Instant::now() + DEADLINE;
+    let status = loop {
+        assert!(
+            Instant::now() < give_up,
+            "the stalled stream never ended (at revision {last})"
+        );
+        match tokio::time::timeout(DEADLINE, stalled.next()).await {
+            Ok(Some(Ok(frame))) => match frame.event {
+                Some(UserEvent::Change(change)) => {
+                    assert_eq!(change.revision, last + 1);
+                    last = change.revision;
+                }
+                Some(UserEvent::Progress(_)) => {}
+                other => panic!("unexpected {other:?}"),
+            },
+            Ok(Some(Err(status))) => break status,
+            other => panic!("expected the stream to end with a status, got {other:?}"),
+        }
+    };
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert!(status.message().contains(&format!("since_revision={last}")));
+    assert!(last < head);
+    // Resuming loses nothing.
+    let mut resumed = users
+        .watch_users(WatchUsersRequest {
+            since_revision: last,
+            user_ids: Vec::new(),
+        })
+        .await
+        .unwrap_or_else(|status| panic!("watch: {status:?}"))
+        .into_inner();
+    while last < head {
+        match tokio::time::timeout(DEADLINE, resumed.next()).await {
+            Ok(Some(Ok(frame))) => {
+                if let Some(UserEvent::Change(change)) = frame.event {
+                    assert_eq!(change.revision, last + 1);
+                    last = change.revision;
+                }
+            }
+            other => panic!("resume failed: {other:?}"),
+        }
+    }
+    stack.stop().await;
+}
