@@ -539,3 +539,23 @@ async fn closing_the_feed_ends_streams_with_the_resume_revision(db: TestDb) {
     assert_eq!(status.code(), Code::Unavailable);
     assert!(status.message().contains(&format!("since_revision={revision}")));
 }
+
+/// Two replicas of a service on one PostgreSQL database: a write through
+/// one reaches the other's watchers at once, woken by a notification (the
+/// poll interval is an hour, so only the notification can wake it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_on_postgres_wake_each_other_through_notifications() {
+    let Some(db) = TestDb::postgres().await else { return };
+    let slow_poll = FeedOptions {
+        poll_interval: Duration::from_secs(3600),
+        ..options()
+    };
+    let first = open(&db, slow_poll.clone()).await;
+    let second = open(&db, slow_poll).await;
+    let mut stream = second.watch(0, Vec::new());
+    assert!(matches!(frame(&mut stream).await, Frame::SnapshotBegin { revision: 0 }));
+    assert!(matches!(frame(&mut stream).await, Frame::SnapshotEnd { revision: 0 }));
+    put(&first, "a", "from the first replica").await;
+    let seen = change(&mut stream).await;
+    assert_eq!((seen.entity_id.as_str(), seen.revision), ("a", 1));
+}

@@ -52,11 +52,19 @@ pub async fn run(cli: Cli, version: &str) -> anyhow::Result<()> {
 async fn serve(args: ServeArgs, dev: Option<&str>) -> anyhow::Result<()> {
     let mut settings = Settings::from_args(&args);
     settings.demo = dev.is_some() && !args.no_demo;
-    let components = components(&args.target);
+    // Bind every listener first: a taken port fails the start, naming it.
+    let mut listeners = Vec::new();
+    for component in components(&args.target) {
+        let listener = lightbox_server::bind(address(&args, component)).await?;
+        if component == Target::Contracts && args.contracts_url.is_none() {
+            // In one process, users reaches contracts where it really listens
+            // (which differs from the flag when the flag's port is 0).
+            settings.contracts_url = format!("http://{}", listener.local_addr()?);
+        }
+        listeners.push((component, listener));
+    }
     let mut running = Vec::new();
-    for component in components {
-        let addr = address(&args, component);
-        let listener = lightbox_server::bind(addr).await?;
+    for (component, listener) in listeners {
         let started = targets::start(component, &settings, listener)
             .await
             .with_context(|| format!("cannot start the {component} component"))?;
@@ -132,8 +140,11 @@ fn print_banner(args: &ServeArgs, running: &[Component], version: &str) {
             component.addr
         ));
     }
-    let users = args.users_addr;
-    let contracts = args.contracts_addr;
+    let addr_of = |target: Target, default: SocketAddr| {
+        running.iter().find(|c| c.target == target).map_or(default, |c| c.addr)
+    };
+    let users = addr_of(Target::Users, args.users_addr);
+    let contracts = addr_of(Target::Contracts, args.contracts_addr);
     let user = demo::USER_IDS[0];
     text.push_str(&format!(
         "\nTry (grpcurl needs no .proto files: the servers offer reflection):\n\

@@ -235,7 +235,13 @@ impl<T: Entity> Feed<T> {
         });
         let mut tasks = vec![tokio::spawn(hub::tail(Arc::clone(&shared)))];
         if shared.db.backend() == Backend::Postgres {
-            tasks.push(tokio::spawn(hub::listen(Arc::clone(&shared))));
+            let (ready, listening) = tokio::sync::oneshot::channel();
+            tasks.push(tokio::spawn(hub::listen(Arc::clone(&shared), ready)));
+            // Ready to be woken by other replicas before answering anyone; if
+            // the listener cannot connect, the poll still finds every change.
+            if tokio::time::timeout(Duration::from_secs(5), listening).await.is_err() {
+                tracing::warn!(feed = name, "changefeed listener not connected yet; relying on polling meanwhile");
+            }
         }
         if let Some(every) = shared.options.retention.interval {
             let shared = Arc::clone(&shared);

@@ -132,11 +132,16 @@ pub(crate) async fn tail<T: Entity>(shared: Arc<Shared<T>>) {
 
 /// On PostgreSQL: wakes the tail on every commit to this feed by any
 /// replica. Reconnects by itself; what it misses meanwhile, the poll catches.
-pub(crate) async fn listen<T: Entity>(shared: Arc<Shared<T>>) {
+/// `ready` is told once the first subscription is in place.
+pub(crate) async fn listen<T: Entity>(shared: Arc<Shared<T>>, ready: tokio::sync::oneshot::Sender<()>) {
+    let mut ready = Some(ready);
     loop {
         let result: Result<(), sqlx::Error> = async {
             let mut listener = sqlx::postgres::PgListener::connect(shared.db.url()).await?;
             listener.listen(NOTIFY_CHANNEL).await?;
+            if let Some(ready) = ready.take() {
+                let _ = ready.send(());
+            }
             loop {
                 let notification = listener.recv().await?;
                 if notification.payload() == shared.name {

@@ -1,0 +1,3 @@
+-- One database per service, as each service owns its data.
+CREATE DATABASE users;
+CREATE DATABASE contracts;
