@@ -22,6 +22,7 @@ conformance!(
     id_filters_apply_to_snapshot_and_live,
     pull_listing_follows_the_same_revisions_and_compaction_rule,
     closing_the_feed_ends_streams_with_the_resume_revision,
+    one_tail_serves_every_watcher,
 );
 
 const FEED: &str = "things";
@@ -558,4 +559,35 @@ async fn replicas_on_postgres_wake_each_other_through_notifications() {
     put(&first, "a", "from the first replica").await;
     let seen = change(&mut stream).await;
     assert_eq!((seen.entity_id.as_str(), seen.revision), ("a", 1));
+}
+
+async fn one_tail_serves_every_watcher(db: TestDb) {
+    const WATCHERS: usize = 50;
+    const WRITES: i64 = 20;
+    let feed = open(&db, options()).await;
+    let mut streams: Vec<_> = (0..WATCHERS).map(|_| feed.watch(0, Vec::new())).collect();
+    for stream in &mut streams {
+        assert!(matches!(frame(stream).await, Frame::SnapshotBegin { .. }));
+        assert!(matches!(frame(stream).await, Frame::SnapshotEnd { .. }));
+    }
+    assert_eq!(feed.stats().watchers, WATCHERS as i64);
+    let before = feed.stats().tail_reads;
+    let started = tokio::time::Instant::now();
+    for i in 0..WRITES {
+        put(&feed, "k", &i.to_string()).await;
+        for stream in &mut streams {
+            assert_eq!(change(stream).await.revision, i + 1);
+        }
+    }
+    // One read per wake-up (a commit wakes it locally, and on PostgreSQL its
+    // notification once more) and per poll, however many watchers: not one
+    // per watcher per change (that would be 1,000 here).
+    let polls = (started.elapsed().as_millis() / options().poll_interval.as_millis()) as u64 + 1;
+    let reads = feed.stats().tail_reads - before;
+    assert!(
+        reads <= 2 * WRITES as u64 + polls + 1,
+        "{reads} changelog reads for {WRITES} changes"
+    );
+    drop(streams);
+    assert_eq!(feed.stats().watchers, 0);
 }

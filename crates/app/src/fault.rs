@@ -28,9 +28,19 @@ pub(crate) async fn run(args: FaultArgs) -> anyhow::Result<()> {
         .with_context(|| format!("cannot reach the {} server at {addr}", args.target))?;
     let refused = |status: tonic::Status| anyhow::anyhow!("the {} server refused: {}", args.target, status.message());
     let fault = if args.clear {
-        client.clear_fault(ClearFaultRequest {}).await.map_err(refused)?.into_inner().fault
+        client
+            .clear_fault(ClearFaultRequest {})
+            .await
+            .map_err(refused)?
+            .into_inner()
+            .fault
     } else if args.latency.is_none() && args.error_rate.is_none() && !args.down {
-        client.get_fault(GetFaultRequest {}).await.map_err(refused)?.into_inner().fault
+        client
+            .get_fault(GetFaultRequest {})
+            .await
+            .map_err(refused)?
+            .into_inner()
+            .fault
     } else {
         let latency = args.latency.map(pbjson_types::Duration::from);
         let fault = Fault {

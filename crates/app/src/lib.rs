@@ -140,9 +140,8 @@ fn print_banner(args: &ServeArgs, running: &[Component], version: &str) {
             component.addr
         ));
     }
-    let addr_of = |target: Target, default: SocketAddr| {
-        running.iter().find(|c| c.target == target).map_or(default, |c| c.addr)
-    };
+    let addr_of =
+        |target: Target, default: SocketAddr| running.iter().find(|c| c.target == target).map_or(default, |c| c.addr);
     let users = addr_of(Target::Users, args.users_addr);
     let contracts = addr_of(Target::Contracts, args.contracts_addr);
     let user = demo::USER_IDS[0];

@@ -4,7 +4,7 @@
 use std::{sync::Arc, time::Duration};
 
 use sqlx::{Any, AnyConnection, Row, Transaction, any::AnyRow};
-use tokio::{sync::watch as signal, task::JoinHandle};
+use tokio::task::JoinHandle;
 
 use crate::{
     db::{Backend, Db},
@@ -135,6 +135,18 @@ impl From<FeedError> for lightbox_api::ApiError {
     }
 }
 
+/// Counters of a feed in one process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FeedStats {
+    /// The latest revision fanned out.
+    pub head: i64,
+    /// Watch streams open now.
+    pub watchers: i64,
+    /// Queries the tail made of the changelog since the feed opened: one per
+    /// wake-up or poll, whatever the number of watchers.
+    pub tail_reads: u64,
+}
+
 /// A page of the pull listing.
 #[derive(Debug, Clone)]
 pub struct ChangePage<T> {
@@ -187,9 +199,6 @@ impl<T> Clone for Feed<T> {
 
 pub(crate) struct Inner<T> {
     pub(crate) shared: Arc<Shared<T>>,
-    /// Raised by [`Feed::close`]: watch streams end (`UNAVAILABLE`, with the
-    /// revision to resume from) so a graceful shutdown can drain.
-    pub(crate) closing: signal::Sender<bool>,
     /// The background tasks; aborted when the last handle drops.
     tasks: Vec<JoinHandle<()>>,
 }
@@ -240,7 +249,10 @@ impl<T: Entity> Feed<T> {
             // Ready to be woken by other replicas before answering anyone; if
             // the listener cannot connect, the poll still finds every change.
             if tokio::time::timeout(Duration::from_secs(5), listening).await.is_err() {
-                tracing::warn!(feed = name, "changefeed listener not connected yet; relying on polling meanwhile");
+                tracing::warn!(
+                    feed = name,
+                    "changefeed listener not connected yet; relying on polling meanwhile"
+                );
             }
         }
         if let Some(every) = shared.options.retention.interval {
@@ -256,9 +268,8 @@ impl<T: Entity> Feed<T> {
                 }
             }));
         }
-        let (closing, _) = signal::channel(false);
         Ok(Feed {
-            inner: Arc::new(Inner { shared, closing, tasks }),
+            inner: Arc::new(Inner { shared, tasks }),
         })
     }
 
@@ -284,10 +295,20 @@ impl<T: Entity> Feed<T> {
         Ok(read_state(&mut conn, self.name()).await?.revision)
     }
 
+    /// Counters of this feed in this process.
+    pub fn stats(&self) -> FeedStats {
+        let hub = &self.inner.shared.hub;
+        FeedStats {
+            head: hub.head(),
+            watchers: hub.watchers.load(std::sync::atomic::Ordering::Relaxed),
+            tail_reads: hub.tail_reads.load(std::sync::atomic::Ordering::Relaxed),
+        }
+    }
+
     /// Ends every watch stream of this feed (they answer `UNAVAILABLE` with
     /// the revision to resume from), for a graceful shutdown.
     pub fn close(&self) {
-        self.inner.closing.send_replace(true);
+        self.inner.shared.hub.close();
     }
 
     /// Begins a write: takes the feed's counter lock, so that revisions are

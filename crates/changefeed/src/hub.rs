@@ -7,7 +7,7 @@
 
 use std::sync::{
     Arc, RwLock,
-    atomic::{AtomicI64, Ordering},
+    atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering},
 };
 
 use tokio::sync::{Notify, broadcast};
@@ -24,6 +24,14 @@ pub(crate) struct Hub<T> {
     /// a watcher that reads it and then finds its receiver empty has seen
     /// every change up to it.
     head: AtomicI64,
+    /// Raised by [`Hub::close`] (graceful shutdown): watchers end with the
+    /// revision to resume from instead of waiting for more changes.
+    closing: AtomicBool,
+    /// Queries the tail made of the changelog (for metrics, and for tests
+    /// proving watchers do not poll the database).
+    pub(crate) tail_reads: AtomicU64,
+    /// Watch streams alive.
+    pub(crate) watchers: AtomicI64,
     /// Wakes the tail: local commits call it directly; on PostgreSQL the
     /// listener calls it on each notification from any replica.
     wake: Notify,
@@ -36,6 +44,9 @@ impl<T> Hub<T> {
             sender: RwLock::new(sender),
             capacity,
             head: AtomicI64::new(head),
+            closing: AtomicBool::new(false),
+            tail_reads: AtomicU64::new(0),
+            watchers: AtomicI64::new(0),
             wake: Notify::new(),
         }
     }
@@ -72,6 +83,18 @@ impl<T> Hub<T> {
         self.head.store(revision, Ordering::SeqCst);
     }
 
+    /// Whether the feed is shutting down.
+    pub(crate) fn is_closing(&self) -> bool {
+        self.closing.load(Ordering::SeqCst)
+    }
+
+    /// Ends every watch stream: raises the flag, then closes the ring, which
+    /// wakes every watcher (no watcher pays for a second wake-up source).
+    pub(crate) fn close(&self) {
+        self.closing.store(true, Ordering::SeqCst);
+        self.restart();
+    }
+
     /// Closes the ring for every current watcher (they end and resume from
     /// the database) and opens a new one.
     fn restart(&self) {
@@ -90,6 +113,7 @@ pub(crate) async fn tail<T: Entity>(shared: Arc<Shared<T>>) {
     let mut cursor = shared.hub.head();
     loop {
         loop {
+            shared.hub.tail_reads.fetch_add(1, Ordering::Relaxed);
             let batch = async {
                 let mut conn = shared.db.pool().acquire().await?;
                 changes_since::<T>(&mut conn, shared.name, cursor, 512).await

@@ -32,4 +32,4 @@ pub mod messages;
 pub mod watch;
 
 pub use db::{Backend, Db, Migrations};
-pub use feed::{Change, ChangePage, Feed, FeedError, FeedOptions, Frame, Retention, WriteTx};
+pub use feed::{Change, ChangePage, Feed, FeedError, FeedOptions, FeedStats, Frame, Retention, WriteTx};

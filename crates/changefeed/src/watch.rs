@@ -14,8 +14,8 @@ use std::{collections::HashSet, collections::VecDeque, pin::Pin, sync::Arc};
 
 use futures_util::Stream;
 use tokio::{
-    sync::{broadcast, watch as signal},
-    time::Instant,
+    sync::broadcast,
+    time::{Interval, MissedTickBehavior},
 };
 use tonic::Status;
 
@@ -42,10 +42,17 @@ impl<T: Entity> Feed<T> {
     /// entities in `ids` only if it is not empty. The caller validates the
     /// arguments (non-negative revision, at most [`MAX_WATCH_IDS`] ids).
     pub fn watch(&self, since_revision: i64, ids: Vec<String>) -> WatchStream<T> {
+        let period = self.inner.shared.options.progress_interval;
+        let mut progress = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+        progress.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        self.inner
+            .shared
+            .hub
+            .watchers
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let watcher = Watcher {
             // Subscribe first: see the module docs.
             ring: self.inner.shared.hub.subscribe(),
-            closing: self.inner.closing.subscribe(),
             feed: self.clone(),
             cursor: since_revision,
             ids: if ids.is_empty() {
@@ -59,7 +66,8 @@ impl<T: Entity> Feed<T> {
             } else {
                 Phase::CatchUp
             },
-            next_progress: Instant::now() + self.inner.shared.options.progress_interval,
+            progress,
+            sent_since_tick: false,
             lagged: false,
         };
         Box::pin(futures_util::stream::unfold(watcher, |mut watcher| async move {
@@ -84,19 +92,33 @@ enum Phase {
 struct Watcher<T> {
     feed: Feed<T>,
     ring: broadcast::Receiver<Arc<Change<T>>>,
-    closing: signal::Receiver<bool>,
     /// Every change up to here was delivered (or filtered out).
     cursor: i64,
     ids: Option<HashSet<String>>,
     /// Frames read from the database, not yet sent.
     pending: VecDeque<Frame<T>>,
     phase: Phase,
-    /// When to send a progress frame if nothing else was sent.
-    next_progress: Instant,
+    /// Ticks every progress interval; a tick after which nothing was sent
+    /// sends a progress frame. One timer per stream for its whole life: no
+    /// timer is armed or disarmed per frame.
+    progress: Interval,
+    /// Whether a frame went out since the last tick.
+    sent_since_tick: bool,
     /// The ring overwrote changes this watcher had not read. Harmless if it
     /// had them already (from its snapshot or replay); otherwise the next
     /// change shows a hole and the stream ends for the client to resume.
     lagged: bool,
+}
+
+impl<T> Drop for Watcher<T> {
+    fn drop(&mut self) {
+        self.feed
+            .inner
+            .shared
+            .hub
+            .watchers
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 impl<T: Entity> Watcher<T> {
@@ -107,7 +129,7 @@ impl<T: Entity> Watcher<T> {
     async fn next(&mut self) -> Option<Result<Frame<T>, Status>> {
         loop {
             if let Some(frame) = self.pending.pop_front() {
-                self.next_progress = Instant::now() + self.feed.inner.shared.options.progress_interval;
+                self.sent_since_tick = true;
                 return Some(Ok(frame));
             }
             let result = match self.phase {
@@ -170,66 +192,87 @@ impl<T: Entity> Watcher<T> {
     }
 
     /// Waits for the next frame from the ring: a wanted change, or progress
-    /// when idle. `Ok(None)`: nothing to send yet (a change filtered out).
+    /// when idle. `Ok(None)`: nothing to send yet (a change filtered out, a
+    /// busy tick).
     async fn live(&mut self) -> Result<Option<Frame<T>>, Status> {
-        enum Woken<T> {
-            Closing,
-            Received(Result<Arc<Change<T>>, broadcast::error::RecvError>),
-            Idle,
-        }
-        let woken = tokio::select! {
-            biased;
-            _ = self.closing.wait_for(|closing| *closing) => Woken::Closing,
-            received = self.ring.recv() => Woken::Received(received),
-            _ = tokio::time::sleep_until(self.next_progress) => Woken::Idle,
-        };
-        match woken {
-            Woken::Closing => Err(Status::unavailable(format!(
-                "the server is shutting down; resume with since_revision={}",
-                self.cursor
-            ))),
-            Woken::Received(Ok(change)) => {
-                if change.revision <= self.cursor {
-                    return Ok(None); // already sent by the snapshot or replay
+        // Fast path: a change is already waiting (a burst, or a watcher
+        // catching up): no waiting machinery at all.
+        let received = match self.ring.try_recv() {
+            Err(broadcast::error::TryRecvError::Empty) => {
+                if self.feed.inner.shared.hub.is_closing() {
+                    return Err(self.closed());
                 }
-                if change.revision != self.cursor + 1 && self.lagged {
-                    return Err(Status::resource_exhausted(format!(
-                        "this watcher fell more than {} changes behind and was dropped; resume with since_revision={}",
-                        self.feed.inner.shared.hub.capacity(),
-                        self.cursor
-                    )));
+                tokio::select! {
+                    received = self.ring.recv() => received,
+                    _ = self.progress.tick() => return Ok(self.on_tick()),
                 }
-                if change.revision != self.cursor + 1 {
-                    // Cannot happen while revisions are gapless; never skip silently.
-                    return Err(Status::unavailable(format!(
-                        "the watch missed revisions {}..{}; resume with since_revision={}",
-                        self.cursor + 1,
-                        change.revision - 1,
-                        self.cursor
-                    )));
-                }
-                self.cursor = change.revision;
-                self.lagged = false;
-                Ok(self.wanted(&change).then_some(Frame::Change(change)))
             }
-            Woken::Received(Err(broadcast::error::RecvError::Lagged(_))) => {
+            Ok(change) => Ok(change),
+            Err(broadcast::error::TryRecvError::Lagged(n)) => Err(broadcast::error::RecvError::Lagged(n)),
+            Err(broadcast::error::TryRecvError::Closed) => Err(broadcast::error::RecvError::Closed),
+        };
+        match received {
+            Ok(change) => self.on_change(change),
+            Err(broadcast::error::RecvError::Lagged(_)) => {
                 self.lagged = true;
                 Ok(None)
             }
-            Woken::Received(Err(broadcast::error::RecvError::Closed)) => Err(Status::unavailable(format!(
+            Err(broadcast::error::RecvError::Closed) => Err(self.closed()),
+        }
+    }
+
+    fn on_change(&mut self, change: Arc<Change<T>>) -> Result<Option<Frame<T>>, Status> {
+        if change.revision <= self.cursor {
+            return Ok(None); // already sent by the snapshot or replay
+        }
+        if change.revision != self.cursor + 1 {
+            let hub = &self.feed.inner.shared.hub;
+            return Err(if self.lagged {
+                Status::resource_exhausted(format!(
+                    "this watcher fell more than {} changes behind and was dropped; resume with since_revision={}",
+                    hub.capacity(),
+                    self.cursor
+                ))
+            } else {
+                // Cannot happen while revisions are gapless; never skip silently.
+                Status::unavailable(format!(
+                    "the watch missed revisions {}..{}; resume with since_revision={}",
+                    self.cursor + 1,
+                    change.revision - 1,
+                    self.cursor
+                ))
+            });
+        }
+        self.cursor = change.revision;
+        self.lagged = false;
+        Ok(self.wanted(&change).then_some(Frame::Change(change)))
+    }
+
+    fn on_tick(&mut self) -> Option<Frame<T>> {
+        if std::mem::take(&mut self.sent_since_tick) {
+            return None;
+        }
+        // Head first, then the ring: if the ring is empty, every change up to
+        // that head has been received.
+        let head = self.feed.inner.shared.hub.head();
+        if self.ring.is_empty() {
+            self.cursor = self.cursor.max(head);
+        }
+        Some(Frame::Progress { revision: self.cursor })
+    }
+
+    /// The ring was closed: shutdown, or the tail restarting after a hole.
+    fn closed(&self) -> Status {
+        if self.feed.inner.shared.hub.is_closing() {
+            Status::unavailable(format!(
+                "the server is shutting down; resume with since_revision={}",
+                self.cursor
+            ))
+        } else {
+            Status::unavailable(format!(
                 "the changefeed restarted; resume with since_revision={}",
                 self.cursor
-            ))),
-            Woken::Idle => {
-                // Head first, then the ring: if the ring is empty, every change
-                // up to that head has been received.
-                let head = self.feed.inner.shared.hub.head();
-                if self.ring.is_empty() {
-                    self.cursor = self.cursor.max(head);
-                }
-                self.next_progress = Instant::now() + self.feed.inner.shared.options.progress_interval;
-                Ok(Some(Frame::Progress { revision: self.cursor }))
-            }
+            ))
         }
     }
 }
