@@ -11,12 +11,13 @@
 //! times, one after the other, and records for every watcher how long after
 //! the commit each change arrived (the server stamps `update_time` in the
 //! committing transaction; same machine, same clock). Client and server
-//! share the machine's cores: the numbers include that contention.
+//! share the machine's cores: the numbers include that contention, and the
+//! table shows how the CPU time per delivery splits between the two.
 
 use std::{
     net::SocketAddr,
     process::Stdio,
-    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+    time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
 use lightbox_api::contracts::{
@@ -47,18 +48,22 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let changes: usize = arg("--changes").map(|n| n.parse()).transpose()?.unwrap_or(50);
 
     println!("\nWatch fan-out: lightbox serve --target contracts (SQLite), {changes} changes per row");
-    println!("| watchers | deliveries | p50 | p99 | max | server RSS, idle streams | per idle stream |");
-    println!("|---:|---:|---:|---:|---:|---:|---:|");
+    println!(
+        "| watchers | deliveries | p50 | p99 | max | server RSS, idle streams | per idle stream | server CPU per delivery | client CPU per delivery |"
+    );
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for watchers in counts {
         let row = run(watchers, changes).await?;
         println!(
-            "| {watchers} | {} | {:.2} ms | {:.2} ms | {:.2} ms | {:.1} MiB | {:.1} KiB |",
+            "| {watchers} | {} | {:.2} ms | {:.2} ms | {:.2} ms | {:.1} MiB | {:.1} KiB | {:.1} µs | {:.1} µs |",
             row.deliveries,
             row.p50_ms,
             row.p99_ms,
             row.max_ms,
             row.rss_idle_kib as f64 / 1024.0,
-            row.per_stream_kib
+            row.per_stream_kib,
+            row.server_cpu_us,
+            row.client_cpu_us
         );
     }
     Ok(())
@@ -71,6 +76,8 @@ struct Row {
     max_ms: f64,
     rss_idle_kib: u64,
     per_stream_kib: f64,
+    server_cpu_us: f64,
+    client_cpu_us: f64,
 }
 
 async fn run(watchers: usize, changes: usize) -> Result<Row, Box<dyn std::error::Error>> {
@@ -152,7 +159,7 @@ async fn run(watchers: usize, changes: usize) -> Result<Row, Box<dyn std::error:
     let rss_idle = rss_kib(pid)?;
 
     let mut latencies = Vec::with_capacity(watchers * changes);
-    let started = Instant::now();
+    let (server_cpu, client_cpu) = (cpu_seconds(pid)?, cpu_seconds(std::process::id())?);
     for i in 0..changes {
         contract.options[0].value = i.to_string();
         contract = client
@@ -173,7 +180,8 @@ async fn run(watchers: usize, changes: usize) -> Result<Row, Box<dyn std::error:
             latencies.push(latency);
         }
     }
-    let _elapsed = started.elapsed();
+    let server_cpu = cpu_seconds(pid)? - server_cpu;
+    let client_cpu = cpu_seconds(std::process::id())? - client_cpu;
     latencies.sort_by(f64::total_cmp);
     let at = |q: f64| latencies[((latencies.len() as f64 * q) as usize).min(latencies.len() - 1)];
     let row = Row {
@@ -183,6 +191,8 @@ async fn run(watchers: usize, changes: usize) -> Result<Row, Box<dyn std::error:
         max_ms: latencies.last().copied().unwrap_or_default(),
         rss_idle_kib: rss_idle,
         per_stream_kib: rss_idle.saturating_sub(rss_before) as f64 / watchers as f64,
+        server_cpu_us: server_cpu * 1e6 / latencies.len() as f64,
+        client_cpu_us: client_cpu * 1e6 / latencies.len() as f64,
     };
     server.kill().await?;
     Ok(row)
@@ -197,4 +207,16 @@ fn rss_kib(pid: u32) -> Result<u64, Box<dyn std::error::Error>> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     let line = status.lines().find(|l| l.starts_with("VmRSS:")).ok_or("no VmRSS")?;
     Ok(line.split_whitespace().nth(1).ok_or("bad VmRSS")?.parse()?)
+}
+
+/// User plus system CPU time of process `pid`, in seconds (Linux; clock
+/// ticks of 10 ms, so meaningful over many deliveries only).
+fn cpu_seconds(pid: u32) -> Result<f64, Box<dyn std::error::Error>> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name (which may hold spaces), from field 3.
+    let rest = stat.rsplit_once(')').ok_or("bad stat")?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 =
+        fields.get(11).ok_or("no utime")?.parse::<u64>()? + fields.get(12).ok_or("no stime")?.parse::<u64>()?;
+    Ok(ticks as f64 / 100.0)
 }
