@@ -4,7 +4,7 @@
 use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use lightbox_api::users::User;
-use lightbox_changefeed::{Change, Feed, FeedOptions, Frame, Retention, db::FEEDS_ONLY, watch::WatchStream};
+use lightbox_changefeed::{Change, Feed, FeedOptions, Frame, Retention, watch::WatchStream};
 use lightbox_testkit::{DEADLINE, TestDb, conformance};
 use tokio_stream::StreamExt;
 use tonic::Code;
@@ -41,9 +41,7 @@ fn options() -> FeedOptions {
 
 async fn open(db: &TestDb, options: FeedOptions) -> Feed<User> {
     let db = db.connect().await;
-    db.migrate(&FEEDS_ONLY)
-        .await
-        .unwrap_or_else(|err| panic!("migrate: {err}"));
+    db.migrate(&[]).await.unwrap_or_else(|err| panic!("migrate: {err}"));
     Feed::open(db, FEED, options)
         .await
         .unwrap_or_else(|err| panic!("open feed: {err}"))

@@ -28,19 +28,10 @@ pub struct Migrations {
 }
 
 /// The changefeed's own tables (`feed_state`, `feed_changes`,
-/// `feed_entities`). Versions 1 to 999 are reserved for them; services
-/// number theirs from 1000.
+/// `feed_entities`), versions 1 to 499 (see [`Db::migrate`]).
 pub static CHANGEFEED_MIGRATIONS: Migrations = Migrations {
     sqlite: &sqlx::migrate!("migrations/sqlite"),
     postgres: &sqlx::migrate!("migrations/postgres"),
-};
-
-static NO_MIGRATIONS: Migrator = Migrator::DEFAULT;
-
-/// No migrations: for a database that holds only feeds (and for tests).
-pub static FEEDS_ONLY: Migrations = Migrations {
-    sqlite: &NO_MIGRATIONS,
-    postgres: &NO_MIGRATIONS,
 };
 
 /// A pool of connections to one database, and which engine it is.
@@ -128,10 +119,12 @@ impl Db {
         &self.url
     }
 
-    /// Applies the changefeed's migrations, then `service`'s. Each set
-    /// ignores the other's versions in the shared migrations table.
-    pub async fn migrate(&self, service: &Migrations) -> Result<(), crate::FeedError> {
-        for set in [&CHANGEFEED_MIGRATIONS, service] {
+    /// Applies the changefeed's migrations, then each of `others` (a cache's,
+    /// a service's) in order. Each set ignores the others' versions in the
+    /// shared migrations table, so their version ranges must not overlap:
+    /// changefeed 1-499, cache 500-999, services from 1000.
+    pub async fn migrate(&self, others: &[&Migrations]) -> Result<(), crate::FeedError> {
+        for set in std::iter::once(&CHANGEFEED_MIGRATIONS).chain(others.iter().copied()) {
             let source = match self.backend {
                 Backend::Sqlite => set.sqlite,
                 Backend::Postgres => set.postgres,

@@ -1,4 +1,4 @@
-//! Conversions from feed values to the API's watch and listing messages,
+//! Conversions between feed values and the API's watch and listing messages,
 //! one set per watchable entity (users, contracts, photos), written once as
 //! a macro because the three APIs have the same shape with other names.
 
@@ -39,6 +39,50 @@ macro_rules! feed_messages {
                     Frame::Reset { revision, reason } => Event::Reset(frames::Reset { revision, reason }),
                 };
                 $watch { event: Some(event) }
+            }
+        }
+
+        impl TryFrom<$watch> for Frame<$entity> {
+            type Error = tonic::Status;
+
+            /// Reads a frame received from a watch stream (for caches).
+            fn try_from(response: $watch) -> Result<Self, tonic::Status> {
+                use $event as Event;
+                Ok(match response.event {
+                    Some(Event::Change(change)) => {
+                        let entity = match frames::ChangeKind::try_from(change.kind) {
+                            Ok(frames::ChangeKind::Upsert) => Some(change.$field.ok_or_else(|| {
+                                tonic::Status::internal(format!("upsert of {} without the entity", change.$id))
+                            })?),
+                            Ok(frames::ChangeKind::Delete) => None,
+                            _ => {
+                                return Err(tonic::Status::internal(format!(
+                                    "change kind {} is unknown",
+                                    change.kind
+                                )));
+                            }
+                        };
+                        Frame::Change(std::sync::Arc::new(Change {
+                            revision: change.revision,
+                            entity_id: change.$id,
+                            entity,
+                        }))
+                    }
+                    Some(Event::SnapshotBegin(begin)) => Frame::SnapshotBegin {
+                        revision: begin.revision,
+                    },
+                    Some(Event::SnapshotEnd(end)) => Frame::SnapshotEnd {
+                        revision: end.revision,
+                    },
+                    Some(Event::Progress(progress)) => Frame::Progress {
+                        revision: progress.revision,
+                    },
+                    Some(Event::Reset(reset)) => Frame::Reset {
+                        revision: reset.revision,
+                        reason: reset.reason,
+                    },
+                    None => return Err(tonic::Status::internal("a watch frame without an event")),
+                })
             }
         }
 

@@ -43,7 +43,7 @@ pub struct ContractsService {
 impl ContractsService {
     /// Opens the service over `db`, migrating it.
     pub async fn open(db: Db, options: FeedOptions) -> Result<ContractsService, FeedError> {
-        db.migrate(&MIGRATIONS).await?;
+        db.migrate(&[&MIGRATIONS]).await?;
         let feed = Feed::open(db, FEED, options).await?;
         Ok(ContractsService { feed })
     }

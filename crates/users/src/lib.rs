@@ -56,7 +56,7 @@ impl UsersService {
         options: FeedOptions,
         contracts: ContractsUpstream,
     ) -> Result<UsersService, lightbox_changefeed::FeedError> {
-        db.migrate(&MIGRATIONS).await?;
+        db.migrate(&[&MIGRATIONS]).await?;
         let feed = Feed::open(db, FEED, options).await?;
         Ok(UsersService { feed, contracts })
     }
