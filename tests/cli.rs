@@ -106,6 +106,7 @@ async fn get_ada(addr: SocketAddr) -> Result<lightbox_api::users::GetUserRespons
         .get_user(GetUserRequest {
             id: ADA.into(),
             include_contract: true,
+            contract_read: 0,
         })
         .await
         .map(|r| r.into_inner())

@@ -11,11 +11,12 @@ use lightbox_api::{
         watch_contracts_response::Event as ContractEvent,
     },
     users::{
-        CreateUserRequest, DeleteUserRequest, GetUserRequest, ListUserChangesRequest, ListUsersRequest,
+        ContractRead, CreateUserRequest, DeleteUserRequest, GetUserRequest, ListUserChangesRequest, ListUsersRequest,
         UpdateUserRequest, User, WatchUsersRequest, users_service_client::UsersServiceClient,
         watch_users_response::Event as UserEvent,
     },
 };
+use lightbox_app::Target;
 use lightbox_changefeed::FeedOptions;
 use lightbox_server::FaultSpec;
 use lightbox_testkit::{DEADLINE, Stack, TestDb, conformance};
@@ -124,6 +125,7 @@ async fn users_crud_with_revisions_and_optimistic_concurrency(db: TestDb) {
         .get_user(GetUserRequest {
             id: ada.id.clone(),
             include_contract: false,
+            contract_read: 0,
         })
         .await
         .map(|r| r.into_inner().user);
@@ -159,6 +161,7 @@ async fn users_crud_with_revisions_and_optimistic_concurrency(db: TestDb) {
         .get_user(GetUserRequest {
             id: ada.id.clone(),
             include_contract: false,
+            contract_read: 0,
         })
         .await
         .map(|r| r.into_inner().user);
@@ -181,6 +184,7 @@ async fn users_crud_with_revisions_and_optimistic_concurrency(db: TestDb) {
             .get_user(GetUserRequest {
                 id: ada.id.clone(),
                 include_contract: false,
+                contract_read: 0,
             })
             .await,
         Code::NotFound,
@@ -231,6 +235,7 @@ async fn bad_input_gets_its_status_and_changes_nothing(db: TestDb) {
     let get = |id: &str| GetUserRequest {
         id: id.into(),
         include_contract: false,
+        contract_read: 0,
     };
     expect_status(users.get_user(get("")).await, Code::InvalidArgument, "id is required");
     expect_status(
@@ -363,6 +368,7 @@ async fn get_user_with_contract_makes_the_synchronous_hop(db: TestDb) {
         .get_user(GetUserRequest {
             id: user.id.clone(),
             include_contract: true,
+            contract_read: 0,
         })
         .await
         .map(|r| r.into_inner());
@@ -378,11 +384,13 @@ async fn the_hop_fails_clearly_when_contracts_is_down_or_slow(db: TestDb) {
     let mut stack = Stack::start(db, feed_options()).await;
     let (user, _) = user_with_contract(&stack).await;
     let mut users = stack.users_client().await;
+    // Only the synchronous hop: no falling back on the local copy.
     let request = || GetUserRequest {
         id: user.id.clone(),
         include_contract: true,
+        contract_read: ContractRead::Upstream as i32,
     };
-    let faults = stack.contracts.as_ref().map(|c| c.faults.clone()).unwrap_or_default();
+    let faults = stack.faults(Target::Contracts);
     let timeout = stack.settings.contract_timeout;
 
     faults
@@ -418,19 +426,32 @@ async fn the_hop_fails_clearly_when_contracts_is_down_or_slow(db: TestDb) {
 
     // Really stopped, not just refusing.
     faults.clear();
-    if let Some(contracts) = stack.contracts.take() {
-        contracts.stop().await.unwrap_or_else(|err| panic!("stop: {err:#}"));
-    }
+    stack.stop_component(Target::Contracts).await;
     expect_status(
         users.get_user(request()).await,
         Code::Unavailable,
         "contracts service is unavailable",
     );
+    // By default, Users answers from its own copy of contracts, and says so.
+    let cached = users
+        .get_user(GetUserRequest {
+            contract_read: 0,
+            ..request()
+        })
+        .await
+        .map(|r| r.into_inner());
+    let cached = cached.unwrap_or_else(|status| panic!("cached read: {status:?}"));
+    assert_eq!(cached.contract.map(|c| c.id), Some(user.contract_id.clone()));
+    let freshness = cached.contract_freshness.unwrap_or_default();
+    assert_eq!(freshness.source, lightbox_api::feed::Source::Cache as i32);
+    let stream = freshness.stream_state.unwrap_or_default();
+    assert!(!stream.connected && stream.since_time.is_some(), "{stream:?}");
     // Without include_contract the user is still served.
     let plain = users
         .get_user(GetUserRequest {
             id: user.id.clone(),
             include_contract: false,
+            contract_read: 0,
         })
         .await;
     assert!(plain.is_ok());
@@ -484,7 +505,7 @@ async fn a_client_that_stops_reading_is_dropped_and_resumes_losslessly(db: TestD
     let seed = create_user(&stack, "Seed", "seed@example.com").await;
     // A client that advertises small HTTP/2 windows, as a phone would: once
     // it stops reading, the server soon cannot send it anything more.
-    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{}", stack.users_addr))
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{}", stack.addr(Target::Users)))
         .unwrap_or_else(|err| panic!("{err}"))
         .initial_stream_window_size(65_535)
         .initial_connection_window_size(65_535);

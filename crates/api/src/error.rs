@@ -80,6 +80,35 @@ impl From<ApiError> for Status {
     }
 }
 
+/// Calls another service with a deadline and says plainly what went wrong:
+/// `DEADLINE_EXCEEDED` naming `service` when it is slow, `UNAVAILABLE` when
+/// it is down or failing, and its own `NOT_FOUND` / `INVALID_ARGUMENT` /
+/// `FAILED_PRECONDITION` / `PERMISSION_DENIED` passed through.
+pub async fn call_upstream<T>(
+    service: &str,
+    timeout: std::time::Duration,
+    call: impl std::future::Future<Output = Result<tonic::Response<T>, Status>>,
+) -> Result<T, ApiError> {
+    let too_slow = || {
+        ApiError::DeadlineExceeded(format!(
+            "the {service} service did not answer within {} ms",
+            timeout.as_millis()
+        ))
+    };
+    match tokio::time::timeout(timeout, call).await {
+        Err(_) => Err(too_slow()),
+        Ok(Ok(response)) => Ok(response.into_inner()),
+        Ok(Err(status)) => Err(match status.code() {
+            Code::NotFound => ApiError::NotFound(status.message().to_owned()),
+            Code::InvalidArgument => ApiError::InvalidArgument(status.message().to_owned()),
+            Code::FailedPrecondition => ApiError::FailedPrecondition(status.message().to_owned()),
+            Code::PermissionDenied => ApiError::PermissionDenied(status.message().to_owned()),
+            Code::DeadlineExceeded | Code::Cancelled => too_slow(),
+            _ => ApiError::Unavailable(format!("the {service} service is unavailable: {}", status.message())),
+        }),
+    }
+}
+
 /// The HTTP status for a gRPC code, as grpc-gateway maps them
 /// (`runtime.HTTPStatusFromCode`).
 pub fn http_status(code: Code) -> u16 {

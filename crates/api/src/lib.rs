@@ -13,7 +13,7 @@
 pub mod error;
 pub mod request;
 
-pub use error::{ApiError, http_status};
+pub use error::{ApiError, call_upstream, http_status};
 
 /// The generated code, one module per proto package.
 #[allow(missing_docs, clippy::all, clippy::unwrap_used)]

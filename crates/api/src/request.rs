@@ -158,9 +158,13 @@ pub fn text(field: &str, value: &str, required: bool, max: usize) -> Result<Stri
 
 /// The current time as a protobuf timestamp.
 pub fn now() -> pbjson_types::Timestamp {
-    let since_epoch = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
+    timestamp_of(std::time::SystemTime::now())
+}
+
+/// A time as a protobuf timestamp (times before 1970 are not expected here
+/// and clamp to the epoch).
+pub fn timestamp_of(time: std::time::SystemTime) -> pbjson_types::Timestamp {
+    let since_epoch = time.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
     pbjson_types::Timestamp {
         seconds: since_epoch.as_secs() as i64,
         nanos: since_epoch.subsec_nanos() as i32,

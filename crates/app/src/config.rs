@@ -46,7 +46,7 @@ pub enum Command {
 /// Settings of the servers.
 #[derive(Debug, Clone, Args)]
 pub struct ServeArgs {
-    /// The components to run: users, contracts, or all.
+    /// The components to run: users, contracts, photos, or all.
     #[arg(long, env = "LIGHTBOX_TARGET", value_delimiter = ',', default_value = "all")]
     pub target: Vec<Target>,
 
@@ -68,14 +68,32 @@ pub struct ServeArgs {
     #[arg(long, env = "LIGHTBOX_CONTRACTS_ADDR", default_value = "127.0.0.1:50052")]
     pub contracts_addr: SocketAddr,
 
-    /// Where the users service reaches the contracts service. Unset: the
-    /// contracts address above.
+    /// The photos service's gRPC address.
+    #[arg(long, env = "LIGHTBOX_PHOTOS_ADDR", default_value = "127.0.0.1:50053")]
+    pub photos_addr: SocketAddr,
+
+    /// Where the photos service reaches the users service. Unset: the users
+    /// address above.
+    #[arg(long, env = "LIGHTBOX_USERS_URL")]
+    pub users_url: Option<String>,
+
+    /// Where the users and photos services reach the contracts service.
+    /// Unset: the contracts address above.
     #[arg(long, env = "LIGHTBOX_CONTRACTS_URL")]
     pub contracts_url: Option<String>,
 
     /// How long `GetUser` waits for the contracts service.
     #[arg(long, env = "LIGHTBOX_CONTRACT_TIMEOUT", value_parser = humantime::parse_duration, default_value = "1s")]
     pub contract_timeout: Duration,
+
+    /// How long a `FRESH` photo list waits for the synchronous chain.
+    #[arg(long, env = "LIGHTBOX_FRESH_TIMEOUT", value_parser = humantime::parse_duration, default_value = "1s")]
+    pub fresh_timeout: Duration,
+
+    /// How long a cached read waits for the synchronous path when the user
+    /// is not in the local copy yet.
+    #[arg(long, env = "LIGHTBOX_MISS_TIMEOUT", value_parser = humantime::parse_duration, default_value = "300ms")]
+    pub miss_timeout: Duration,
 
     /// How many changes a watcher may fall behind before its stream is
     /// ended for it to resume.

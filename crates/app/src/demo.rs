@@ -1,9 +1,11 @@
-//! Demo data for `lightbox dev`: a few users and their contracts, with fixed
+//! Demo data for `lightbox dev`: a few users, their contracts and photos, with fixed
 //! ids so that the README's commands work as written. Loaded through the
 //! services themselves (validation, changelog) on first start only.
 
+use anyhow::Context;
 use lightbox_api::{
     contracts::{Contract, ContractOption, ContractStatus, Plan},
+    photos::{CreatePhotoRequest, Photo, photos_service_server::PhotosService as _},
     users::{User, UserStatus},
 };
 
@@ -68,4 +70,25 @@ pub fn users() -> Vec<User> {
         ..User::default()
     })
     .collect()
+}
+
+/// Loads a few photos of the first demo user, through the service (quota
+/// and all; the owner comes through the synchronous path, as the copies are
+/// still filling at first start).
+pub async fn load_photos(service: &lightbox_photos::PhotosService) -> anyhow::Result<()> {
+    for (title, size) in [("Analytical Engine", 2_400_000), ("Notes on Menabrea", 1_100_000)] {
+        let photo = Photo {
+            user_id: USER_IDS[0].into(),
+            title: title.into(),
+            content_type: "image/jpeg".into(),
+            size_bytes: size,
+            ..Photo::default()
+        };
+        service
+            .create_photo(tonic::Request::new(CreatePhotoRequest { photo: Some(photo) }))
+            .await
+            .map_err(|status| anyhow::anyhow!("{}", status.message()))
+            .context("cannot load the demo photos")?;
+    }
+    Ok(())
 }

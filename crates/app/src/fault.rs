@@ -13,7 +13,8 @@ fn default_addr(target: Target) -> anyhow::Result<&'static str> {
     match target {
         Target::Users => Ok("http://127.0.0.1:50051"),
         Target::Contracts => Ok("http://127.0.0.1:50052"),
-        Target::All => anyhow::bail!("name one component (users or contracts), not all"),
+        Target::Photos => Ok("http://127.0.0.1:50053"),
+        Target::All => anyhow::bail!("name one component (users, contracts or photos), not all"),
     }
 }
 

@@ -7,7 +7,7 @@
 //! - [`targets`]: [`Target`] (the components), [`Settings`], and
 //!   [`start`](targets::start), which brings one component up on a bound
 //!   listener and returns a [`Component`] handle to stop it.
-//! - [`demo`]: the demo users and contracts `lightbox dev` loads.
+//! - [`demo`]: the demo users, contracts and photos `lightbox dev` loads.
 //! - `fault` (private): `lightbox fault`, the client of the admin service.
 //! - `telemetry` (private): logs.
 //!
@@ -56,10 +56,13 @@ async fn serve(args: ServeArgs, dev: Option<&str>) -> anyhow::Result<()> {
     let mut listeners = Vec::new();
     for component in components(&args.target) {
         let listener = lightbox_server::bind(address(&args, component)).await?;
+        // In one process, a component reaches another where it really
+        // listens (which differs from the flag when the flag's port is 0).
         if component == Target::Contracts && args.contracts_url.is_none() {
-            // In one process, users reaches contracts where it really listens
-            // (which differs from the flag when the flag's port is 0).
             settings.contracts_url = format!("http://{}", listener.local_addr()?);
+        }
+        if component == Target::Users && args.users_url.is_none() {
+            settings.users_url = format!("http://{}", listener.local_addr()?);
         }
         listeners.push((component, listener));
     }
@@ -123,6 +126,7 @@ pub fn components(targets: &[Target]) -> Vec<Target> {
 fn address(args: &ServeArgs, component: Target) -> SocketAddr {
     match component {
         Target::Users => args.users_addr,
+        Target::Photos => args.photos_addr,
         Target::Contracts | Target::All => args.contracts_addr,
     }
 }
@@ -144,6 +148,7 @@ fn print_banner(args: &ServeArgs, running: &[Component], version: &str) {
         |target: Target, default: SocketAddr| running.iter().find(|c| c.target == target).map_or(default, |c| c.addr);
     let users = addr_of(Target::Users, args.users_addr);
     let contracts = addr_of(Target::Contracts, args.contracts_addr);
+    let photos = addr_of(Target::Photos, args.photos_addr);
     let user = demo::USER_IDS[0];
     text.push_str(&format!(
         "\nTry (grpcurl needs no .proto files: the servers offer reflection):\n\
@@ -151,6 +156,7 @@ fn print_banner(args: &ServeArgs, running: &[Component], version: &str) {
          \x20 grpcurl -plaintext -d '{{\"pageSize\": 10}}' {users} lightbox.users.v1.UsersService/ListUsers\n\
          \x20 grpcurl -plaintext -d '{{\"id\": \"{user}\", \"includeContract\": true}}' {users} lightbox.users.v1.UsersService/GetUser\n\
          \x20 grpcurl -plaintext -d '{{\"sinceRevision\": 0}}' {contracts} lightbox.contracts.v1.ContractsService/WatchContracts\n\
+         \x20 grpcurl -plaintext -d '{{\"userId\": \"{user}\"}}' {photos} lightbox.photos.v1.PhotosService/ListPhotos\n\
          \x20 lightbox fault contracts --latency 200ms    # then GetUser again; --clear to undo\n\n"
     ));
     // The banner is for the person at the terminal, not the logs.

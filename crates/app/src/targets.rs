@@ -6,7 +6,9 @@
 use std::{fmt, net::SocketAddr, path::PathBuf, str::FromStr, time::Duration};
 
 use anyhow::Context;
+use lightbox_cache::{CacheOptions, sources};
 use lightbox_changefeed::{Db, Feed, FeedOptions, Retention};
+use lightbox_photos::PhotosOptions;
 use lightbox_server::{Faults, ServerOptions, Shutdown, ShutdownTrigger};
 use tokio::{net::TcpListener, task::JoinHandle};
 use tonic::{server::NamedService, service::Routes};
@@ -20,19 +22,22 @@ pub enum Target {
     Users,
     /// The contracts service (IS 2).
     Contracts,
+    /// The photos service, with its local copies of users and contracts.
+    Photos,
     /// Every component.
     All,
 }
 
 impl Target {
     /// Every component `All` stands for, in start order (upstreams first).
-    pub const COMPONENTS: [Target; 2] = [Target::Contracts, Target::Users];
+    pub const COMPONENTS: [Target; 3] = [Target::Contracts, Target::Users, Target::Photos];
 
     /// The component's name, as written on the command line.
     pub fn name(self) -> &'static str {
         match self {
             Target::Users => "users",
             Target::Contracts => "contracts",
+            Target::Photos => "photos",
             Target::All => "all",
         }
     }
@@ -51,8 +56,11 @@ impl FromStr for Target {
         match s.trim().to_ascii_lowercase().as_str() {
             "users" => Ok(Target::Users),
             "contracts" => Ok(Target::Contracts),
+            "photos" => Ok(Target::Photos),
             "all" => Ok(Target::All),
-            other => Err(format!("unknown target {other:?}: expected users, contracts or all")),
+            other => Err(format!(
+                "unknown target {other:?}: expected users, contracts, photos or all"
+            )),
         }
     }
 }
@@ -66,12 +74,18 @@ pub struct Settings {
     pub database_url: Option<String>,
     /// Where SQLite files live.
     pub data_dir: PathBuf,
-    /// Where the users service reaches the contracts service.
+    /// Where the users and photos services reach the contracts service.
     pub contracts_url: String,
+    /// Where the photos service reaches the users service.
+    pub users_url: String,
     /// `GetUser`'s deadline on the contracts service.
     pub contract_timeout: Duration,
     /// Changefeed tuning.
     pub feed: FeedOptions,
+    /// Local copies' tuning (users' copy of contracts, photos' copies).
+    pub cache: CacheOptions,
+    /// Photos' deadlines on its upstreams.
+    pub photos: PhotosOptions,
     /// Server tuning (message size, drain deadline).
     pub server: ServerOptions,
     /// Load the demo data into an empty database on start.
@@ -88,7 +102,21 @@ impl Settings {
                 .contracts_url
                 .clone()
                 .unwrap_or_else(|| format!("http://{}", args.contracts_addr)),
+            users_url: args
+                .users_url
+                .clone()
+                .unwrap_or_else(|| format!("http://{}", args.users_addr)),
             contract_timeout: args.contract_timeout,
+            cache: CacheOptions {
+                // Three progress intervals without a word: the stream is dead.
+                idle_timeout: args.progress_interval * 3,
+                ..CacheOptions::default()
+            },
+            photos: PhotosOptions {
+                fresh_timeout: args.fresh_timeout,
+                miss_timeout: args.miss_timeout,
+                ..PhotosOptions::default()
+            },
             feed: FeedOptions {
                 watcher_buffer: args.watcher_buffer,
                 progress_interval: args.progress_interval,
@@ -167,9 +195,13 @@ pub async fn start(component: Target, settings: &Settings, listener: TcpListener
         Target::Users => {
             let contracts = lightbox_users::ContractsUpstream::new(&settings.contracts_url, settings.contract_timeout)
                 .map_err(anyhow::Error::msg)?;
-            let service = lightbox_users::UsersService::open(db, settings.feed.clone(), contracts)
-                .await
-                .context("cannot open the users service")?;
+            let channel = contracts.channel();
+            let service =
+                lightbox_users::UsersService::open(db, settings.feed.clone(), contracts, settings.cache.clone())
+                    .await
+                    .context("cannot open the users service")?;
+            let copy = service.contracts_copy().clone();
+            let follow = Box::pin(async move { copy.follow(sources::ContractsSource::new(channel)).await });
             if settings.demo && service.feed().head() == 0 {
                 for user in crate::demo::users() {
                     service.import(user).await.context("cannot load the demo users")?;
@@ -178,7 +210,15 @@ pub async fn start(component: Target, settings: &Settings, listener: TcpListener
             let feed = service.feed().clone();
             let server_svc = service.into_server(max);
             let name = <lightbox_api::users::users_service_server::UsersServiceServer<lightbox_users::UsersService> as NamedService>::NAME;
-            launch(component, listener, Routes::new(server_svc), name, feed, server)
+            launch(
+                component,
+                listener,
+                Routes::new(server_svc),
+                name,
+                feed,
+                server,
+                Some(follow),
+            )
         }
         Target::Contracts => {
             let service = lightbox_contracts::ContractsService::open(db, settings.feed.clone())
@@ -197,7 +237,39 @@ pub async fn start(component: Target, settings: &Settings, listener: TcpListener
             let name = <lightbox_api::contracts::contracts_service_server::ContractsServiceServer<
                 lightbox_contracts::ContractsService,
             > as NamedService>::NAME;
-            launch(component, listener, Routes::new(server_svc), name, feed, server)
+            launch(component, listener, Routes::new(server_svc), name, feed, server, None)
+        }
+        Target::Photos => {
+            let timeout = settings.photos.fresh_timeout;
+            let users = sources::channel(&settings.users_url, timeout).map_err(anyhow::Error::msg)?;
+            let contracts = sources::channel(&settings.contracts_url, timeout).map_err(anyhow::Error::msg)?;
+            let service = lightbox_photos::PhotosService::open(
+                db,
+                settings.feed.clone(),
+                settings.cache.clone(),
+                users,
+                contracts,
+                settings.photos.clone(),
+            )
+            .await
+            .context("cannot open the photos service")?;
+            if settings.demo && service.feed().head() == 0 {
+                crate::demo::load_photos(&service).await?;
+            }
+            let follower = service.clone();
+            let follow = Box::pin(async move { follower.follow().await });
+            let feed = service.feed().clone();
+            let server_svc = service.into_server(max);
+            let name = <lightbox_api::photos::photos_service_server::PhotosServiceServer<lightbox_photos::PhotosService> as NamedService>::NAME;
+            launch(
+                component,
+                listener,
+                Routes::new(server_svc),
+                name,
+                feed,
+                server,
+                Some(follow),
+            )
         }
         Target::All => anyhow::bail!("`all` is not one component"),
     }
@@ -212,6 +284,7 @@ fn launch<T: lightbox_changefeed::feed::Entity>(
     service_name: &'static str,
     feed: Feed<T>,
     mut options: ServerOptions,
+    background: Option<std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>>,
 ) -> anyhow::Result<Component> {
     let (stop, shutdown) = Shutdown::new();
     let faults = Faults::new();
@@ -228,8 +301,14 @@ fn launch<T: lightbox_changefeed::feed::Entity>(
                     feed.close();
                 })
             };
+            // The component's own background work (feeding its local copies):
+            // runs while it serves, stops with it.
+            let background = background.map(tokio::spawn);
             let served = lightbox_server::serve(listener, routes, &[service_name], faults, shutdown, options).await;
             closer.abort();
+            if let Some(task) = background {
+                task.abort();
+            }
             feed.db().close().await;
             served.with_context(|| format!("the {target} server failed"))
         })

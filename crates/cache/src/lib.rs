@@ -102,11 +102,35 @@ pub struct CacheState {
 }
 
 impl CacheState {
+    /// The freshness report of a part answered from this copy.
+    pub fn freshness(&self) -> lightbox_api::feed::Freshness {
+        let age = self.age();
+        lightbox_api::feed::Freshness {
+            source: lightbox_api::feed::Source::Cache as i32,
+            revision: self.applied_revision,
+            age: Some(pbjson_types::Duration::from(age)),
+            stream_state: Some(lightbox_api::feed::StreamState {
+                connected: self.connected,
+                since_time: Some(lightbox_api::request::timestamp_of(self.since)),
+            }),
+        }
+    }
+
     /// How old the copy is: the time since it last heard from its upstream
     /// (since it was opened, if never).
     pub fn age(&self) -> Duration {
         let heard = self.last_heard.unwrap_or(self.since);
         SystemTime::now().duration_since(heard).unwrap_or_default()
+    }
+}
+
+/// The freshness report of a part read from its upstream for this request.
+pub fn upstream_freshness(revision: i64) -> lightbox_api::feed::Freshness {
+    lightbox_api::feed::Freshness {
+        source: lightbox_api::feed::Source::Upstream as i32,
+        revision,
+        age: Some(pbjson_types::Duration::default()),
+        stream_state: None,
     }
 }
 
@@ -225,6 +249,23 @@ impl<T: Entity> Cache<T> {
         let mut state = self.inner.state.subscribe();
         let reached = state.wait_for(|s| s.applied_revision >= revision);
         matches!(tokio::time::timeout(timeout, reached).await, Ok(Ok(_)))
+    }
+
+    /// Waits until the copy has heard from its upstream within `max_age`
+    /// (a change or a progress frame), for at most `timeout`. Returns
+    /// whether it has.
+    pub async fn wait_fresh(&self, max_age: Duration, timeout: Duration) -> bool {
+        let fresh = |state: &CacheState| {
+            state
+                .last_heard
+                .and_then(|heard| SystemTime::now().duration_since(heard).ok())
+                .is_some_and(|age| age <= max_age)
+        };
+        if fresh(&self.state()) {
+            return true;
+        }
+        let mut state = self.inner.state.subscribe();
+        matches!(tokio::time::timeout(timeout, state.wait_for(fresh)).await, Ok(Ok(_)))
     }
 
     /// Lets the next snapshot or batch the guard rail would hold back be

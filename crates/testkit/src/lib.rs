@@ -6,7 +6,8 @@
 //!
 //! - [`TestDb`]: a fresh SQLite file or PostgreSQL database, dropped after.
 //! - [`conformance!`]: runs one async test body against every backend.
-//! - [`Stack`]: users and contracts on port 0 over a [`TestDb`] each.
+//! - [`Stack`]: contracts, users and photos on port 0 over a [`TestDb`]
+//!   each, to stop and start again at will.
 //! - [`eventually`]: polls a condition until it holds or a deadline passes.
 //!
 //! PostgreSQL tests run when `LIGHTBOX_TEST_POSTGRES_URL` (default
@@ -14,13 +15,19 @@
 //! they are skipped with a notice on stderr, unless
 //! `LIGHTBOX_REQUIRE_POSTGRES=1` (set by CI) makes that a failure.
 
-use std::{future::Future, io::Write, net::SocketAddr, path::PathBuf, sync::Once, time::Duration};
+use std::{
+    collections::HashMap, future::Future, io::Write, net::SocketAddr, path::PathBuf, sync::Once, time::Duration,
+};
 
 use lightbox_api::{
-    contracts::contracts_service_client::ContractsServiceClient, users::users_service_client::UsersServiceClient,
+    contracts::contracts_service_client::ContractsServiceClient, photos::photos_service_client::PhotosServiceClient,
+    users::users_service_client::UsersServiceClient,
 };
 use lightbox_app::{Component, Settings, Target};
+use lightbox_cache::CacheOptions;
 use lightbox_changefeed::{Backend, Db, FeedOptions};
+use lightbox_photos::PhotosOptions;
+use lightbox_server::Faults;
 use sqlx::Connection;
 use tonic::transport::Channel;
 
@@ -183,80 +190,143 @@ where
     }
 }
 
-/// Users and contracts on 127.0.0.1:0, each over its own database.
+/// Contracts, users and photos on 127.0.0.1:0, each over its own database;
+/// each can be stopped and started again on the same address and database.
 pub struct Stack {
-    /// The settings they were started with.
+    /// The settings they run with.
     pub settings: Settings,
-    /// The contracts component (`None` once stopped).
-    pub contracts: Option<Component>,
-    /// The users component.
-    pub users: Option<Component>,
-    /// The contracts address (kept after a stop, to restart on it).
-    pub contracts_addr: SocketAddr,
-    /// The users address.
-    pub users_addr: SocketAddr,
-    dbs: Vec<TestDb>,
+    components: HashMap<Target, Component>,
+    addrs: HashMap<Target, SocketAddr>,
+    dbs: HashMap<Target, TestDb>,
 }
 
 impl Stack {
-    /// Starts contracts then users on fresh databases of `backend`'s kind
-    /// (the `db` given is used for contracts, a new one of the same kind for
-    /// users), with `feed` options.
+    /// Starts contracts, users and photos: contracts on `db`, the others on
+    /// new databases of the same backend, with `feed` options.
     pub async fn start(db: TestDb, feed: FeedOptions) -> Stack {
-        let users_db = match db.backend() {
-            Backend::Sqlite => TestDb::sqlite(),
-            Backend::Postgres => match TestDb::postgres().await {
-                Some(db) => db,
-                None => panic!("PostgreSQL answered a moment ago and no longer does"),
-            },
+        let mut dbs = HashMap::new();
+        for target in [Target::Users, Target::Photos] {
+            let other = match db.backend() {
+                Backend::Sqlite => TestDb::sqlite(),
+                Backend::Postgres => match TestDb::postgres().await {
+                    Some(db) => db,
+                    None => panic!("PostgreSQL answered a moment ago and no longer does"),
+                },
+            };
+            dbs.insert(target, other);
+        }
+        dbs.insert(Target::Contracts, db);
+        let mut listeners = HashMap::new();
+        let mut addrs = HashMap::new();
+        for target in Target::COMPONENTS {
+            let listener = bind_any().await;
+            addrs.insert(target, local(&listener));
+            listeners.insert(target, listener);
+        }
+        let cache = CacheOptions {
+            backoff_min: Duration::from_millis(20),
+            backoff_max: Duration::from_millis(500),
+            idle_timeout: feed.progress_interval * 3,
+            ..CacheOptions::default()
         };
-        let contracts_listener = bind_any().await;
-        let contracts_addr = local(&contracts_listener);
-        let mut settings = Settings {
-            database_url: Some(db.url().to_owned()),
+        let settings = Settings {
+            database_url: None,
             data_dir: PathBuf::from("unused"),
-            contracts_url: format!("http://{contracts_addr}"),
+            contracts_url: format!("http://{}", addrs[&Target::Contracts]),
+            users_url: format!("http://{}", addrs[&Target::Users]),
             contract_timeout: Duration::from_millis(500),
             feed,
+            cache,
+            photos: PhotosOptions {
+                fresh_timeout: Duration::from_millis(800),
+                miss_timeout: Duration::from_millis(300),
+                wait_timeout: Duration::from_millis(500),
+            },
             server: lightbox_server_options(),
             demo: false,
         };
-        let contracts = start(Target::Contracts, &settings, contracts_listener).await;
-        settings.database_url = Some(users_db.url().to_owned());
-        let users_listener = bind_any().await;
-        let users_addr = local(&users_listener);
-        let users = start(Target::Users, &settings, users_listener).await;
-        Stack {
+        let mut stack = Stack {
             settings,
-            contracts: Some(contracts),
-            users: Some(users),
-            contracts_addr,
-            users_addr,
-            dbs: vec![db, users_db],
+            components: HashMap::new(),
+            addrs,
+            dbs,
+        };
+        for target in Target::COMPONENTS {
+            if let Some(listener) = listeners.remove(&target) {
+                stack.launch(target, listener).await;
+            }
         }
+        stack
+    }
+
+    async fn launch(&mut self, target: Target, listener: tokio::net::TcpListener) {
+        let mut settings = self.settings.clone();
+        settings.database_url = Some(self.dbs[&target].url().to_owned());
+        let component = start(target, &settings, listener).await;
+        self.components.insert(target, component);
+    }
+
+    /// Where `target` listens (also while stopped).
+    pub fn addr(&self, target: Target) -> SocketAddr {
+        self.addrs[&target]
+    }
+
+    /// The fault switches of a running component.
+    pub fn faults(&self, target: Target) -> Faults {
+        match self.components.get(&target) {
+            Some(component) => component.faults.clone(),
+            None => panic!("{target} is not running"),
+        }
+    }
+
+    /// Stops `target` gracefully (really stopped: its port refuses).
+    pub async fn stop_component(&mut self, target: Target) {
+        if let Some(component) = self.components.remove(&target) {
+            if let Err(err) = component.stop().await {
+                panic!("{target} failed to stop cleanly: {err:#}");
+            }
+        }
+    }
+
+    /// Starts `target` again, on its address and database.
+    pub async fn start_component(&mut self, target: Target) {
+        let addr = self.addr(target);
+        let socket = tokio::net::TcpSocket::new_v4().unwrap_or_else(|err| panic!("socket: {err}"));
+        // The old listener's connections may linger in TIME_WAIT.
+        let _ = socket.set_reuseaddr(true);
+        socket
+            .bind(addr)
+            .unwrap_or_else(|err| panic!("cannot bind {addr} again: {err}"));
+        let listener = socket
+            .listen(1024)
+            .unwrap_or_else(|err| panic!("cannot listen on {addr}: {err}"));
+        self.launch(target, listener).await;
     }
 
     /// A users client.
     pub async fn users_client(&self) -> UsersServiceClient<Channel> {
-        UsersServiceClient::new(channel(self.users_addr).await)
+        UsersServiceClient::new(channel(self.addr(Target::Users)).await)
     }
 
     /// A contracts client.
     pub async fn contracts_client(&self) -> ContractsServiceClient<Channel> {
-        ContractsServiceClient::new(channel(self.contracts_addr).await)
+        ContractsServiceClient::new(channel(self.addr(Target::Contracts)).await)
     }
 
-    /// The databases (contracts', users').
-    pub fn dbs(&self) -> &[TestDb] {
-        &self.dbs
+    /// A photos client.
+    pub async fn photos_client(&self) -> PhotosServiceClient<Channel> {
+        PhotosServiceClient::new(channel(self.addr(Target::Photos)).await)
+    }
+
+    /// The database of `target`.
+    pub fn db(&self, target: Target) -> &TestDb {
+        &self.dbs[&target]
     }
 
     /// Stops every component gracefully.
     pub async fn stop(mut self) {
-        for component in [self.users.take(), self.contracts.take()].into_iter().flatten() {
-            if let Err(err) = component.stop().await {
-                panic!("a component failed to stop cleanly: {err:#}");
-            }
+        for target in [Target::Photos, Target::Users, Target::Contracts] {
+            self.stop_component(target).await;
         }
     }
 }

@@ -1,18 +1,23 @@
-//! The seed's synchronous hop: Users asks Contracts for a user's contract,
-//! with a deadline, and says plainly when Contracts is down or slow.
+//! A user's contract: the seed's synchronous hop (Users asks Contracts, with
+//! a deadline, and says plainly when Contracts is down or slow), and the
+//! local copy that answers instead when asked to, or when the hop fails.
 
 use std::time::Duration;
 
 use lightbox_api::{
     ApiError,
     contracts::{Contract, GetContractRequest, contracts_service_client::ContractsServiceClient},
+    feed::Freshness,
+    users::ContractRead,
 };
+use lightbox_cache::{Cache, upstream_freshness};
 use tonic::{Code, transport::Channel};
 
 /// A client of the contracts service with the deadline `GetUser` gives it.
 #[derive(Clone)]
 pub struct ContractsUpstream {
     client: ContractsServiceClient<Channel>,
+    channel: Channel,
     timeout: Duration,
 }
 
@@ -25,9 +30,17 @@ impl ContractsUpstream {
             .connect_timeout(timeout)
             .connect_lazy();
         Ok(ContractsUpstream {
-            client: ContractsServiceClient::new(channel),
+            client: ContractsServiceClient::new(channel.clone()),
+            channel,
             timeout,
         })
+    }
+
+    /// The channel to the contracts service (shared with the watch that
+    /// feeds the local copy).
+    pub fn channel(&self) -> Channel {
+        // A generated client has no channel accessor; a clone shares it.
+        self.channel.clone()
     }
 
     /// Gets a contract, within the deadline.
@@ -61,4 +74,41 @@ fn too_slow(timeout: Duration) -> ApiError {
         "the contracts service did not answer within {} ms",
         timeout.as_millis()
     ))
+}
+
+/// Reads contract `id` as `read` says, with where it came from.
+pub(crate) async fn read(
+    upstream: &ContractsUpstream,
+    copy: &Cache<Contract>,
+    id: &str,
+    read: ContractRead,
+) -> Result<(Contract, Freshness), ApiError> {
+    let from_copy = async || -> Result<Option<(Contract, Freshness)>, ApiError> {
+        let state = copy.state();
+        Ok(copy.get(id).await?.map(|(contract, _)| (contract, state.freshness())))
+    };
+    match read {
+        ContractRead::Cache => from_copy()
+            .await?
+            .ok_or_else(|| ApiError::Unavailable(format!("contract {id} is not in the local copy of contracts"))),
+        ContractRead::Upstream => {
+            let contract = upstream.get(id).await?;
+            let revision = contract.revision;
+            Ok((contract, upstream_freshness(revision)))
+        }
+        ContractRead::Unspecified | ContractRead::UpstreamOrCache => match upstream.get(id).await {
+            Ok(contract) => {
+                let revision = contract.revision;
+                Ok((contract, upstream_freshness(revision)))
+            }
+            Err(err @ (ApiError::Unavailable(_) | ApiError::DeadlineExceeded(_))) => match from_copy().await? {
+                Some(found) => {
+                    tracing::debug!(contract = id, %err, "contracts unreachable; answering from the local copy");
+                    Ok(found)
+                }
+                None => Err(err),
+            },
+            Err(err) => Err(err),
+        },
+    }
 }

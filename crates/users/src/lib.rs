@@ -7,8 +7,10 @@
 //!   transactional outbox) and the `user_emails` index that keeps e-mail
 //!   addresses unique.
 //! - `validate` (private): what a user must look like.
-//! - `contracts` (private): the synchronous call to the contracts service,
-//!   with its deadline and error mapping.
+//! - `contracts` (private): the contract of a user: the synchronous call to
+//!   the contracts service, with its deadline and error mapping, and the
+//!   local copy of contracts (a [`Cache`] fed by `WatchContracts`) that
+//!   answers when the call fails.
 
 mod contracts;
 mod validate;
@@ -17,15 +19,16 @@ use std::time::Duration;
 
 use lightbox_api::{
     ApiError,
-    feed::{Freshness, Source},
+    contracts::Contract,
     request,
     users::{
-        CreateUserRequest, CreateUserResponse, DeleteUserRequest, DeleteUserResponse, GetUserRequest, GetUserResponse,
-        ListUserChangesRequest, ListUserChangesResponse, ListUsersRequest, ListUsersResponse, UpdateUserRequest,
-        UpdateUserResponse, User, WatchUsersRequest, WatchUsersResponse,
+        ContractRead, CreateUserRequest, CreateUserResponse, DeleteUserRequest, DeleteUserResponse, GetUserRequest,
+        GetUserResponse, ListUserChangesRequest, ListUserChangesResponse, ListUsersRequest, ListUsersResponse,
+        UpdateUserRequest, UpdateUserResponse, User, WatchUsersRequest, WatchUsersResponse,
         users_service_server::{UsersService as UsersApi, UsersServiceServer},
     },
 };
+use lightbox_cache::{Cache, CacheOptions};
 use lightbox_changefeed::{Db, Feed, FeedOptions, Migrations, WriteTx, messages::watch_args};
 use sqlx::AnyConnection;
 use tonic::{Request, Response, Status};
@@ -34,6 +37,9 @@ pub use contracts::ContractsUpstream;
 
 /// The name of the users feed (in the service's database).
 pub const FEED: &str = "users";
+
+/// The name of the local copy of contracts (in the service's database).
+pub const CONTRACTS_CACHE: &str = "contracts";
 
 /// The service's own migrations (versions from 1000).
 pub static MIGRATIONS: Migrations = Migrations {
@@ -46,19 +52,33 @@ pub static MIGRATIONS: Migrations = Migrations {
 pub struct UsersService {
     feed: Feed<User>,
     contracts: ContractsUpstream,
+    contracts_copy: Cache<Contract>,
 }
 
 impl UsersService {
     /// Opens the service over `db` (migrating it), calling the contracts
-    /// service through `contracts` for `GetUser` with `include_contract`.
+    /// service through `contracts` for `GetUser` with `include_contract`,
+    /// with a local copy of contracts in `db` (to be fed by the caller:
+    /// [`Cache::follow`] on [`UsersService::contracts_copy`]).
     pub async fn open(
         db: Db,
         options: FeedOptions,
         contracts: ContractsUpstream,
+        cache: CacheOptions,
     ) -> Result<UsersService, lightbox_changefeed::FeedError> {
-        db.migrate(&[&MIGRATIONS]).await?;
+        db.migrate(&[&lightbox_cache::MIGRATIONS, &MIGRATIONS]).await?;
+        let contracts_copy = Cache::open(db.clone(), CONTRACTS_CACHE, cache).await?;
         let feed = Feed::open(db, FEED, options).await?;
-        Ok(UsersService { feed, contracts })
+        Ok(UsersService {
+            feed,
+            contracts,
+            contracts_copy,
+        })
+    }
+
+    /// The local copy of contracts.
+    pub fn contracts_copy(&self) -> &Cache<Contract> {
+        &self.contracts_copy
     }
 
     /// The users feed (for shutdown and tests).
@@ -136,14 +156,13 @@ impl UsersService {
             .ok_or_else(|| ApiError::NotFound(format!("user {id} not found")))?;
         let (mut contract, mut contract_freshness) = (None, None);
         if request.include_contract && !user.contract_id.is_empty() {
-            let found = self.contracts.get(&user.contract_id).await?;
-            contract_freshness = Some(Freshness {
-                source: Source::Upstream as i32,
-                revision: found.revision,
-                age: Some(pbjson_types::Duration::default()),
-                stream_state: None,
-            });
+            let read = ContractRead::try_from(request.contract_read).map_err(|_| {
+                ApiError::InvalidArgument(format!("contract_read {} is not valid", request.contract_read))
+            })?;
+            let (found, freshness) =
+                contracts::read(&self.contracts, &self.contracts_copy, &user.contract_id, read).await?;
             contract = Some(found);
+            contract_freshness = Some(freshness);
         }
         Ok(GetUserResponse {
             user: Some(user),

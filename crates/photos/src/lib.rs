@@ -1,0 +1,298 @@
+//! The photos service of IS 1: a user's photos, answered together with the
+//! user and their contract from local copies of Users and Contracts that the
+//! upstreams keep current through their watch streams. One hop, and it keeps
+//! answering when the upstreams are slow or down.
+//!
+//! # Layout
+//!
+//! - [`PhotosService`]: the gRPC service over a [`Feed`] of photos (its own
+//!   watchable changelog) and the `photo_owners` index; two [`Cache`]s (users,
+//!   contracts) in the same database, fed by [`PhotosService::follow`].
+//! - `reads` (private): `ListPhotos`'s consistency modes (`CACHED`, `FRESH`),
+//!   the fallback on a cache miss, read-your-writes and `max_staleness`.
+//! - `validate` (private): what a photo must look like, and the quota.
+
+mod reads;
+mod validate;
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use lightbox_api::{
+    ApiError,
+    contracts::Contract,
+    photos::{
+        CreatePhotoRequest, CreatePhotoResponse, DeletePhotoRequest, DeletePhotoResponse, GetPhotoRequest,
+        GetPhotoResponse, ListPhotoChangesRequest, ListPhotoChangesResponse, ListPhotosRequest, ListPhotosResponse,
+        Photo, WatchPhotosRequest, WatchPhotosResponse,
+        photos_service_server::{PhotosService as PhotosApi, PhotosServiceServer},
+    },
+    request,
+    users::{User, users_service_client::UsersServiceClient},
+};
+use lightbox_cache::{Cache, CacheOptions, sources};
+use lightbox_changefeed::{Db, Feed, FeedError, FeedOptions, Migrations, messages::watch_args, watch};
+use sqlx::Row;
+use tonic::{Request, Response, Status, transport::Channel};
+
+/// The name of the photos feed (in the service's database).
+pub const FEED: &str = "photos";
+
+/// The service's own migrations (versions from 1000).
+pub static MIGRATIONS: Migrations = Migrations {
+    sqlite: &sqlx::migrate!("migrations/sqlite"),
+    postgres: &sqlx::migrate!("migrations/postgres"),
+};
+
+/// Deadlines of the calls Photos makes to its upstreams.
+#[derive(Debug, Clone)]
+pub struct PhotosOptions {
+    /// `FRESH` reads: the whole synchronous chain must answer within this.
+    pub fresh_timeout: Duration,
+    /// A cache miss falls back to the synchronous path with this deadline.
+    pub miss_timeout: Duration,
+    /// How long a read waits for the copy to reach `min_*_revision` or
+    /// `max_staleness` before failing.
+    pub wait_timeout: Duration,
+}
+
+impl Default for PhotosOptions {
+    fn default() -> Self {
+        PhotosOptions {
+            fresh_timeout: Duration::from_secs(1),
+            miss_timeout: Duration::from_millis(300),
+            wait_timeout: Duration::from_secs(1),
+        }
+    }
+}
+
+/// The photos service.
+#[derive(Clone)]
+pub struct PhotosService {
+    feed: Feed<Photo>,
+    users_copy: Cache<User>,
+    contracts_copy: Cache<Contract>,
+    users_channel: Channel,
+    contracts_channel: Channel,
+    options: PhotosOptions,
+    /// Calls made to the users service (for the benchmark's "upstream calls
+    /// per request").
+    upstream_calls: Arc<AtomicU64>,
+}
+
+impl PhotosService {
+    /// Opens the service over `db` (migrating it), with its copies of users
+    /// and contracts in the same database, reaching the upstreams through
+    /// the channels given (connected lazily).
+    pub async fn open(
+        db: Db,
+        feed: FeedOptions,
+        cache: CacheOptions,
+        users: Channel,
+        contracts: Channel,
+        options: PhotosOptions,
+    ) -> Result<PhotosService, FeedError> {
+        db.migrate(&[&lightbox_cache::MIGRATIONS, &MIGRATIONS]).await?;
+        Ok(PhotosService {
+            users_copy: Cache::open(db.clone(), "users", cache.clone()).await?,
+            contracts_copy: Cache::open(db.clone(), "contracts", cache).await?,
+            feed: Feed::open(db, FEED, feed).await?,
+            users_channel: users,
+            contracts_channel: contracts,
+            options,
+            upstream_calls: Arc::default(),
+        })
+    }
+
+    /// Feeds the two copies from the upstreams' watch streams until dropped.
+    pub async fn follow(&self) {
+        let users = self
+            .users_copy
+            .follow(sources::UsersSource::new(self.users_channel.clone()));
+        let contracts = self
+            .contracts_copy
+            .follow(sources::ContractsSource::new(self.contracts_channel.clone()));
+        tokio::join!(users, contracts);
+    }
+
+    /// The photos feed (for shutdown and tests).
+    pub fn feed(&self) -> &Feed<Photo> {
+        &self.feed
+    }
+
+    /// The local copy of users.
+    pub fn users_copy(&self) -> &Cache<User> {
+        &self.users_copy
+    }
+
+    /// The local copy of contracts.
+    pub fn contracts_copy(&self) -> &Cache<Contract> {
+        &self.contracts_copy
+    }
+
+    /// Calls made to the users service so far.
+    pub fn upstream_calls(&self) -> u64 {
+        self.upstream_calls.load(Ordering::Relaxed)
+    }
+
+    /// The tonic server for this service, with message size limits.
+    pub fn into_server(self, max_message_bytes: usize) -> PhotosServiceServer<PhotosService> {
+        PhotosServiceServer::new(self)
+            .max_decoding_message_size(max_message_bytes)
+            .max_encoding_message_size(max_message_bytes)
+    }
+
+    fn users_client(&self) -> UsersServiceClient<Channel> {
+        self.upstream_calls.fetch_add(1, Ordering::Relaxed);
+        UsersServiceClient::new(self.users_channel.clone())
+    }
+
+    async fn create(&self, request: CreatePhotoRequest) -> Result<Photo, ApiError> {
+        let mut photo = validate::new_photo(request.photo)?;
+        // The owner and their contract, from the copies (uploads keep working
+        // when Users or Contracts is down); the synchronous path on a miss.
+        let owner = reads::owner(self, &photo.user_id, reads::Mode::CACHED).await?;
+        let mut tx = self.feed.begin().await?;
+        // Under the feed's lock: the count cannot change before the commit.
+        let count: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM photo_owners WHERE user_id = $1")
+            .bind(photo.user_id.as_str())
+            .fetch_one(tx.conn())
+            .await
+            .map_err(ApiError::internal)?;
+        validate::may_upload(&owner.user, owner.contract.as_ref(), count)?;
+        sqlx::query("INSERT INTO photo_owners (photo_id, user_id) VALUES ($1, $2)")
+            .bind(photo.id.as_str())
+            .bind(photo.user_id.as_str())
+            .execute(tx.conn())
+            .await
+            .map_err(ApiError::internal)?;
+        photo.revision = tx.next_revision();
+        tx.put(&photo.id, &photo).await?;
+        tx.commit().await?;
+        Ok(photo)
+    }
+
+    async fn get(&self, request: GetPhotoRequest) -> Result<Photo, ApiError> {
+        let id = request::parse_id("id", &request.id)?.to_string();
+        self.feed
+            .get(&id)
+            .await?
+            .ok_or_else(|| ApiError::NotFound(format!("photo {id} not found")))
+    }
+
+    async fn delete(&self, request: DeletePhotoRequest) -> Result<i64, ApiError> {
+        let id = request::parse_id("id", &request.id)?.to_string();
+        let mut tx = self.feed.begin().await?;
+        sqlx::query("DELETE FROM photo_owners WHERE photo_id = $1")
+            .bind(id.as_str())
+            .execute(tx.conn())
+            .await
+            .map_err(ApiError::internal)?;
+        if tx.delete(&id).await?.is_none() {
+            return Err(ApiError::NotFound(format!("photo {id} not found")));
+        }
+        Ok(tx.commit().await?)
+    }
+
+    /// A page of `user_id`'s photos, newest first.
+    async fn photos_of(&self, user_id: &str, size: i64, token: &str) -> Result<(Vec<Photo>, String), ApiError> {
+        let before = request::decode_page_token(token)?;
+        let rows = if before.is_empty() {
+            sqlx::query("SELECT photo_id FROM photo_owners WHERE user_id = $1 ORDER BY photo_id DESC LIMIT $2")
+                .bind(user_id)
+                .bind(size + 1)
+                .fetch_all(self.feed.db().pool())
+                .await
+        } else {
+            sqlx::query(
+                "SELECT photo_id FROM photo_owners WHERE user_id = $1 AND photo_id < $2 ORDER BY photo_id DESC LIMIT $3",
+            )
+            .bind(user_id)
+            .bind(before.as_str())
+            .bind(size + 1)
+            .fetch_all(self.feed.db().pool())
+            .await
+        }
+        .map_err(ApiError::internal)?;
+        let mut photos = Vec::with_capacity(rows.len());
+        for row in rows {
+            let id: String = row.try_get(0).map_err(ApiError::internal)?;
+            // A photo deleted between the two reads is simply not listed.
+            if let Some(photo) = self.feed.get(&id).await? {
+                photos.push(photo);
+            }
+        }
+        Ok(request::finish_page(photos, size, |p: &Photo| &p.id))
+    }
+
+    async fn list(&self, request: ListPhotosRequest) -> Result<ListPhotosResponse, ApiError> {
+        let user_id = request::parse_id("user_id", &request.user_id)?.to_string();
+        let size = request::page_size(request.page_size, 50, 1000)?;
+        let mode = reads::Mode::of(&request)?;
+        let owner = reads::owner(self, &user_id, mode).await?;
+        let (photos, next_page_token) = self.photos_of(&user_id, size, &request.page_token).await?;
+        Ok(ListPhotosResponse {
+            photos,
+            user: Some(owner.user),
+            contract: owner.contract,
+            next_page_token,
+            user_freshness: Some(owner.user_freshness),
+            contract_freshness: owner.contract_freshness,
+        })
+    }
+}
+
+#[tonic::async_trait]
+impl PhotosApi for PhotosService {
+    async fn create_photo(
+        &self,
+        request: Request<CreatePhotoRequest>,
+    ) -> Result<Response<CreatePhotoResponse>, Status> {
+        let photo = self.create(request.into_inner()).await?;
+        Ok(Response::new(CreatePhotoResponse { photo: Some(photo) }))
+    }
+
+    async fn get_photo(&self, request: Request<GetPhotoRequest>) -> Result<Response<GetPhotoResponse>, Status> {
+        let photo = self.get(request.into_inner()).await?;
+        Ok(Response::new(GetPhotoResponse { photo: Some(photo) }))
+    }
+
+    async fn list_photos(&self, request: Request<ListPhotosRequest>) -> Result<Response<ListPhotosResponse>, Status> {
+        Ok(Response::new(self.list(request.into_inner()).await?))
+    }
+
+    async fn delete_photo(
+        &self,
+        request: Request<DeletePhotoRequest>,
+    ) -> Result<Response<DeletePhotoResponse>, Status> {
+        let revision = self.delete(request.into_inner()).await?;
+        Ok(Response::new(DeletePhotoResponse { revision }))
+    }
+
+    type WatchPhotosStream = watch::MappedStream<WatchPhotosResponse>;
+
+    async fn watch_photos(
+        &self,
+        request: Request<WatchPhotosRequest>,
+    ) -> Result<Response<Self::WatchPhotosStream>, Status> {
+        let request = request.into_inner();
+        let since = watch_args(request.since_revision, "photo_ids", &request.photo_ids)?;
+        Ok(Response::new(watch::mapped(self.feed.watch(since, request.photo_ids))))
+    }
+
+    async fn list_photo_changes(
+        &self,
+        request: Request<ListPhotoChangesRequest>,
+    ) -> Result<Response<ListPhotoChangesResponse>, Status> {
+        let request = request.into_inner();
+        let since = request::since_revision(request.since_revision)?;
+        let size = request::page_size(request.page_size, 100, 1000)?;
+        let page = self.feed.list_changes(since, size).await.map_err(ApiError::from)?;
+        Ok(Response::new(page.into()))
+    }
+}

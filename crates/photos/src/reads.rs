@@ -1,0 +1,216 @@
+//! Where `ListPhotos` (and `CreatePhoto`) get the user and the contract:
+//! `CACHED` from the local copies, never calling upstream except for an
+//! entity not in the copy yet; `FRESH` through the seed's synchronous chain,
+//! Photos → Users → Contracts, with a deadline. Every answer says where each
+//! part came from and how fresh it is.
+
+use std::time::Duration;
+
+use lightbox_api::{
+    ApiError, call_upstream,
+    contracts::Contract,
+    feed::Freshness,
+    photos::{Consistency, ListPhotosRequest},
+    users::{ContractRead, GetUserRequest, User},
+};
+use lightbox_cache::{Cache, upstream_freshness};
+use lightbox_changefeed::feed::Entity;
+
+use crate::PhotosService;
+
+/// How a read may be served.
+pub(crate) enum Mode {
+    /// From the copies, once they satisfy the read's requirements.
+    Cached {
+        min_users_revision: i64,
+        min_contracts_revision: i64,
+        max_staleness: Option<Duration>,
+    },
+    /// Through the synchronous chain.
+    Fresh,
+}
+
+impl Mode {
+    /// From the copies, with no requirement (uploads).
+    pub(crate) const CACHED: Mode = Mode::Cached {
+        min_users_revision: 0,
+        min_contracts_revision: 0,
+        max_staleness: None,
+    };
+
+    /// The mode a `ListPhotos` request asks for, checked.
+    pub(crate) fn of(request: &ListPhotosRequest) -> Result<Mode, ApiError> {
+        for (field, value) in [
+            ("min_users_revision", request.min_users_revision),
+            ("min_contracts_revision", request.min_contracts_revision),
+        ] {
+            if value < 0 {
+                return Err(ApiError::InvalidArgument(format!(
+                    "{field} must not be negative (got {value})"
+                )));
+            }
+        }
+        let max_staleness = match &request.max_staleness {
+            None => None,
+            Some(d) if d.seconds < 0 || d.nanos < 0 || d.nanos >= 1_000_000_000 => {
+                return Err(ApiError::InvalidArgument(
+                    "max_staleness must be a non-negative duration".into(),
+                ));
+            }
+            Some(d) => Some(Duration::new(d.seconds as u64, d.nanos as u32)),
+        };
+        match Consistency::try_from(request.consistency) {
+            Ok(Consistency::Unspecified | Consistency::Cached) => Ok(Mode::Cached {
+                min_users_revision: request.min_users_revision,
+                min_contracts_revision: request.min_contracts_revision,
+                max_staleness,
+            }),
+            Ok(Consistency::Fresh) => Ok(Mode::Fresh),
+            Err(_) => Err(ApiError::InvalidArgument(format!(
+                "consistency {} is not valid (CONSISTENCY_CACHED or CONSISTENCY_FRESH)",
+                request.consistency
+            ))),
+        }
+    }
+}
+
+/// A user and their contract, with where each came from.
+pub(crate) struct Owner {
+    pub(crate) user: User,
+    pub(crate) contract: Option<Contract>,
+    pub(crate) user_freshness: Freshness,
+    pub(crate) contract_freshness: Option<Freshness>,
+}
+
+/// The user `user_id` and their contract, as `mode` allows.
+pub(crate) async fn owner(photos: &PhotosService, user_id: &str, mode: Mode) -> Result<Owner, ApiError> {
+    let options = &photos.options;
+    let Mode::Cached {
+        min_users_revision,
+        min_contracts_revision,
+        max_staleness,
+    } = mode
+    else {
+        return synchronous(photos, user_id, options.fresh_timeout, ContractRead::Upstream).await;
+    };
+    ready(
+        &photos.users_copy,
+        "users",
+        min_users_revision,
+        max_staleness,
+        options.wait_timeout,
+    )
+    .await?;
+    ready(
+        &photos.contracts_copy,
+        "contracts",
+        min_contracts_revision,
+        max_staleness,
+        options.wait_timeout,
+    )
+    .await?;
+    let users_state = photos.users_copy.state();
+    let Some((user, _)) = photos.users_copy.get(user_id).await? else {
+        return miss(photos, user_id).await;
+    };
+    if user.contract_id.is_empty() {
+        return Ok(Owner {
+            user,
+            contract: None,
+            user_freshness: users_state.freshness(),
+            contract_freshness: None,
+        });
+    }
+    let contracts_state = photos.contracts_copy.state();
+    match photos.contracts_copy.get(&user.contract_id).await? {
+        Some((contract, _)) => Ok(Owner {
+            user,
+            contract: Some(contract),
+            user_freshness: users_state.freshness(),
+            contract_freshness: Some(contracts_state.freshness()),
+        }),
+        None => {
+            // The contract has not arrived yet: ask for it (through Users).
+            let fetched = miss(photos, user_id).await?;
+            Ok(Owner {
+                user,
+                user_freshness: users_state.freshness(),
+                ..fetched
+            })
+        }
+    }
+}
+
+/// A cache miss (an entity just created, not arrived yet): the synchronous
+/// path with a short deadline, then a clear `UNAVAILABLE`.
+async fn miss(photos: &PhotosService, user_id: &str) -> Result<Owner, ApiError> {
+    let timeout = photos.options.miss_timeout;
+    synchronous(photos, user_id, timeout, ContractRead::UpstreamOrCache)
+        .await
+        .map_err(|err| match err {
+            ApiError::NotFound(_) => ApiError::NotFound(format!("user {user_id} not found")),
+            other => ApiError::Unavailable(format!(
+                "user {user_id} is not in the local copy yet, and the users service did not help: {other}"
+            )),
+        })
+}
+
+/// The seed's chain: Photos asks Users, which asks Contracts (as `read` says).
+async fn synchronous(
+    photos: &PhotosService,
+    user_id: &str,
+    timeout: Duration,
+    read: ContractRead,
+) -> Result<Owner, ApiError> {
+    let mut request = tonic::Request::new(GetUserRequest {
+        id: user_id.to_owned(),
+        include_contract: true,
+        contract_read: read as i32,
+    });
+    request.set_timeout(timeout);
+    let mut client = photos.users_client();
+    let answer = call_upstream("users", timeout, client.get_user(request)).await?;
+    let user = answer
+        .user
+        .ok_or_else(|| ApiError::Unavailable("the users service answered without a user".into()))?;
+    Ok(Owner {
+        user_freshness: upstream_freshness(user.revision),
+        user,
+        contract: answer.contract,
+        contract_freshness: answer.contract_freshness,
+    })
+}
+
+/// Waits briefly for a copy to satisfy a read (read-your-writes, staleness),
+/// or fails fast saying what it waited for.
+async fn ready<T: Entity>(
+    copy: &Cache<T>,
+    name: &str,
+    min_revision: i64,
+    max_staleness: Option<Duration>,
+    wait: Duration,
+) -> Result<(), ApiError> {
+    if min_revision > 0 && !copy.wait_for(min_revision, wait).await {
+        let state = copy.state();
+        return Err(ApiError::Unavailable(format!(
+            "the local copy of {name} is at revision {}, not yet at the requested {min_revision} (waited {} ms; \
+             stream {}); retry, or read with consistency FRESH",
+            state.applied_revision,
+            wait.as_millis(),
+            if state.connected { "connected" } else { "disconnected" },
+        )));
+    }
+    if let Some(max) = max_staleness {
+        if !copy.wait_fresh(max, wait).await {
+            let state = copy.state();
+            return Err(ApiError::Unavailable(format!(
+                "the local copy of {name} is {} ms old, more than max_staleness {} ms (stream {}); \
+                 retry, or read with consistency FRESH",
+                state.age().as_millis(),
+                max.as_millis(),
+                if state.connected { "connected" } else { "disconnected" },
+            )));
+        }
+    }
+    Ok(())
+}
