@@ -200,17 +200,17 @@ async fn ready<T: Entity>(
             if state.connected { "connected" } else { "disconnected" },
         )));
     }
-    if let Some(max) = max_staleness {
-        if !copy.wait_fresh(max, wait).await {
-            let state = copy.state();
-            return Err(ApiError::Unavailable(format!(
-                "the local copy of {name} is {} ms old, more than max_staleness {} ms (stream {}); \
+    if let Some(max) = max_staleness
+        && !copy.wait_fresh(max, wait).await
+    {
+        let state = copy.state();
+        return Err(ApiError::Unavailable(format!(
+            "the local copy of {name} is {} ms old, more than max_staleness {} ms (stream {}); \
                  retry, or read with consistency FRESH",
-                state.age().as_millis(),
-                max.as_millis(),
-                if state.connected { "connected" } else { "disconnected" },
-            )));
-        }
+            state.age().as_millis(),
+            max.as_millis(),
+            if state.connected { "connected" } else { "disconnected" },
+        )));
     }
     Ok(())
 }

@@ -73,13 +73,13 @@ pub(crate) fn may_upload(user: &User, contract: Option<&Contract>, count: i64) -
             )));
         }
     }
-    if let Some(quota) = photo_quota(contract)? {
-        if count >= quota {
-            return Err(ApiError::ResourceExhausted(format!(
-                "photo quota of contract {} reached: {count} of {quota} photos; delete some or raise the plan's photo_quota",
-                contract.id
-            )));
-        }
+    if let Some(quota) = photo_quota(contract)?
+        && count >= quota
+    {
+        return Err(ApiError::ResourceExhausted(format!(
+            "photo quota of contract {} reached: {count} of {quota} photos; delete some or raise the plan's photo_quota",
+            contract.id
+        )));
     }
     Ok(())
 }
