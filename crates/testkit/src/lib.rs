@@ -281,10 +281,10 @@ impl Stack {
 
     /// Stops `target` gracefully (really stopped: its port refuses).
     pub async fn stop_component(&mut self, target: Target) {
-        if let Some(component) = self.components.remove(&target) {
-            if let Err(err) = component.stop().await {
-                panic!("{target} failed to stop cleanly: {err:#}");
-            }
+        if let Some(component) = self.components.remove(&target)
+            && let Err(err) = component.stop().await
+        {
+            panic!("{target} failed to stop cleanly: {err:#}");
         }
     }
 
