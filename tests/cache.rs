@@ -231,12 +231,16 @@ async fn after_any_drops_the_copy_equals_the_upstream(db: TestDb) {
     let (_up, feed) = upstream(&db, feed_options()).await;
     let cache = open_cache(&db, cache_options()).await;
     let source = Recorder::new(&feed);
+    let mut rng = fastrand::Rng::with_seed(7);
+    // Every stream, the first included, is cut after a few frames.
+    if let Ok(mut cut) = source.cut_after.lock() {
+        *cut = Some(2);
+    }
     let follower = tokio::spawn({
         let cache = cache.clone();
         let source = source.clone();
         async move { cache.follow(source).await }
     });
-    let mut rng = fastrand::Rng::with_seed(7);
     for round in 0..20 {
         // Each stream is cut after a few frames, at a different place each time.
         if let Ok(mut cut) = source.cut_after.lock() {

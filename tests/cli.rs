@@ -14,7 +14,7 @@ use std::{
     process::{Output, Stdio},
 };
 
-use lightbox_api::users::{GetUserRequest, users_service_client::UsersServiceClient};
+use lightbox_api::users::{ContractRead, GetUserRequest, users_service_client::UsersServiceClient};
 use lightbox_testkit::{DEADLINE, channel};
 use tokio::{
     io::{AsyncBufReadExt, BufReader},
@@ -39,6 +39,8 @@ async fn start_dev(data_dir: &Path) -> Dev {
             "--users-addr",
             "127.0.0.1:0",
             "--contracts-addr",
+            "127.0.0.1:0",
+            "--photos-addr",
             "127.0.0.1:0",
             "--data-dir",
         ])
@@ -101,12 +103,19 @@ impl Dev {
 }
 
 async fn get_ada(addr: SocketAddr) -> Result<lightbox_api::users::GetUserResponse, tonic::Status> {
+    get_ada_reading(addr, ContractRead::Unspecified).await
+}
+
+async fn get_ada_reading(
+    addr: SocketAddr,
+    read: ContractRead,
+) -> Result<lightbox_api::users::GetUserResponse, tonic::Status> {
     let mut users = UsersServiceClient::new(channel(addr).await);
     users
         .get_user(GetUserRequest {
             id: ADA.into(),
             include_contract: true,
-            contract_read: 0,
+            contract_read: read as i32,
         })
         .await
         .map(|r| r.into_inner())
@@ -138,10 +147,17 @@ async fn dev_serves_demo_data_and_fault_takes_contracts_down_and_back() {
     let down = lightbox(&["fault", "contracts", "--addr", &contracts, "--down"]).await;
     assert!(down.status.success(), "{down:?}");
     assert_eq!(String::from_utf8_lossy(&down.stdout).trim(), "contracts: down");
-    let refused = get_ada(dev.users).await;
+    // The seed's synchronous hop fails; the default read answers from Users'
+    // own copy of contracts, and says so.
+    let refused = get_ada_reading(dev.users, ContractRead::Upstream).await;
     assert!(
         matches!(&refused, Err(s) if s.code() == Code::Unavailable),
         "{refused:?}"
+    );
+    let cached = get_ada(dev.users).await.unwrap_or_else(|status| panic!("{status:?}"));
+    assert_eq!(
+        cached.contract_freshness.map(|f| f.source),
+        Some(lightbox_api::feed::Source::Cache as i32)
     );
 
     let shown = lightbox(&["fault", "contracts", "--addr", &contracts]).await;
