@@ -122,6 +122,9 @@ fn duration_from_proto(d: pbjson_types::Duration) -> Result<Duration, ApiError> 
 #[derive(Debug, Clone)]
 pub struct Faults {
     state: Arc<watch::Sender<FaultSpec>>,
+    /// Calls that reached the fault layer (not health, reflection or admin):
+    /// how benchmarks count the calls a downstream makes to this server.
+    calls: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Default for Faults {
@@ -135,6 +138,7 @@ impl Faults {
     pub fn new() -> Faults {
         Faults {
             state: Arc::new(watch::Sender::new(FaultSpec::default())),
+            calls: Arc::default(),
         }
     }
 
@@ -155,6 +159,16 @@ impl Faults {
     /// Removes every fault.
     pub fn clear(&self) {
         self.state.send_replace(FaultSpec::default());
+    }
+
+    /// Service calls received so far (faults or not; health, reflection
+    /// and admin excluded).
+    pub fn calls(&self) -> u64 {
+        self.calls.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn count_call(&self) {
+        self.calls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// A receiver notified of every change, for response bodies.

@@ -116,6 +116,7 @@ where
             None => service_of(path).to_owned(),
         };
         let faults = self.faults.clone();
+        faults.count_call();
         // The inner service was made ready by `poll_ready` on `self.inner`;
         // take that one into the future (which may call it only after a
         // sleep) and leave a fresh clone behind for the next `poll_ready`.
