@@ -15,14 +15,13 @@
 use std::time::{Duration, Instant};
 
 use lightbox_api::{
-    contracts::{Contract, ContractOption, CreateContractRequest, Plan},
     photos::{Consistency, ListPhotosRequest},
-    users::{CreateUserRequest, UpdateUserRequest, User},
+    users::{UpdateUserRequest, User},
 };
 use lightbox_app::Target;
 use lightbox_changefeed::FeedOptions;
 use lightbox_server::FaultSpec;
-use lightbox_testkit::{Stack, TestDb};
+use lightbox_testkit::{Stack, TestDb, customer};
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -36,7 +35,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .unwrap_or(300);
 
     let stack = Stack::start(TestDb::sqlite(), FeedOptions::default()).await;
-    let (user, users_rev, contracts_rev) = customer(&stack).await?;
+    let (user, contract) = customer(&stack, "customer@example.com", "1000").await;
+    let (users_rev, contracts_rev) = (user.revision, contract.revision);
     let mut photos = stack.photos_client().await;
     // Photos' copies hold the customer before measuring.
     photos
@@ -189,55 +189,4 @@ fn upstream_calls(stack: &Stack) -> u64 {
 fn percentile(samples: &mut [f64], q: f64) -> f64 {
     samples.sort_by(f64::total_cmp);
     samples[((samples.len() as f64 * q) as usize).min(samples.len() - 1)]
-}
-
-/// A user with a contract; answers the user and the revisions to wait for.
-async fn customer(stack: &Stack) -> Result<(User, i64, i64), Box<dyn std::error::Error>> {
-    let mut users = stack.users_client().await;
-    let user = users
-        .create_user(CreateUserRequest {
-            user: Some(User {
-                display_name: "Customer".into(),
-                email: "customer@example.com".into(),
-                ..User::default()
-            }),
-        })
-        .await?
-        .into_inner()
-        .user
-        .ok_or("no user")?;
-    let contract = stack
-        .contracts_client()
-        .await
-        .create_contract(CreateContractRequest {
-            contract: Some(Contract {
-                holder_user_id: user.id.clone(),
-                plan: Plan::Premium as i32,
-                options: vec![ContractOption {
-                    code: "photo_quota".into(),
-                    value: "1000".into(),
-                    enabled: true,
-                }],
-                ..Contract::default()
-            }),
-        })
-        .await?
-        .into_inner()
-        .contract
-        .ok_or("no contract")?;
-    let user = users
-        .update_user(UpdateUserRequest {
-            user: Some(User {
-                contract_id: contract.id.clone(),
-                ..user
-            }),
-            update_mask: None,
-            expected_revision: 0,
-        })
-        .await?
-        .into_inner()
-        .user
-        .ok_or("no user")?;
-    let revision = user.revision;
-    Ok((user, revision, contract.revision))
 }

@@ -9,19 +9,16 @@ use std::{
 };
 
 use lightbox_api::{
-    contracts::{
-        Contract, ContractOption, ContractStatus, CreateContractRequest, ListContractsRequest, Plan,
-        UpdateContractRequest,
-    },
+    contracts::{Contract, ContractStatus, ListContractsRequest, UpdateContractRequest},
     feed::{Freshness, Source},
     photos::{Consistency, CreatePhotoRequest, ListPhotosRequest, ListPhotosResponse, Photo},
-    users::{CreateUserRequest, ListUsersRequest, UpdateUserRequest, User},
+    users::{ListUsersRequest, UpdateUserRequest, User},
 };
 use lightbox_app::Target;
 use lightbox_cache::{Cache, CacheOptions};
 use lightbox_changefeed::FeedOptions;
 use lightbox_server::FaultSpec;
-use lightbox_testkit::{Stack, TestDb, conformance, eventually};
+use lightbox_testkit::{Stack, TestDb, conformance, customer, eventually, photo_quota};
 use tonic::Code;
 
 conformance!(
@@ -36,56 +33,6 @@ fn feed_options() -> FeedOptions {
         progress_interval: Duration::from_millis(200),
         poll_interval: Duration::from_millis(200),
         ..FeedOptions::default()
-    }
-}
-
-/// A user holding a contract with `quota` photos; answers (user, contract).
-async fn customer(stack: &Stack, email: &str, quota: &str) -> (User, Contract) {
-    let mut users = stack.users_client().await;
-    let mut contracts = stack.contracts_client().await;
-    let user = users
-        .create_user(CreateUserRequest {
-            user: Some(User {
-                display_name: "Customer".into(),
-                email: email.into(),
-                ..User::default()
-            }),
-        })
-        .await
-        .map(|r| r.into_inner().user.unwrap_or_default())
-        .unwrap_or_else(|status| panic!("create user: {status:?}"));
-    let contract = contracts
-        .create_contract(CreateContractRequest {
-            contract: Some(Contract {
-                holder_user_id: user.id.clone(),
-                plan: Plan::Standard as i32,
-                options: vec![quota_option(quota)],
-                ..Contract::default()
-            }),
-        })
-        .await
-        .map(|r| r.into_inner().contract.unwrap_or_default())
-        .unwrap_or_else(|status| panic!("create contract: {status:?}"));
-    let user = users
-        .update_user(UpdateUserRequest {
-            user: Some(User {
-                contract_id: contract.id.clone(),
-                ..user
-            }),
-            update_mask: None,
-            expected_revision: 0,
-        })
-        .await
-        .map(|r| r.into_inner().user.unwrap_or_default())
-        .unwrap_or_else(|status| panic!("update user: {status:?}"));
-    (user, contract)
-}
-
-fn quota_option(quota: &str) -> ContractOption {
-    ContractOption {
-        code: "photo_quota".into(),
-        value: quota.into(),
-        enabled: true,
     }
 }
 
@@ -320,7 +267,7 @@ async fn the_copies_equal_the_upstreams_after_restarts_and_drops(db: TestDb) {
         let updated = contracts
             .update_contract(UpdateContractRequest {
                 contract: Some(Contract {
-                    options: vec![quota_option(&format!("{}", 10 + round))],
+                    options: vec![photo_quota(&format!("{}", 10 + round))],
                     ..contract.clone()
                 }),
                 update_mask: None,
@@ -463,7 +410,7 @@ async fn the_quota_holds_from_the_cached_contract(db: TestDb) {
         .await
         .update_contract(UpdateContractRequest {
             contract: Some(Contract {
-                options: vec![quota_option("4")],
+                options: vec![photo_quota("4")],
                 ..contract.clone()
             }),
             update_mask: None,
@@ -497,7 +444,7 @@ async fn the_quota_holds_from_the_cached_contract(db: TestDb) {
         .update_contract(UpdateContractRequest {
             contract: Some(Contract {
                 status: ContractStatus::Suspended as i32,
-                options: vec![quota_option("100")],
+                options: vec![photo_quota("100")],
                 ..raised
             }),
             update_mask: None,

@@ -20,8 +20,11 @@ use std::{
 };
 
 use lightbox_api::{
-    contracts::contracts_service_client::ContractsServiceClient, photos::photos_service_client::PhotosServiceClient,
-    users::users_service_client::UsersServiceClient,
+    contracts::{
+        Contract, ContractOption, CreateContractRequest, Plan, contracts_service_client::ContractsServiceClient,
+    },
+    photos::photos_service_client::PhotosServiceClient,
+    users::{CreateUserRequest, UpdateUserRequest, User, users_service_client::UsersServiceClient},
 };
 use lightbox_app::{Component, Settings, Target};
 use lightbox_cache::CacheOptions;
@@ -328,6 +331,58 @@ impl Stack {
         for target in [Target::Photos, Target::Users, Target::Contracts] {
             self.stop_component(target).await;
         }
+    }
+}
+
+/// A user (with e-mail `email`) holding a contract whose `photo_quota` is
+/// `quota`, created through the services; answers (user, contract).
+pub async fn customer(stack: &Stack, email: &str, quota: &str) -> (User, Contract) {
+    let mut users = stack.users_client().await;
+    let mut contracts = stack.contracts_client().await;
+    let user = users
+        .create_user(CreateUserRequest {
+            user: Some(User {
+                display_name: "Customer".into(),
+                email: email.into(),
+                ..User::default()
+            }),
+        })
+        .await
+        .map(|r| r.into_inner().user.unwrap_or_default())
+        .unwrap_or_else(|status| panic!("create user: {status:?}"));
+    let contract = contracts
+        .create_contract(CreateContractRequest {
+            contract: Some(Contract {
+                holder_user_id: user.id.clone(),
+                plan: Plan::Standard as i32,
+                options: vec![photo_quota(quota)],
+                ..Contract::default()
+            }),
+        })
+        .await
+        .map(|r| r.into_inner().contract.unwrap_or_default())
+        .unwrap_or_else(|status| panic!("create contract: {status:?}"));
+    let user = users
+        .update_user(UpdateUserRequest {
+            user: Some(User {
+                contract_id: contract.id.clone(),
+                ..user
+            }),
+            update_mask: None,
+            expected_revision: 0,
+        })
+        .await
+        .map(|r| r.into_inner().user.unwrap_or_default())
+        .unwrap_or_else(|status| panic!("update user: {status:?}"));
+    (user, contract)
+}
+
+/// The `photo_quota` option of a contract, enabled, at `quota`.
+pub fn photo_quota(quota: &str) -> ContractOption {
+    ContractOption {
+        code: "photo_quota".into(),
+        value: quota.into(),
+        enabled: true,
     }
 }
 

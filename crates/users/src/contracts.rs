@@ -5,13 +5,13 @@
 use std::time::Duration;
 
 use lightbox_api::{
-    ApiError,
+    ApiError, call_upstream,
     contracts::{Contract, GetContractRequest, contracts_service_client::ContractsServiceClient},
     feed::Freshness,
     users::ContractRead,
 };
 use lightbox_cache::{Cache, upstream_freshness};
-use tonic::{Code, transport::Channel};
+use tonic::transport::Channel;
 
 /// A client of the contracts service with the deadline `GetUser` gives it.
 #[derive(Clone)]
@@ -49,31 +49,17 @@ impl ContractsUpstream {
         // Sent as grpc-timeout, so Contracts can give up too.
         request.set_timeout(self.timeout);
         let mut client = self.client.clone();
-        let answer = match tokio::time::timeout(self.timeout, client.get_contract(request)).await {
-            Ok(answer) => answer,
-            Err(_) => return Err(too_slow(self.timeout)),
-        };
-        match answer {
-            Ok(response) => response
-                .into_inner()
+        match call_upstream("contracts", self.timeout, client.get_contract(request)).await {
+            Ok(answer) => answer
                 .contract
                 .ok_or_else(|| ApiError::Unavailable("the contracts service answered without a contract".into())),
-            Err(status) => Err(match status.code() {
-                Code::NotFound => ApiError::FailedPrecondition(format!(
-                    "the user's contract {id} does not exist in the contracts service"
-                )),
-                Code::DeadlineExceeded | Code::Cancelled => too_slow(self.timeout),
-                _ => ApiError::Unavailable(format!("the contracts service is unavailable: {}", status.message())),
-            }),
+            // The user points at a contract Contracts does not know.
+            Err(ApiError::NotFound(_)) => Err(ApiError::FailedPrecondition(format!(
+                "the user's contract {id} does not exist in the contracts service"
+            ))),
+            Err(err) => Err(err),
         }
     }
-}
-
-fn too_slow(timeout: Duration) -> ApiError {
-    ApiError::DeadlineExceeded(format!(
-        "the contracts service did not answer within {} ms",
-        timeout.as_millis()
-    ))
 }
 
 /// Reads contract `id` as `read` says, with where it came from.
