@@ -1,6 +1,7 @@
 //! `lightbox`: the one binary. Parses the command line and hands over to
-//! [`lightbox_app::run`]; exits 0 on success, 1 with a one-line error
-//! otherwise (2 for usage errors, from clap).
+//! [`lightbox_app::run`]; exits 0 on success, otherwise prints a one-line
+//! error and exits 1, 2 for usage errors (from clap), or the code the
+//! command-line tools give the kind of failure.
 
 use std::process::ExitCode;
 
@@ -20,7 +21,11 @@ async fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("error: {err:#}");
-            ExitCode::FAILURE
+            // The tools say what kind of failure it was (see `lightbox_app::tools::Failure`).
+            match err.downcast_ref::<lightbox_app::tools::Failure>() {
+                Some(failure) => ExitCode::from(failure.exit_code),
+                None => ExitCode::FAILURE,
+            }
         }
     }
 }

@@ -324,3 +324,205 @@ async fn a_taken_port_fails_the_start_with_the_address() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains(&format!("cannot listen on {addr}")), "{stderr}");
 }
+
+async fn tool(args: &[&str]) -> (Option<i32>, String, String) {
+    let out = lightbox(args).await;
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_tools_print_tables_or_json_and_exit_with_the_kind_of_failure() {
+    let dir = tempfile::tempdir().unwrap_or_else(|err| panic!("{err}"));
+    let dev = start_dev(dir.path()).await;
+    let (users, contracts) = (dev.users.to_string(), dev.contracts.to_string());
+
+    let (code, out, err) = tool(&[
+        "users",
+        "create",
+        "--name",
+        "Zoe",
+        "--email",
+        "zoe@example.com",
+        "--json",
+        "--addr",
+        &users,
+    ])
+    .await;
+    assert_eq!(code, Some(0), "{err}");
+    let created: serde_json::Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+    let id = created["id"].as_str().unwrap_or_default().to_owned();
+    assert_eq!(created["displayName"], "Zoe");
+    assert_eq!(
+        created["revision"], "4",
+        "int64 as a string, per the proto3 JSON mapping"
+    );
+
+    let (code, out, _) = tool(&["users", "get", &id, "--addr", &users]).await;
+    assert_eq!(code, Some(0));
+    assert!(
+        out.starts_with("ID") && out.contains("zoe@example.com") && out.contains("active"),
+        "{out}"
+    );
+
+    let (code, out, _) = tool(&[
+        "contracts",
+        "create",
+        "--holder",
+        &id,
+        "--plan",
+        "premium",
+        "--option",
+        "photo_quota=1",
+        "--json",
+        "--addr",
+        &contracts,
+    ])
+    .await;
+    assert_eq!(code, Some(0));
+    let contract: serde_json::Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+    assert_eq!(contract["plan"], "PLAN_PREMIUM");
+
+    // Exit codes by kind of failure, with one line on stderr.
+    let unknown = "00000000-0000-7000-8000-00000000dead";
+    let cases: [(&[&str], i32); 4] = [
+        (&["users", "get", unknown, "--addr", &users], 3),
+        (&["users", "get", "not-an-id", "--addr", &users], 4),
+        (
+            &[
+                "users",
+                "update",
+                &id,
+                "--name",
+                "Late",
+                "--expected-revision",
+                "1",
+                "--addr",
+                &users,
+            ],
+            5,
+        ),
+        (&["users", "get", &id, "--addr", "127.0.0.1:1"], 7),
+    ];
+    for (args, expected) in cases {
+        let (code, _, err) = tool(args).await;
+        assert_eq!(code, Some(expected), "{args:?}: {err}");
+        assert!(err.starts_with("error:") && err.trim().lines().count() == 1, "{err}");
+    }
+    // Nothing changed by the refused update.
+    let (_, out, _) = tool(&["users", "get", &id, "--json", "--addr", &users]).await;
+    assert!(out.contains("\"displayName\": \"Zoe\""), "{out}");
+    assert!(dev.terminate().await.success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_streams_changes_and_resumes_after_the_server_restarts() {
+    let dir = tempfile::tempdir().unwrap_or_else(|err| panic!("{err}"));
+    let data_dir = dir.path().to_string_lossy().into_owned();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .unwrap_or_else(|err| panic!("{err}"))
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let serve = || {
+        Command::new(BIN)
+            .args([
+                "serve",
+                "--target",
+                "contracts",
+                "--contracts-addr",
+                &addr,
+                "--data-dir",
+                &data_dir,
+            ])
+            .args(["--progress-interval", "200ms"])
+            .env("RUST_LOG", "warn")
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap_or_else(|err| panic!("{err}"))
+    };
+    let create = |holder: &'static str| {
+        let addr = addr.clone();
+        async move {
+            let (code, out, err) = tool(&[
+                "contracts",
+                "create",
+                "--holder",
+                holder,
+                "--plan",
+                "free",
+                "--json",
+                "--addr",
+                &addr,
+            ])
+            .await;
+            (code == Some(0)).then(|| {
+                let value: serde_json::Value =
+                    serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out} {err}"));
+                value["id"].as_str().unwrap_or_default().to_owned()
+            })
+        }
+    };
+    let mut server = serve();
+    let first = lightbox_testkit::eventually("the server to accept a contract", || create(ADA)).await;
+
+    let mut watcher = Command::new(BIN)
+        .args(["watch", "contracts", "--json", "--addr", &addr])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap_or_else(|err| panic!("{err}"));
+    let mut out = BufReader::new(watcher.stdout.take().unwrap_or_else(|| panic!("no stdout"))).lines();
+    let mut err = BufReader::new(watcher.stderr.take().unwrap_or_else(|| panic!("no stderr"))).lines();
+    let mut seen = Vec::new();
+    let mut read_until = async |needle: &str, seen: &mut Vec<String>| {
+        let found = async {
+            while let Ok(Some(line)) = out.next_line().await {
+                let hit = line.contains(needle);
+                seen.push(line);
+                if hit {
+                    return;
+                }
+            }
+            panic!("the watcher stopped before {needle}");
+        };
+        tokio::time::timeout(DEADLINE, found)
+            .await
+            .unwrap_or_else(|_| panic!("no {needle} within {DEADLINE:?}"));
+    };
+    read_until("snapshotEnd", &mut seen).await;
+    assert!(seen.iter().any(|l| l.contains(&first)));
+
+    // The server goes away and comes back; the watcher resumes by itself.
+    let pid = server.id().unwrap_or_default().to_string();
+    let _ = std::process::Command::new("kill").args(["-TERM", &pid]).status();
+    let _ = tokio::time::timeout(DEADLINE, server.wait()).await;
+    server = serve();
+    let second = lightbox_testkit::eventually("the restarted server to accept a contract", || create(ADA)).await;
+    read_until(&second, &mut seen).await;
+    assert_eq!(
+        seen.iter().filter(|l| l.contains(&first)).count(),
+        1,
+        "nothing seen twice: {seen:?}"
+    );
+    let said = tokio::time::timeout(DEADLINE, async {
+        let mut said = String::new();
+        while let Ok(Some(line)) = err.next_line().await {
+            said.push_str(&line);
+            said.push('\n');
+            if line.contains("watching contracts from revision") && said.contains("reconnecting") {
+                return said;
+            }
+        }
+        said
+    })
+    .await
+    .unwrap_or_default();
+    assert!(said.contains("reconnecting from revision 1"), "{said}");
+    let _ = watcher.kill().await;
+    let _ = server.kill().await;
+}

@@ -41,6 +41,14 @@ pub enum Command {
     Serve(ServeArgs),
     /// Injects faults into a running server: latency, errors, or down.
     Fault(FaultArgs),
+    /// The back office: create, read, update, delete users.
+    Users(crate::tools::UsersArgs),
+    /// The support app: create, read, update, delete contracts.
+    Contracts(crate::tools::ContractsArgs),
+    /// Photos: upload records, list, delete.
+    Photos(crate::tools::PhotosArgs),
+    /// Streams changes as they happen, resuming by itself after drops.
+    Watch(crate::tools::WatchArgs),
 }
 
 /// Settings of the servers.

@@ -9,6 +9,8 @@
 //!   listener and returns a [`Component`] handle to stop it.
 //! - [`demo`]: the demo users, contracts and photos `lightbox dev` loads.
 //! - `fault` (private): `lightbox fault`, the client of the admin service.
+//! - [`tools`]: the command-line tools (`users`, `contracts`, `photos`,
+//!   `watch`): tables or JSON, exit codes by failure kind.
 //! - `telemetry` (private): logs.
 //!
 //! [`run`] is what the `lightbox` binary calls.
@@ -18,6 +20,7 @@ pub mod demo;
 mod fault;
 pub mod targets;
 mod telemetry;
+pub mod tools;
 
 use std::net::SocketAddr;
 
@@ -43,6 +46,10 @@ pub async fn run(cli: Cli, version: &str) -> anyhow::Result<()> {
         Some(Command::Dev(args)) => serve(args, Some(version)).await,
         Some(Command::Serve(args)) => serve(args, None).await,
         Some(Command::Fault(args)) => fault::run(args).await,
+        Some(Command::Users(args)) => tools::users(args).await,
+        Some(Command::Contracts(args)) => tools::contracts(args).await,
+        Some(Command::Photos(args)) => tools::photos(args).await,
+        Some(Command::Watch(args)) => tools::watch(args).await,
     }
 }
 
