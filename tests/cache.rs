@@ -26,6 +26,7 @@ conformance!(
     compaction_answers_are_applied_by_themselves,
     the_guard_rail_holds_back_a_snapshot_that_deletes_most_of_the_copy,
     a_silent_stream_is_noticed_and_reconnected,
+    a_held_batch_is_neither_applied_nor_skipped,
 );
 
 fn feed_options() -> FeedOptions {
@@ -379,5 +380,36 @@ async fn a_silent_stream_is_noticed_and_reconnected(db: TestDb) {
         (opened.load(Ordering::SeqCst) >= 3).then_some(())
     })
     .await;
+    follower.abort();
+}
+
+async fn a_held_batch_is_neither_applied_nor_skipped(db: TestDb) {
+    let (_up, feed) = upstream(&db, feed_options()).await;
+    for i in 0..20 {
+        put(&feed, &format!("u{i:02}"), "v").await;
+    }
+    let cache = open_cache(&db, cache_options()).await;
+    let follower = tokio::spawn({
+        let (cache, feed) = (cache.clone(), feed.clone());
+        async move { cache.follow(feed).await }
+    });
+    converged(&cache, &feed).await;
+    // Most of the upstream deleted in one transaction: the changes arrive together.
+    let mut tx = feed.begin().await.unwrap_or_else(|err| panic!("{err}"));
+    for i in 0..15 {
+        tx.delete(&format!("u{i:02}"))
+            .await
+            .unwrap_or_else(|err| panic!("{err}"));
+    }
+    let head = tx.commit().await.unwrap_or_else(|err| panic!("{err}"));
+    let held = eventually("the guard rail to hold the deletions", || async { cache.state().held }).await;
+    assert!(held.contains("batch"), "{held}");
+    assert!(
+        cache.state().applied_revision < head,
+        "the held changes are not skipped past"
+    );
+    cache.release_guard();
+    converged(&cache, &feed).await;
+    assert_eq!(copy_state(&cache).await.len(), 5);
     follower.abort();
 }

@@ -33,6 +33,10 @@ struct Dev {
 }
 
 async fn start_dev(data_dir: &Path) -> Dev {
+    start_dev_with(data_dir, &[]).await
+}
+
+async fn start_dev_with(data_dir: &Path, extra: &[&str]) -> Dev {
     let mut child = Command::new(BIN)
         .args([
             "dev",
@@ -45,6 +49,7 @@ async fn start_dev(data_dir: &Path) -> Dev {
             "--data-dir",
         ])
         .arg(data_dir)
+        .args(extra)
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -525,4 +530,16 @@ async fn watch_streams_changes_and_resumes_after_the_server_restarts() {
     assert!(said.contains("reconnecting from revision 1"), "{said}");
     let _ = watcher.kill().await;
     let _ = server.kill().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_component_can_share_one_database() {
+    let dir = tempfile::tempdir().unwrap_or_else(|err| panic!("{err}"));
+    let url = format!("sqlite://{}", dir.path().join("all.db").display());
+    let dev = start_dev_with(dir.path(), &["--database-url", &url]).await;
+    let answer = get_ada(dev.users)
+        .await
+        .unwrap_or_else(|status| panic!("GetUser: {status:?}"));
+    assert_eq!(answer.user.map(|u| u.display_name), Some("Ada Lovelace".into()));
+    assert!(dev.terminate().await.success());
 }

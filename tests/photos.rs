@@ -298,8 +298,8 @@ async fn the_copies_equal_the_upstreams_after_restarts_and_drops(db: TestDb) {
     let users = upstream_users(&stack).await;
     let contracts = upstream_contracts(&stack).await;
     eventually("Photos' copies to equal the upstreams", || async {
-        let same = copy_of::<User>(&stack, "users").await == users
-            && copy_of::<Contract>(&stack, "contracts").await == contracts;
+        let same = copy_of::<User>(&stack, lightbox_photos::USERS_CACHE).await == users
+            && copy_of::<Contract>(&stack, lightbox_photos::CONTRACTS_CACHE).await == contracts;
         same.then_some(())
     })
     .await;

@@ -86,10 +86,12 @@ async fn serve(args: ServeArgs, dev: Option<&str>) -> anyhow::Result<()> {
     }
 
     let (trigger, shutdown) = Shutdown::new();
+    let trigger = std::sync::Arc::new(trigger);
+    let on_signal = std::sync::Arc::clone(&trigger);
     tokio::spawn(async move {
         lightbox_server::ctrl_c_or_term().await;
         tracing::info!("shutdown signal received; draining");
-        trigger.trigger();
+        on_signal.trigger();
     });
     // Each component runs until the signal, or fails on its own; the first
     // failure stops the others.
@@ -105,7 +107,8 @@ async fn serve(args: ServeArgs, dev: Option<&str>) -> anyhow::Result<()> {
             Ok((target, Err(err))) => {
                 tracing::error!(component = %target, error = format!("{err:#}"), "component failed; stopping the others");
                 failure.get_or_insert(err);
-                tasks.abort_all();
+                // The others drain gracefully, as on a signal.
+                trigger.trigger();
             }
             Err(err) if err.is_cancelled() => {}
             Err(err) => {

@@ -161,6 +161,8 @@ struct Inner {
     /// Set once the guard rail held something back: the operator's release
     /// lets the next such snapshot or batch through.
     release_guard: Mutex<bool>,
+    /// Wakes a follower that is holding back, when the operator releases.
+    released: tokio::sync::Notify,
 }
 
 /// A failure of the cache.
@@ -193,6 +195,7 @@ impl<T: Entity> Cache<T> {
                 options,
                 state,
                 release_guard: Mutex::new(false),
+                released: tokio::sync::Notify::new(),
             }),
             _entity: std::marker::PhantomData,
         })
@@ -274,6 +277,7 @@ impl<T: Entity> Cache<T> {
         if let Ok(mut release) = self.inner.release_guard.lock() {
             *release = true;
         }
+        self.inner.released.notify_one();
     }
 
     /// Follows `source` into the copy until the future is dropped: connect
@@ -295,6 +299,14 @@ impl<T: Entity> Cache<T> {
                 }
                 Err(status) => {
                     tracing::debug!(cache = self.inner.name, code = ?status.code(), message = status.message(), "cannot open the watch");
+                }
+            }
+            if self.state().held.is_some() {
+                // Reconnecting now would download the same snapshot to hold it
+                // back again: wait for the operator (or try again much later).
+                tokio::select! {
+                    _ = self.inner.released.notified() => {}
+                    _ = tokio::time::sleep(options.backoff_max * 6) => {}
                 }
             }
             // Jitter: a fleet of caches restarted together does not reconnect in step.
@@ -325,6 +337,9 @@ impl<T: Entity> Cache<T> {
         // Between a snapshot's begin and end: the entities it holds, and
         // whether a reset announced it (the copy is replaced either way).
         let mut snapshot: Option<Vec<Arc<Change<T>>>> = None;
+        // Whether the snapshot coming was announced by a reset: then it
+        // replaces the copy even if the copy is ahead of it.
+        let mut reset = false;
         loop {
             let next = match tokio::time::timeout(options.idle_timeout, stream.next()).await {
                 Ok(Some(Ok(frame))) => frame,
@@ -341,10 +356,10 @@ impl<T: Entity> Cache<T> {
                     return progressed;
                 }
             };
-            self.heard(None);
             let result = match next {
                 Frame::Reset { reason, .. } => {
                     tracing::warn!(cache = name, %reason, "upstream reset: the copy will be replaced by a snapshot");
+                    reset = true;
                     Ok(())
                 }
                 Frame::SnapshotBegin { .. } => {
@@ -359,41 +374,61 @@ impl<T: Entity> Cache<T> {
                 }
                 Frame::SnapshotEnd { revision } => {
                     let entities = snapshot.take().unwrap_or_default();
-                    self.apply_snapshot(entities, revision).await
+                    let applied = self
+                        .apply_snapshot(entities, revision, std::mem::take(&mut reset))
+                        .await;
+                    if applied.is_ok() {
+                        self.caught_up(revision);
+                    }
+                    applied
                 }
                 Frame::Change(change) => {
-                    // Take whatever else is already waiting: one transaction per batch.
+                    // Take whatever else is already waiting: one transaction per
+                    // batch. A progress frame right behind it is applied after it.
                     let mut batch = vec![change];
+                    let mut trailing = None;
                     while batch.len() < options.batch_max {
                         match stream.next().now_or_never() {
                             Some(Some(Ok(Frame::Change(change)))) => batch.push(change),
                             Some(Some(Ok(other))) => {
-                                // Apply the batch first, then this frame.
-                                let applied = self.apply_batch(&batch).await;
-                                batch.clear();
-                                if applied.is_err() {
-                                    break;
-                                }
-                                if let Frame::Progress { revision } = other {
-                                    self.heard(Some(revision));
-                                } else {
-                                    tracing::warn!(cache = name, "unexpected frame in live changes; resuming");
-                                    return progressed;
-                                }
+                                trailing = Some(other);
                                 break;
                             }
+                            // Nothing more ready; a failure shows on the next read.
                             _ => break,
                         }
                     }
-                    if batch.is_empty() {
-                        Ok(())
-                    } else {
-                        self.apply_batch(&batch).await
+                    let drained = trailing.is_none() && batch.len() < options.batch_max;
+                    match self.apply_batch(&batch).await {
+                        Err(stop) => Err(stop),
+                        Ok(()) => match trailing {
+                            Some(Frame::Progress { revision }) => {
+                                let advanced = self.advance_to(revision).await;
+                                if advanced.is_ok() {
+                                    self.caught_up(revision);
+                                }
+                                advanced
+                            }
+                            Some(other) => {
+                                tracing::warn!(cache = name, frame = ?std::mem::discriminant(&other), "unexpected frame among live changes; resuming");
+                                return progressed;
+                            }
+                            None => {
+                                if drained {
+                                    // Everything the stream had sent is applied.
+                                    self.caught_up(self.state().applied_revision);
+                                }
+                                Ok(())
+                            }
+                        },
                     }
                 }
                 Frame::Progress { revision } => {
-                    self.heard(Some(revision));
-                    self.advance_to(revision).await
+                    let advanced = self.advance_to(revision).await;
+                    if advanced.is_ok() {
+                        self.caught_up(revision);
+                    }
+                    advanced
                 }
             };
             match result {
@@ -407,13 +442,14 @@ impl<T: Entity> Cache<T> {
         }
     }
 
-    /// Notes that the upstream spoke (and, with a revision, where it is).
-    fn heard(&self, upstream: Option<i64>) {
+    /// Notes that the copy has applied everything the upstream has sent, up
+    /// to `upstream` (a progress frame, a complete snapshot, or a drained
+    /// batch): the copy is current as of now. Only then does its age reset,
+    /// so a copy replaying a backlog, or holding a snapshot back, ages.
+    fn caught_up(&self, upstream: i64) {
         self.inner.state.send_modify(|state| {
             state.last_heard = Some(SystemTime::now());
-            if let Some(revision) = upstream {
-                state.upstream_revision = state.upstream_revision.max(revision);
-            }
+            state.upstream_revision = state.upstream_revision.max(upstream);
         });
     }
 
@@ -457,10 +493,23 @@ impl<T: Entity> Cache<T> {
         true
     }
 
-    /// Replaces the copy with a snapshot at `revision`, in one transaction.
-    async fn apply_snapshot(&self, entities: Vec<Arc<Change<T>>>, revision: i64) -> Result<(), Stop> {
+    /// Replaces the copy with a snapshot at `revision`, in one transaction;
+    /// unless another follower of the same copy (a replica of this service
+    /// on the same database) has already brought it further, and no reset
+    /// asked for the replacement.
+    async fn apply_snapshot(&self, entities: Vec<Arc<Change<T>>>, revision: i64, reset: bool) -> Result<(), Stop> {
         let name = self.inner.name;
         let mut tx = self.inner.db.begin_write().await.map_err(Stop::from)?;
+        let stored: i64 = sqlx::query_scalar("SELECT revision FROM cache_state WHERE cache = $1")
+            .bind(name)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(Stop::from)?;
+        if stored > revision && !reset {
+            tx.rollback().await.map_err(Stop::from)?;
+            self.applied(stored);
+            return Ok(());
+        }
         let current: Vec<String> = sqlx::query_scalar("SELECT entity_id FROM cache_entities WHERE cache = $1")
             .bind(name)
             .fetch_all(&mut *tx)
@@ -479,7 +528,12 @@ impl<T: Entity> Cache<T> {
         for change in &entities {
             upsert_or_delete(&mut tx, name, change).await?;
         }
-        set_cursor(&mut tx, name, revision).await?;
+        sqlx::query("UPDATE cache_state SET revision = $2 WHERE cache = $1")
+            .bind(name)
+            .bind(revision)
+            .execute(&mut *tx)
+            .await
+            .map_err(Stop::from)?;
         tx.commit().await.map_err(Stop::from)?;
         self.applied(revision);
         tracing::info!(cache = name, revision, entities = entities.len(), "snapshot applied");
@@ -543,7 +597,8 @@ async fn upsert_or_delete<T: Entity>(conn: &mut AnyConnection, cache: &str, chan
         Some(entity) => {
             sqlx::query(
                 "INSERT INTO cache_entities (cache, entity_id, revision, payload) VALUES ($1, $2, $3, $4) \
-                 ON CONFLICT (cache, entity_id) DO UPDATE SET revision = excluded.revision, payload = excluded.payload",
+                 ON CONFLICT (cache, entity_id) DO UPDATE SET revision = excluded.revision, payload = excluded.payload \
+                 WHERE cache_entities.revision < excluded.revision",
             )
             .bind(cache)
             .bind(change.entity_id.as_str())
@@ -553,9 +608,11 @@ async fn upsert_or_delete<T: Entity>(conn: &mut AnyConnection, cache: &str, chan
             .await?;
         }
         None => {
-            sqlx::query("DELETE FROM cache_entities WHERE cache = $1 AND entity_id = $2")
+            // Not a newer state another follower of the copy already wrote.
+            sqlx::query("DELETE FROM cache_entities WHERE cache = $1 AND entity_id = $2 AND revision < $3")
                 .bind(cache)
                 .bind(change.entity_id.as_str())
+                .bind(change.revision)
                 .execute(conn)
                 .await?;
         }
@@ -563,8 +620,10 @@ async fn upsert_or_delete<T: Entity>(conn: &mut AnyConnection, cache: &str, chan
     Ok(())
 }
 
+/// Moves the copy's cursor forward (never back: another follower of the same
+/// copy may be ahead).
 async fn set_cursor(conn: &mut AnyConnection, cache: &str, revision: i64) -> Result<(), Stop> {
-    sqlx::query("UPDATE cache_state SET revision = $2 WHERE cache = $1")
+    sqlx::query("UPDATE cache_state SET revision = $2 WHERE cache = $1 AND revision < $2")
         .bind(cache)
         .bind(revision)
         .execute(conn)

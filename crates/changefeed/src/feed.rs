@@ -226,6 +226,16 @@ impl<T: Entity> Feed<T> {
         if options.watcher_buffer == 0 {
             return Err(FeedError::Options("watcher_buffer must be at least 1".into()));
         }
+        if options.progress_interval.is_zero() || options.poll_interval.is_zero() {
+            return Err(FeedError::Options(
+                "progress and poll intervals must be longer than zero".into(),
+            ));
+        }
+        if options.retention.interval.is_some_and(|every| every.is_zero()) {
+            return Err(FeedError::Options(
+                "the retention interval must be longer than zero".into(),
+            ));
+        }
         if options.retention.keep_changes < 1 || options.retention.keep_tombstones < options.retention.keep_changes {
             return Err(FeedError::Options(
                 "retention must keep at least one change, and tombstones at least as long as changes".into(),

@@ -27,6 +27,9 @@ pub(crate) struct Hub<T> {
     /// Raised by [`Hub::close`] (graceful shutdown): watchers end with the
     /// revision to resume from instead of waiting for more changes.
     closing: AtomicBool,
+    /// Bumped each time the ring is replaced: a watcher whose ring was
+    /// replaced must not claim progress from the new head.
+    generation: AtomicU64,
     /// Queries the tail made of the changelog (for metrics, and for tests
     /// proving watchers do not poll the database).
     pub(crate) tail_reads: AtomicU64,
@@ -45,6 +48,7 @@ impl<T> Hub<T> {
             capacity,
             head: AtomicI64::new(head),
             closing: AtomicBool::new(false),
+            generation: AtomicU64::new(0),
             tail_reads: AtomicU64::new(0),
             watchers: AtomicI64::new(0),
             wake: Notify::new(),
@@ -64,11 +68,19 @@ impl<T> Hub<T> {
         self.wake.notify_one();
     }
 
-    pub(crate) fn subscribe(&self) -> broadcast::Receiver<Arc<Change<T>>> {
-        match self.sender.read() {
-            Ok(sender) => sender.subscribe(),
-            Err(poisoned) => poisoned.into_inner().subscribe(),
-        }
+    /// A receiver of the ring, and the ring's generation.
+    pub(crate) fn subscribe(&self) -> (broadcast::Receiver<Arc<Change<T>>>, u64) {
+        let sender = match self.sender.read() {
+            Ok(sender) => sender,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        // Read under the lock `restart` writes under: the pair is consistent.
+        (sender.subscribe(), self.generation.load(Ordering::SeqCst))
+    }
+
+    /// The ring's generation now.
+    pub(crate) fn generation(&self) -> u64 {
+        self.generation.load(Ordering::SeqCst)
     }
 
     fn publish(&self, change: Arc<Change<T>>) {
@@ -102,6 +114,7 @@ impl<T> Hub<T> {
             Ok(sender) => sender,
             Err(poisoned) => poisoned.into_inner(),
         };
+        self.generation.fetch_add(1, Ordering::SeqCst);
         *sender = broadcast::channel(self.capacity).0;
     }
 }

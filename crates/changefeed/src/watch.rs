@@ -50,9 +50,11 @@ impl<T: Entity> Feed<T> {
             .hub
             .watchers
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        // Subscribe first: see the module docs.
+        let (ring, generation) = self.inner.shared.hub.subscribe();
         let watcher = Watcher {
-            // Subscribe first: see the module docs.
-            ring: self.inner.shared.hub.subscribe(),
+            ring,
+            generation,
             feed: self.clone(),
             cursor: since_revision,
             ids: if ids.is_empty() {
@@ -92,6 +94,9 @@ enum Phase {
 struct Watcher<T> {
     feed: Feed<T>,
     ring: broadcast::Receiver<Arc<Change<T>>>,
+    /// The generation of `ring`: if the hub has replaced it since, this
+    /// watcher's empty ring says nothing about the new head.
+    generation: u64,
     /// Every change up to here was delivered (or filtered out).
     cursor: i64,
     ids: Option<HashSet<String>>,
@@ -254,8 +259,9 @@ impl<T: Entity> Watcher<T> {
         }
         // Head first, then the ring: if the ring is empty, every change up to
         // that head has been received.
-        let head = self.feed.inner.shared.hub.head();
-        if self.ring.is_empty() {
+        let hub = &self.feed.inner.shared.hub;
+        let head = hub.head();
+        if self.ring.is_empty() && hub.generation() == self.generation {
             self.cursor = self.cursor.max(head);
         }
         Some(Frame::Progress { revision: self.cursor })

@@ -28,7 +28,7 @@ use tonic::{Request, Response, Status};
 /// The name of the contracts feed (in the service's database).
 pub const FEED: &str = "contracts";
 
-/// The service's own migrations (versions from 1000).
+/// The service's own migrations (versions 2000 to 2999).
 pub static MIGRATIONS: Migrations = Migrations {
     sqlite: &sqlx::migrate!("migrations/sqlite"),
     postgres: &sqlx::migrate!("migrations/postgres"),

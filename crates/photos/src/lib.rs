@@ -43,7 +43,14 @@ use tonic::{Request, Response, Status, transport::Channel};
 /// The name of the photos feed (in the service's database).
 pub const FEED: &str = "photos";
 
-/// The service's own migrations (versions from 1000).
+/// The name of the local copy of users (in the service's database). Named
+/// after its owner: several services may share one database.
+pub const USERS_CACHE: &str = "photos.users";
+
+/// The name of the local copy of contracts.
+pub const CONTRACTS_CACHE: &str = "photos.contracts";
+
+/// The service's own migrations (versions 3000 to 3999).
 pub static MIGRATIONS: Migrations = Migrations {
     sqlite: &sqlx::migrate!("migrations/sqlite"),
     postgres: &sqlx::migrate!("migrations/postgres"),
@@ -99,8 +106,8 @@ impl PhotosService {
     ) -> Result<PhotosService, FeedError> {
         db.migrate(&[&lightbox_cache::MIGRATIONS, &MIGRATIONS]).await?;
         Ok(PhotosService {
-            users_copy: Cache::open(db.clone(), "users", cache.clone()).await?,
-            contracts_copy: Cache::open(db.clone(), "contracts", cache).await?,
+            users_copy: Cache::open(db.clone(), USERS_CACHE, cache.clone()).await?,
+            contracts_copy: Cache::open(db.clone(), CONTRACTS_CACHE, cache).await?,
             feed: Feed::open(db, FEED, feed).await?,
             users_channel: users,
             contracts_channel: contracts,

@@ -149,6 +149,10 @@ async fn miss(photos: &PhotosService, user_id: &str) -> Result<Owner, ApiError> 
         .await
         .map_err(|err| match err {
             ApiError::NotFound(_) => ApiError::NotFound(format!("user {user_id} not found")),
+            // Answers about the request itself are not outages: pass them on.
+            err @ (ApiError::InvalidArgument(_) | ApiError::FailedPrecondition(_) | ApiError::PermissionDenied(_)) => {
+                err
+            }
             other => ApiError::Unavailable(format!(
                 "user {user_id} is not in the local copy yet, and the users service did not help: {other}"
             )),

@@ -39,9 +39,9 @@ pub use contracts::ContractsUpstream;
 pub const FEED: &str = "users";
 
 /// The name of the local copy of contracts (in the service's database).
-pub const CONTRACTS_CACHE: &str = "contracts";
+pub const CONTRACTS_CACHE: &str = "users.contracts";
 
-/// The service's own migrations (versions from 1000).
+/// The service's own migrations (versions 1000 to 1999).
 pub static MIGRATIONS: Migrations = Migrations {
     sqlite: &sqlx::migrate!("migrations/sqlite"),
     postgres: &sqlx::migrate!("migrations/postgres"),
