@@ -475,23 +475,25 @@ async fn id_filters_apply_to_snapshot_and_live(db: TestDb) {
 async fn pull_listing_follows_the_same_revisions_and_compaction_rule(db: TestDb) {
     let feed = open(&db, compacting(5, 12)).await;
     history(&feed).await;
-    // From 0: the whole current state, paged, then an empty page at the head.
+    // From 0: the whole current state, paged, then the changes after it,
+    // then an empty page at the head.
     let mut copy = BTreeMap::new();
-    let mut since = 0;
+    let (mut since, mut token) = (0, String::new());
     loop {
         let page = feed
-            .list_changes(since, 4)
+            .list_changes(since, 4, &token)
             .await
             .unwrap_or_else(|err| panic!("list: {err}"));
+        token = page.next_page_token.clone();
         assert!(page.reset.is_none());
         for change in &page.changes {
-            assert!(change.revision > since);
+            assert!(since == 0 || change.revision > since);
             match &change.entity {
                 Some(u) => copy.insert(change.entity_id.clone(), (change.revision, u.display_name.clone())),
                 None => copy.remove(&change.entity_id),
             };
         }
-        if page.changes.is_empty() {
+        if page.changes.is_empty() && token.is_empty() {
             assert_eq!(page.next_since_revision, committed(&feed).await);
             break;
         }
@@ -500,7 +502,7 @@ async fn pull_listing_follows_the_same_revisions_and_compaction_rule(db: TestDb)
     assert_eq!(copy, server_state(&feed).await);
     // Changelog pages while history is kept.
     let page = feed
-        .list_changes(37, 100)
+        .list_changes(37, 100, "")
         .await
         .unwrap_or_else(|err| panic!("list: {err}"));
     assert_eq!(
@@ -510,17 +512,35 @@ async fn pull_listing_follows_the_same_revisions_and_compaction_rule(db: TestDb)
     feed.compact().await.unwrap_or_else(|err| panic!("compact: {err}"));
     // Compacted: latest state per entity changed since; past tombstones: reset.
     let page = feed
-        .list_changes(30, 100)
+        .list_changes(30, 100, "")
         .await
         .unwrap_or_else(|err| panic!("list: {err}"));
     assert!(page.reset.is_none());
     assert_eq!(page.changes.len(), 10);
     let page = feed
-        .list_changes(3, 100)
+        .list_changes(3, 100, "")
         .await
         .unwrap_or_else(|err| panic!("list: {err}"));
     assert!(page.reset.is_some_and(|reason| reason.contains("older than")));
     assert_eq!(page.next_since_revision, 0);
+    // Listing the state from 0 never runs into the tombstone horizon, however
+    // old the entities: it pages by id at one revision.
+    let (mut token, mut listed) = (String::new(), 0);
+    loop {
+        let page = feed
+            .list_changes(0, 3, &token)
+            .await
+            .unwrap_or_else(|err| panic!("list: {err}"));
+        assert!(page.reset.is_none(), "{:?}", page.reset);
+        listed += page.changes.len();
+        if page.next_page_token.is_empty() {
+            assert_eq!(page.next_since_revision, committed(&feed).await);
+            break;
+        }
+        token = page.next_page_token;
+    }
+    assert_eq!(listed, server_state(&feed).await.len());
+    assert!(feed.list_changes(0, 3, "forged").await.is_err());
 }
 
 async fn closing_the_feed_ends_streams_with_the_resume_revision(db: TestDb) {

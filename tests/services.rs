@@ -82,22 +82,24 @@ async fn create_contract(stack: &Stack, holder: &str, quota: &str) -> Contract {
 /// The users feed's head, as the pull listing reports it.
 async fn users_head(stack: &Stack) -> i64 {
     let mut users = stack.users_client().await;
-    let mut since = 0;
+    let (mut since, mut page_token) = (0, String::new());
     loop {
         let page = match users
             .list_user_changes(ListUserChangesRequest {
                 since_revision: since,
                 page_size: 1000,
+                page_token,
             })
             .await
         {
             Ok(page) => page.into_inner(),
             Err(status) => panic!("list changes: {status:?}"),
         };
-        if page.changes.is_empty() {
+        if page.changes.is_empty() && page.next_page_token.is_empty() {
             return page.next_since_revision;
         }
         since = page.next_since_revision;
+        page_token = page.next_page_token;
     }
 }
 
@@ -327,6 +329,7 @@ async fn bad_input_gets_its_status_and_changes_nothing(db: TestDb) {
             .list_user_changes(ListUserChangesRequest {
                 since_revision: -4,
                 page_size: 0,
+                page_token: String::new(),
             })
             .await,
         Code::InvalidArgument,

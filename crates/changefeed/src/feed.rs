@@ -124,6 +124,10 @@ pub enum FeedError {
     /// The database could not be migrated.
     #[error("database migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
+    /// A request to the feed is malformed (a forged page token, a token
+    /// given with a revision).
+    #[error("{0}")]
+    InvalidRequest(String),
     /// A feed option is out of range.
     #[error("invalid feed options: {0}")]
     Options(String),
@@ -131,7 +135,10 @@ pub enum FeedError {
 
 impl From<FeedError> for lightbox_api::ApiError {
     fn from(err: FeedError) -> Self {
-        lightbox_api::ApiError::internal(err)
+        match err {
+            FeedError::InvalidRequest(message) => lightbox_api::ApiError::InvalidArgument(message),
+            other => lightbox_api::ApiError::internal(other),
+        }
     }
 }
 
@@ -150,13 +157,46 @@ pub struct FeedStats {
 /// A page of the pull listing.
 #[derive(Debug, Clone)]
 pub struct ChangePage<T> {
-    /// The changes, in revision order.
+    /// The changes, in revision order (in entity id order while listing the
+    /// state from 0).
     pub changes: Vec<Arc<Change<T>>>,
-    /// The revision to list from next.
+    /// The revision to list from next (0 while the state listing goes on).
     pub next_since_revision: i64,
+    /// While listing the state from 0: the token of the next page.
+    pub next_page_token: String,
     /// Set when the requested revision cannot be resumed from: the client
     /// drops its copy and lists again from 0. Holds the reason.
     pub reset: Option<String>,
+}
+
+impl<T> ChangePage<T> {
+    fn reset(reason: String) -> ChangePage<T> {
+        ChangePage {
+            changes: Vec::new(),
+            next_since_revision: 0,
+            next_page_token: String::new(),
+            reset: Some(reason),
+        }
+    }
+}
+
+/// The position of a state listing: the revision it lists the state at,
+/// and the last entity id listed, as an opaque token.
+struct StatePage;
+
+impl StatePage {
+    fn encode(at: i64, after: &str) -> String {
+        lightbox_api::request::encode_page_token(&format!("{at}:{after}"))
+    }
+
+    fn decode(token: &str) -> Option<(i64, String)> {
+        if token.is_empty() {
+            return None;
+        }
+        let raw = lightbox_api::request::decode_page_token(token).ok()?;
+        let (at, after) = raw.split_once(':')?;
+        Some((at.parse().ok()?, after.to_owned()))
+    }
 }
 
 /// What the feed_state row says.
@@ -364,39 +404,84 @@ impl<T: Entity> Feed<T> {
             .collect()
     }
 
-    /// The pull listing: what changed after `since` (0: the whole current
-    /// state), at most `limit` changes. Same revisions and compaction rule
-    /// as the watch: a compacted `since` gets the latest state of every
-    /// entity changed since (deletions included); one older than the
-    /// tombstones kept gets `reset`.
-    pub async fn list_changes(&self, since: i64, limit: i64) -> Result<ChangePage<T>, FeedError> {
+    /// The pull listing: what changed after `since`, at most `limit` changes.
+    /// Same revisions and compaction rule as the watch: a compacted `since`
+    /// gets the latest state of every entity changed since (deletions
+    /// included); one older than the tombstones kept gets `reset`.
+    ///
+    /// `since` 0 lists the current state as of one revision R, in entity id
+    /// order, page after page (`page` is the previous answer's
+    /// `next_page_token`); the last page answers `next_since_revision` R,
+    /// from which the changes continue. (Paging by entity revision instead
+    /// would start the next page at an old revision, soon older than the
+    /// tombstones kept: a listing that never ends on a large, old state.)
+    pub async fn list_changes(&self, since: i64, limit: i64, page: &str) -> Result<ChangePage<T>, FeedError> {
         let shared = &self.inner.shared;
-        let (changes, head) = if since == 0 {
-            let mut tx = shared.db.begin_snapshot().await?;
-            let state = read_state(&mut tx, shared.name).await?;
-            let changes = entities_since(&mut tx, shared.name, 0, limit, false).await?;
-            tx.commit().await?;
-            (changes, state.revision)
-        } else {
-            match catch_up(shared, since, limit).await? {
+        if since != 0 {
+            if !page.is_empty() {
+                return Err(FeedError::InvalidRequest(
+                    "page_token continues a listing from since_revision 0 only".into(),
+                ));
+            }
+            let (changes, head) = match catch_up(shared, since, limit).await? {
                 CatchUp::Page { changes, head } => (changes, head),
-                CatchUp::Reset { reason } => {
-                    return Ok(ChangePage {
-                        changes: Vec::new(),
-                        next_since_revision: 0,
-                        reset: Some(reason),
-                    });
-                }
+                CatchUp::Reset { reason } => return Ok(ChangePage::reset(reason)),
+            };
+            // A short page holds everything up to the head it was read at.
+            let next_since_revision = match changes.last() {
+                Some(last) if changes.len() as i64 >= limit => last.revision,
+                _ => head.max(since),
+            };
+            return Ok(ChangePage {
+                changes,
+                next_since_revision,
+                next_page_token: String::new(),
+                reset: None,
+            });
+        }
+        let mut tx = shared.db.begin_snapshot().await?;
+        let state = read_state(&mut tx, shared.name).await?;
+        let (at, after) = match StatePage::decode(page) {
+            Some(position) => position,
+            None if page.is_empty() => (state.revision, String::new()),
+            None => {
+                return Err(FeedError::InvalidRequest(
+                    "page_token is not a token this service issued".into(),
+                ));
             }
         };
-        // A short page holds everything up to the head it was read at.
-        let next_since_revision = match changes.last() {
-            Some(last) if changes.len() as i64 >= limit => last.revision,
-            _ => head.max(since),
+        if at < state.tombstone_revision {
+            tx.commit().await?;
+            return Ok(ChangePage::reset(format!(
+                "this listing of the state at revision {at} took longer than the deletions are kept; list again from 0"
+            )));
+        }
+        // Entities written after `at` are left out here: their latest state
+        // comes with the changes after `at`, which follow the last page.
+        let rows = sqlx::query(
+            "SELECT entity_id, revision, payload FROM feed_entities \
+             WHERE feed = $1 AND deleted = 0 AND revision <= $2 AND entity_id > $3 ORDER BY entity_id LIMIT $4",
+        )
+        .bind(shared.name)
+        .bind(at)
+        .bind(after.as_str())
+        .bind(limit)
+        .fetch_all(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        let changes = rows
+            .iter()
+            .map(|row| decode_row(row).map(Arc::new))
+            .collect::<Result<Vec<_>, _>>()?;
+        let full = changes.len() as i64 >= limit;
+        let next_page_token = match changes.last() {
+            Some(last) if full => StatePage::encode(at, &last.entity_id),
+            _ => String::new(),
         };
         Ok(ChangePage {
             changes,
-            next_since_revision,
+            next_since_revision: if full { 0 } else { at },
+            next_page_token,
             reset: None,
         })
     }

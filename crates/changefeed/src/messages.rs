@@ -91,6 +91,7 @@ macro_rules! feed_messages {
                 $list {
                     changes: page.changes.iter().map(|change| change.as_ref().into()).collect(),
                     next_since_revision: page.next_since_revision,
+                    next_page_token: page.next_page_token,
                     reset: page.reset.map(|reason| frames::Reset {
                         revision: page.next_since_revision,
                         reason,

@@ -299,7 +299,11 @@ impl PhotosApi for PhotosService {
         let request = request.into_inner();
         let since = request::since_revision(request.since_revision)?;
         let size = request::page_size(request.page_size, 100, 1000)?;
-        let page = self.feed.list_changes(since, size).await.map_err(ApiError::from)?;
+        let page = self
+            .feed
+            .list_changes(since, size, &request.page_token)
+            .await
+            .map_err(ApiError::from)?;
         Ok(Response::new(page.into()))
     }
 }
