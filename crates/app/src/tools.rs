@@ -331,6 +331,33 @@ fn print_json<T: serde::Serialize>(value: &T) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Every page of a listing: `fetch` gets the page after a token and answers
+/// its items and the next token (empty on the last page).
+async fn all_pages<T, F, Fut>(mut fetch: F) -> anyhow::Result<Vec<T>>
+where
+    F: FnMut(String) -> Fut,
+    Fut: std::future::Future<Output = Result<(Vec<T>, String), Status>>,
+{
+    let (mut all, mut token) = (Vec::new(), String::new());
+    loop {
+        let (items, next) = fetch(token).await.map_err(failed)?;
+        all.extend(items);
+        if next.is_empty() {
+            return Ok(all);
+        }
+        token = next;
+    }
+}
+
+/// Reports a deletion: JSON, or a sentence.
+fn print_deleted(json: bool, kind: &str, id: &str, revision: i64) -> anyhow::Result<()> {
+    if json {
+        return print_json(&serde_json::json!({ "id": id, "revision": revision.to_string() }));
+    }
+    println!("deleted {kind} {id} at revision {revision}");
+    Ok(())
+}
+
 /// Prints one entity: its proto3 JSON, or a one-row table.
 fn show<T: serde::Serialize>(json: bool, value: &T, header: &[&str], row: fn(&T) -> Vec<String>) -> anyhow::Result<()> {
     if json {
@@ -527,20 +554,18 @@ pub async fn users(args: UsersArgs) -> anyhow::Result<()> {
             Ok(())
         }
         UsersCommand::List => {
-            let mut all = Vec::new();
-            let mut page_token = String::new();
-            loop {
-                let request = ListUsersRequest {
-                    page_size: 1000,
-                    page_token,
-                };
-                let page = client.list_users(request).await.map_err(failed)?.into_inner();
-                all.extend(page.users);
-                if page.next_page_token.is_empty() {
-                    break;
+            let all = all_pages(|page_token| {
+                let mut client = client.clone();
+                async move {
+                    let request = ListUsersRequest {
+                        page_size: 1000,
+                        page_token,
+                    };
+                    let page = client.list_users(request).await?.into_inner();
+                    Ok((page.users, page.next_page_token))
                 }
-                page_token = page.next_page_token;
-            }
+            })
+            .await?;
             if json {
                 return print_json(&all);
             }
@@ -596,13 +621,7 @@ pub async fn users(args: UsersArgs) -> anyhow::Result<()> {
                 })
                 .await
                 .map_err(failed)?;
-            let revision = deleted.into_inner().revision;
-            if json {
-                print_json(&serde_json::json!({ "id": id, "revision": revision.to_string() }))
-            } else {
-                println!("deleted user {id} at revision {revision}");
-                Ok(())
-            }
+            print_deleted(json, "user", &id, deleted.into_inner().revision)
         }
     }
 }
@@ -637,21 +656,19 @@ pub async fn contracts(args: ContractsArgs) -> anyhow::Result<()> {
             show(&answer.into_inner().contract.unwrap_or_default())
         }
         ContractsCommand::List { holder } => {
-            let mut all = Vec::new();
-            let mut page_token = String::new();
-            loop {
-                let request = ListContractsRequest {
-                    page_size: 1000,
-                    page_token,
-                    holder_user_id: holder.clone().unwrap_or_default(),
-                };
-                let page = client.list_contracts(request).await.map_err(failed)?.into_inner();
-                all.extend(page.contracts);
-                if page.next_page_token.is_empty() {
-                    break;
+            let all = all_pages(|page_token| {
+                let (mut client, holder_user_id) = (client.clone(), holder.clone().unwrap_or_default());
+                async move {
+                    let request = ListContractsRequest {
+                        page_size: 1000,
+                        page_token,
+                        holder_user_id,
+                    };
+                    let page = client.list_contracts(request).await?.into_inner();
+                    Ok((page.contracts, page.next_page_token))
                 }
-                page_token = page.next_page_token;
-            }
+            })
+            .await?;
             if json {
                 return print_json(&all);
             }
@@ -705,13 +722,7 @@ pub async fn contracts(args: ContractsArgs) -> anyhow::Result<()> {
                 })
                 .await
                 .map_err(failed)?;
-            let revision = deleted.into_inner().revision;
-            if json {
-                print_json(&serde_json::json!({ "id": id, "revision": revision.to_string() }))
-            } else {
-                println!("deleted contract {id} at revision {revision}");
-                Ok(())
-            }
+            print_deleted(json, "contract", &id, deleted.into_inner().revision)
         }
     }
 }
@@ -787,13 +798,7 @@ pub async fn photos(args: PhotosArgs) -> anyhow::Result<()> {
                 .delete_photo(DeletePhotoRequest { id: id.clone() })
                 .await
                 .map_err(failed)?;
-            let revision = deleted.into_inner().revision;
-            if json {
-                print_json(&serde_json::json!({ "id": id, "revision": revision.to_string() }))
-            } else {
-                println!("deleted photo {id} at revision {revision}");
-                Ok(())
-            }
+            print_deleted(json, "photo", &id, deleted.into_inner().revision)
         }
     }
 }

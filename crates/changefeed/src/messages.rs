@@ -129,6 +129,31 @@ feed_messages!(
 );
 use photos::{ListPhotoChangesResponse, PhotoChange, WatchPhotosResponse};
 
+/// Serves a `Watch…` request (the same for every feed): checks the
+/// arguments, then streams the feed's frames as the API's responses.
+pub fn serve_watch<T: crate::feed::Entity, R: From<Frame<T>> + Send + 'static>(
+    feed: &crate::Feed<T>,
+    since_revision: i64,
+    ids_field: &str,
+    ids: Vec<String>,
+) -> Result<crate::watch::MappedStream<R>, lightbox_api::ApiError> {
+    let since = watch_args(since_revision, ids_field, &ids)?;
+    Ok(crate::watch::mapped(feed.watch(since, ids)))
+}
+
+/// Serves a `List…Changes` request (the same for every feed): checks the
+/// arguments, lists, converts.
+pub async fn serve_list_changes<T: crate::feed::Entity, R: From<ChangePage<T>>>(
+    feed: &crate::Feed<T>,
+    since_revision: i64,
+    page_size: i32,
+    page_token: &str,
+) -> Result<R, lightbox_api::ApiError> {
+    let since = lightbox_api::request::since_revision(since_revision)?;
+    let size = lightbox_api::request::page_size(page_size, 100, 1000)?;
+    Ok(feed.list_changes(since, size, page_token).await?.into())
+}
+
 /// Validates a watch request's arguments (the same for every feed).
 pub fn watch_args(since_revision: i64, ids_field: &str, ids: &[String]) -> Result<i64, lightbox_api::ApiError> {
     let since = lightbox_api::request::since_revision(since_revision)?;

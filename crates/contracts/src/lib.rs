@@ -21,7 +21,11 @@ use lightbox_api::{
     },
     request,
 };
-use lightbox_changefeed::{Db, Feed, FeedError, FeedOptions, Migrations, WriteTx, messages::watch_args, watch};
+use lightbox_changefeed::{
+    Db, Feed, FeedError, FeedOptions, Migrations, WriteTx,
+    messages::{serve_list_changes, serve_watch},
+    watch,
+};
 use sqlx::{AnyConnection, Row};
 use tonic::{Request, Response, Status};
 
@@ -241,10 +245,8 @@ impl ContractsApi for ContractsService {
         request: Request<WatchContractsRequest>,
     ) -> Result<Response<Self::WatchContractsStream>, Status> {
         let request = request.into_inner();
-        let since = watch_args(request.since_revision, "contract_ids", &request.contract_ids)?;
-        Ok(Response::new(watch::mapped(
-            self.feed.watch(since, request.contract_ids),
-        )))
+        let stream = serve_watch(&self.feed, request.since_revision, "contract_ids", request.contract_ids)?;
+        Ok(Response::new(stream))
     }
 
     async fn list_contract_changes(
@@ -252,13 +254,13 @@ impl ContractsApi for ContractsService {
         request: Request<ListContractChangesRequest>,
     ) -> Result<Response<ListContractChangesResponse>, Status> {
         let request = request.into_inner();
-        let since = request::since_revision(request.since_revision)?;
-        let size = request::page_size(request.page_size, 100, 1000)?;
-        let page = self
-            .feed
-            .list_changes(since, size, &request.page_token)
-            .await
-            .map_err(ApiError::from)?;
-        Ok(Response::new(page.into()))
+        let page = serve_list_changes(
+            &self.feed,
+            request.since_revision,
+            request.page_size,
+            &request.page_token,
+        )
+        .await?;
+        Ok(Response::new(page))
     }
 }

@@ -36,7 +36,11 @@ use lightbox_api::{
     users::{User, users_service_client::UsersServiceClient},
 };
 use lightbox_cache::{Cache, CacheOptions, sources};
-use lightbox_changefeed::{Db, Feed, FeedError, FeedOptions, Migrations, messages::watch_args, watch};
+use lightbox_changefeed::{
+    Db, Feed, FeedError, FeedOptions, Migrations,
+    messages::{serve_list_changes, serve_watch},
+    watch,
+};
 use sqlx::Row;
 use tonic::{Request, Response, Status, transport::Channel};
 
@@ -288,8 +292,8 @@ impl PhotosApi for PhotosService {
         request: Request<WatchPhotosRequest>,
     ) -> Result<Response<Self::WatchPhotosStream>, Status> {
         let request = request.into_inner();
-        let since = watch_args(request.since_revision, "photo_ids", &request.photo_ids)?;
-        Ok(Response::new(watch::mapped(self.feed.watch(since, request.photo_ids))))
+        let stream = serve_watch(&self.feed, request.since_revision, "photo_ids", request.photo_ids)?;
+        Ok(Response::new(stream))
     }
 
     async fn list_photo_changes(
@@ -297,13 +301,13 @@ impl PhotosApi for PhotosService {
         request: Request<ListPhotoChangesRequest>,
     ) -> Result<Response<ListPhotoChangesResponse>, Status> {
         let request = request.into_inner();
-        let since = request::since_revision(request.since_revision)?;
-        let size = request::page_size(request.page_size, 100, 1000)?;
-        let page = self
-            .feed
-            .list_changes(since, size, &request.page_token)
-            .await
-            .map_err(ApiError::from)?;
-        Ok(Response::new(page.into()))
+        let page = serve_list_changes(
+            &self.feed,
+            request.since_revision,
+            request.page_size,
+            &request.page_token,
+        )
+        .await?;
+        Ok(Response::new(page))
     }
 }

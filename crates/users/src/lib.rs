@@ -29,7 +29,10 @@ use lightbox_api::{
     },
 };
 use lightbox_cache::{Cache, CacheOptions};
-use lightbox_changefeed::{Db, Feed, FeedOptions, Migrations, WriteTx, messages::watch_args};
+use lightbox_changefeed::{
+    Db, Feed, FeedOptions, Migrations, WriteTx,
+    messages::{serve_list_changes, serve_watch},
+};
 use sqlx::AnyConnection;
 use tonic::{Request, Response, Status};
 
@@ -250,10 +253,8 @@ impl UsersApi for UsersService {
         request: Request<WatchUsersRequest>,
     ) -> Result<Response<Self::WatchUsersStream>, Status> {
         let request = request.into_inner();
-        let since = watch_args(request.since_revision, "user_ids", &request.user_ids)?;
-        Ok(Response::new(lightbox_changefeed::watch::mapped(
-            self.feed.watch(since, request.user_ids),
-        )))
+        let stream = serve_watch(&self.feed, request.since_revision, "user_ids", request.user_ids)?;
+        Ok(Response::new(stream))
     }
 
     async fn list_user_changes(
@@ -261,14 +262,14 @@ impl UsersApi for UsersService {
         request: Request<ListUserChangesRequest>,
     ) -> Result<Response<ListUserChangesResponse>, Status> {
         let request = request.into_inner();
-        let since = request::since_revision(request.since_revision)?;
-        let size = request::page_size(request.page_size, 100, 1000)?;
-        let page = self
-            .feed
-            .list_changes(since, size, &request.page_token)
-            .await
-            .map_err(ApiError::from)?;
-        Ok(Response::new(page.into()))
+        let page = serve_list_changes(
+            &self.feed,
+            request.since_revision,
+            request.page_size,
+            &request.page_token,
+        )
+        .await?;
+        Ok(Response::new(page))
     }
 }
 
