@@ -113,6 +113,7 @@ impl CacheState {
                 connected: self.connected,
                 since_time: Some(lightbox_api::request::timestamp_of(self.since)),
             }),
+            held_reason: self.held.clone().unwrap_or_default(),
         }
     }
 
@@ -131,6 +132,7 @@ pub fn upstream_freshness(revision: i64) -> lightbox_api::feed::Freshness {
         revision,
         age: Some(pbjson_types::Duration::default()),
         stream_state: None,
+        held_reason: String::new(),
     }
 }
 
