@@ -3,7 +3,7 @@
 //! alone (microservices mode) or beside the others (monolithic mode);
 //! components always reach each other over real gRPC.
 
-use std::{fmt, net::SocketAddr, path::PathBuf, str::FromStr, time::Duration};
+use std::{convert::Infallible, fmt, net::SocketAddr, path::PathBuf, str::FromStr, time::Duration};
 
 use anyhow::Context;
 use lightbox_cache::{CacheOptions, sources};
@@ -11,7 +11,16 @@ use lightbox_changefeed::{Db, Feed, FeedOptions, Retention};
 use lightbox_photos::PhotosOptions;
 use lightbox_server::{Faults, ServerOptions, Shutdown, ShutdownTrigger};
 use tokio::{net::TcpListener, task::JoinHandle};
-use tonic::{server::NamedService, service::Routes};
+
+use tonic::{
+    body::Body,
+    codegen::{
+        Service,
+        http::{Request, Response},
+    },
+    server::NamedService,
+    service::Routes,
+};
 
 use crate::config::ServeArgs;
 
@@ -209,16 +218,7 @@ pub async fn start(component: Target, settings: &Settings, listener: TcpListener
             }
             let feed = service.feed().clone();
             let server_svc = service.into_server(max);
-            let name = <lightbox_api::users::users_service_server::UsersServiceServer<lightbox_users::UsersService> as NamedService>::NAME;
-            launch(
-                component,
-                listener,
-                Routes::new(server_svc),
-                name,
-                feed,
-                server,
-                Some(follow),
-            )
+            launch(component, listener, server_svc, feed, server, Some(follow))
         }
         Target::Contracts => {
             let service = lightbox_contracts::ContractsService::open(db, settings.feed.clone())
@@ -234,10 +234,7 @@ pub async fn start(component: Target, settings: &Settings, listener: TcpListener
             }
             let feed = service.feed().clone();
             let server_svc = service.into_server(max);
-            let name = <lightbox_api::contracts::contracts_service_server::ContractsServiceServer<
-                lightbox_contracts::ContractsService,
-            > as NamedService>::NAME;
-            launch(component, listener, Routes::new(server_svc), name, feed, server, None)
+            launch(component, listener, server_svc, feed, server, None)
         }
         Target::Photos => {
             let timeout = settings.photos.fresh_timeout;
@@ -260,16 +257,7 @@ pub async fn start(component: Target, settings: &Settings, listener: TcpListener
             let follow = Box::pin(async move { follower.follow().await });
             let feed = service.feed().clone();
             let server_svc = service.into_server(max);
-            let name = <lightbox_api::photos::photos_service_server::PhotosServiceServer<lightbox_photos::PhotosService> as NamedService>::NAME;
-            launch(
-                component,
-                listener,
-                Routes::new(server_svc),
-                name,
-                feed,
-                server,
-                Some(follow),
-            )
+            launch(component, listener, server_svc, feed, server, Some(follow))
         }
         Target::All => anyhow::bail!("`all` is not one component"),
     }
@@ -277,15 +265,27 @@ pub async fn start(component: Target, settings: &Settings, listener: TcpListener
 
 /// Serves `routes` on `listener` until stopped; on stop, ends the feed's
 /// watch streams (they tell clients where to resume) so the drain is quick.
-fn launch<T: lightbox_changefeed::feed::Entity>(
+fn launch<T, S>(
     target: Target,
     listener: TcpListener,
-    routes: Routes,
-    service_name: &'static str,
+    service: S,
     feed: Feed<T>,
     mut options: ServerOptions,
     background: Option<std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>>,
-) -> anyhow::Result<Component> {
+) -> anyhow::Result<Component>
+where
+    T: lightbox_changefeed::feed::Entity,
+    S: Service<Request<Body>, Response = Response<Body>, Error = Infallible>
+        + NamedService
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    S::Future: Send + 'static,
+{
+    // The name health reports, from the generated server itself.
+    let service_name = S::NAME;
+    let routes = Routes::new(service);
     let (stop, shutdown) = Shutdown::new();
     let faults = Faults::new();
     let addr = listener.local_addr().context("the listener has no local address")?;
