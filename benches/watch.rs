@@ -133,7 +133,7 @@ async fn run(watchers: usize, changes: usize) -> Result<Row, Box<dyn std::error:
             let mut client = ContractsServiceClient::new(channel);
             let request = WatchContractsRequest {
                 since_revision: since,
-                contract_ids: Vec::new(),
+                ..WatchContractsRequest::default()
             };
             let Ok(response) = client.watch_contracts(request).await else {
                 return;

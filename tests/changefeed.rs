@@ -4,7 +4,7 @@
 use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use lightbox_api::users::User;
-use lightbox_changefeed::{Change, Feed, FeedOptions, Frame, Retention, watch::WatchStream};
+use lightbox_changefeed::{Change, Feed, FeedOptions, Frame, Retention, WatchFilter, watch::WatchStream};
 use lightbox_testkit::{DEADLINE, TestDb, conformance};
 use tokio_stream::StreamExt;
 use tonic::Code;
@@ -20,6 +20,9 @@ conformance!(
     idle_streams_carry_progress_past_filtered_changes,
     a_slow_watcher_is_dropped_without_slowing_writers_or_others,
     id_filters_apply_to_snapshot_and_live,
+    scope_filters_apply_to_snapshot_live_and_deletions,
+    scoped_resume_replays_only_the_scope,
+    scoped_resume_from_trimmed_history_gets_the_scope_delta_or_a_scoped_reset,
     pull_listing_follows_the_same_revisions_and_compaction_rule,
     closing_the_feed_ends_streams_with_the_resume_revision,
     one_tail_serves_every_watcher,
@@ -65,6 +68,20 @@ async fn put(feed: &Feed<User>, id: &str, name: &str) -> i64 {
         tx.commit().await.unwrap_or_else(|err| panic!("commit: {err}")),
         revision
     );
+    revision
+}
+
+/// Writes `name` to entity `id` in `scope`, in its own transaction; returns
+/// the revision.
+async fn put_in(feed: &Feed<User>, scope: &str, id: &str, name: &str) -> i64 {
+    let mut tx = feed.begin().await.unwrap_or_else(|err| panic!("begin: {err}"));
+    let mut entity = user(id, name);
+    entity.revision = tx.next_revision();
+    let revision = tx
+        .put_scoped(id, scope, &entity)
+        .await
+        .unwrap_or_else(|err| panic!("put: {err}"));
+    tx.commit().await.unwrap_or_else(|err| panic!("commit: {err}"));
     revision
 }
 
@@ -470,6 +487,200 @@ async fn id_filters_apply_to_snapshot_and_live(db: TestDb) {
     let wanted = put(&feed, "b", "2").await;
     let live = change(&mut stream).await;
     assert_eq!((live.entity_id.as_str(), live.revision), ("b", wanted));
+}
+
+/// A change as (revision, id, scope, name or None for a deletion), to
+/// compare whole sequences.
+type Seen = (i64, String, String, Option<String>);
+
+fn seen(change: &Arc<Change<User>>) -> Seen {
+    (
+        change.revision,
+        change.entity_id.clone(),
+        change.scope.clone(),
+        change.entity.as_ref().map(|u| u.display_name.clone()),
+    )
+}
+
+fn expect(revision: i64, id: &str, scope: &str, name: Option<&str>) -> Seen {
+    (revision, id.into(), scope.into(), name.map(Into::into))
+}
+
+/// The changes of a snapshot, after its begin frame, up to its end at
+/// `revision`.
+async fn snapshot_changes(stream: &mut WatchStream<User>, revision: i64) -> Vec<Seen> {
+    let mut changes = Vec::new();
+    loop {
+        match frame(stream).await {
+            Frame::Change(change) => changes.push(seen(&change)),
+            Frame::SnapshotEnd { revision: end } => {
+                assert_eq!(end, revision);
+                return changes;
+            }
+            other => panic!("expected the snapshot to go on, got {other:?}"),
+        }
+    }
+}
+
+async fn scope_filters_apply_to_snapshot_live_and_deletions(db: TestDb) {
+    let feed = open(&db, options()).await;
+    put_in(&feed, "alice", "a1", "A1").await;
+    put_in(&feed, "bob", "b1", "B1").await;
+    put_in(&feed, "alice", "a2", "A2").await;
+    put(&feed, "x", "unscoped").await;
+    let head = put_in(&feed, "bob", "b2", "B2").await;
+    let mut stream = feed.watch(0, WatchFilter::scope("alice"));
+    assert!(matches!(frame(&mut stream).await, Frame::SnapshotBegin { revision } if revision == head));
+    assert_eq!(
+        snapshot_changes(&mut stream, head).await,
+        vec![
+            expect(1, "a1", "alice", Some("A1")),
+            expect(3, "a2", "alice", Some("A2"))
+        ],
+        "the snapshot holds alice's entities only"
+    );
+    // Live: alice's changes only, deletions included, each exactly once.
+    put_in(&feed, "bob", "b1", "B1'").await;
+    let updated = put_in(&feed, "alice", "a1", "A1'").await;
+    delete(&feed, "b1").await;
+    put(&feed, "x", "unscoped again").await;
+    let deleted = delete(&feed, "a2").await;
+    let created = put_in(&feed, "alice", "a3", "A3").await;
+    for expected in [
+        expect(updated, "a1", "alice", Some("A1'")),
+        expect(deleted, "a2", "alice", None),
+        expect(created, "a3", "alice", Some("A3")),
+    ] {
+        assert_eq!(seen(&change(&mut stream).await), expected);
+    }
+    // Ids and a scope together: both apply.
+    let head = committed(&feed).await;
+    let mut both = feed.watch(0, WatchFilter::ids(["a1", "b2", "absent"]).in_scope("alice"));
+    assert!(matches!(frame(&mut both).await, Frame::SnapshotBegin { .. }));
+    assert_eq!(
+        snapshot_changes(&mut both, head).await,
+        vec![expect(updated, "a1", "alice", Some("A1'"))]
+    );
+    put_in(&feed, "alice", "a3", "A3'").await;
+    put_in(&feed, "bob", "b2", "B2'").await;
+    let wanted = put_in(&feed, "alice", "a1", "A1''").await;
+    assert_eq!(
+        seen(&change(&mut both).await),
+        expect(wanted, "a1", "alice", Some("A1''"))
+    );
+    // The unfiltered watch sees every scope, and the scope of each change.
+    let mut all = feed.watch(wanted - 2, Vec::new());
+    assert_eq!(seen(&change(&mut all).await).2, "bob");
+    assert_eq!(seen(&change(&mut all).await).2, "alice");
+}
+
+/// Entity `i` of a scoped history: a0, a2, a4 are alice's; b1, b3, b5 bob's.
+fn owned(i: usize) -> (&'static str, String) {
+    if i.is_multiple_of(2) {
+        ("alice", format!("a{i}"))
+    } else {
+        ("bob", format!("b{i}"))
+    }
+}
+
+/// Writes a history over two scopes and no scope (20 revisions: six
+/// entities created, updated twice, a0 and b1 deleted instead of their
+/// second update, an unscoped entity written after each round), recording
+/// every change as the server should report it.
+async fn scoped_history(feed: &Feed<User>, log: &mut Vec<Seen>) {
+    for i in 0..6 {
+        let (scope, id) = owned(i);
+        let revision = put_in(feed, scope, &id, "v0").await;
+        log.push(expect(revision, &id, scope, Some("v0")));
+    }
+    for round in 1..=2 {
+        for i in 0..6 {
+            let (scope, id) = owned(i);
+            if round == 2 && i < 2 {
+                let revision = delete(feed, &id).await;
+                log.push(expect(revision, &id, scope, None));
+            } else {
+                let name = format!("v{round}");
+                let revision = put_in(feed, scope, &id, &name).await;
+                log.push(expect(revision, &id, scope, Some(name.as_str())));
+            }
+        }
+        let name = format!("unscoped {round}");
+        let revision = put(feed, "x", &name).await;
+        log.push(expect(revision, "x", "", Some(name.as_str())));
+    }
+    assert_eq!(committed(feed).await, 20);
+}
+
+async fn scoped_resume_replays_only_the_scope(db: TestDb) {
+    let feed = open(&db, options()).await;
+    let mut log = Vec::new();
+    scoped_history(&feed, &mut log).await;
+    let head = committed(&feed).await;
+    for since in [1, 3, 8, head - 1] {
+        let mut stream = feed.watch(since, WatchFilter::scope("alice"));
+        let expected: Vec<Seen> = log.iter().filter(|c| c.0 > since && c.2 == "alice").cloned().collect();
+        let mut replayed = Vec::new();
+        for _ in 0..expected.len() {
+            replayed.push(seen(&change(&mut stream).await));
+        }
+        assert_eq!(replayed, expected, "alice's changes after {since}, and only those");
+        // Then live, with nothing repeated or skipped.
+        let name = format!("live after {since}");
+        put_in(&feed, "bob", "b9", "live").await;
+        let live = put_in(&feed, "alice", "a9", &name).await;
+        log.push(expect(live - 1, "b9", "bob", Some("live")));
+        log.push(expect(live, "a9", "alice", Some(name.as_str())));
+        assert_eq!(
+            seen(&change(&mut stream).await),
+            expect(live, "a9", "alice", Some(name.as_str()))
+        );
+    }
+}
+
+async fn scoped_resume_from_trimmed_history_gets_the_scope_delta_or_a_scoped_reset(db: TestDb) {
+    let feed = open(&db, compacting(4, 12)).await;
+    let mut log = Vec::new();
+    scoped_history(&feed, &mut log).await;
+    let head = committed(&feed).await;
+    feed.compact().await.unwrap_or_else(|err| panic!("compact: {err}"));
+    // Trimmed history, tombstones kept: the latest state of each of alice's
+    // entities changed since, deletions included, in revision order.
+    let since = head - 12;
+    let mut latest = BTreeMap::new();
+    for c in log.iter().filter(|c| c.0 > since && c.2 == "alice") {
+        latest.insert(c.1.clone(), c.clone());
+    }
+    let mut expected: Vec<Seen> = latest.into_values().collect();
+    expected.sort();
+    assert!(
+        expected.iter().any(|c| c.3.is_none()),
+        "the delta holds a deletion: {expected:?}"
+    );
+    let mut stream = feed.watch(since, WatchFilter::scope("alice"));
+    let mut delta = Vec::new();
+    for _ in 0..expected.len() {
+        delta.push(seen(&change(&mut stream).await));
+    }
+    assert_eq!(delta, expected);
+    let live = put_in(&feed, "alice", "a0", "back").await;
+    put_in(&feed, "bob", "b1", "back").await;
+    assert_eq!(
+        seen(&change(&mut stream).await),
+        expect(live, "a0", "alice", Some("back"))
+    );
+    // Past the tombstones kept: a reset, then a snapshot of alice's
+    // entities only.
+    let mut stream = feed.watch(1, WatchFilter::scope("alice"));
+    let head = committed(&feed).await;
+    assert!(
+        matches!(frame(&mut stream).await, Frame::Reset { revision, reason } if revision == head && reason.contains("older than"))
+    );
+    assert!(matches!(frame(&mut stream).await, Frame::SnapshotBegin { revision } if revision == head));
+    let snapshot = snapshot_changes(&mut stream, head).await;
+    let ids: Vec<&str> = snapshot.iter().map(|c| c.1.as_str()).collect();
+    assert_eq!(ids, ["a0", "a2", "a4"]);
+    assert!(snapshot.iter().all(|c| c.2 == "alice" && c.3.is_some()));
 }
 
 async fn pull_listing_follows_the_same_revisions_and_compaction_rule(db: TestDb) {

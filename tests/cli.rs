@@ -46,6 +46,8 @@ async fn start_dev_with(data_dir: &Path, extra: &[&str]) -> Dev {
             "127.0.0.1:0",
             "--photos-addr",
             "127.0.0.1:0",
+            "--gateway-addr",
+            "127.0.0.1:0",
             "--data-dir",
         ])
         .arg(data_dir)

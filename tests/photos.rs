@@ -11,14 +11,20 @@ use std::{
 use lightbox_api::{
     contracts::{Contract, ContractStatus, ListContractsRequest, UpdateContractRequest},
     feed::{Freshness, Source},
-    photos::{Consistency, CreatePhotoRequest, ListPhotosRequest, ListPhotosResponse, Photo},
+    photos::{
+        Consistency, CreatePhotoRequest, DeletePhotoRequest, GetPhotoRequest, GetProfileRequest, GetProfileResponse,
+        ListPhotosRequest, ListPhotosResponse, Photo, WatchPhotosRequest, WatchPhotosResponse,
+        watch_photos_response::Event as PhotoEvent,
+    },
     users::{ListUsersRequest, UpdateUserRequest, User},
 };
 use lightbox_app::Target;
 use lightbox_cache::{Cache, CacheOptions};
-use lightbox_changefeed::FeedOptions;
+use lightbox_changefeed::{Backend, Feed, FeedOptions, Frame, WatchFilter};
 use lightbox_server::FaultSpec;
-use lightbox_testkit::{Stack, TestDb, conformance, customer, eventually, photo_quota};
+use lightbox_testkit::{DEADLINE, Stack, TestDb, conformance, customer, eventually, photo_quota};
+use prost::Message;
+use tokio_stream::StreamExt;
 use tonic::Code;
 
 conformance!(
@@ -26,6 +32,10 @@ conformance!(
     the_copies_equal_the_upstreams_after_restarts_and_drops,
     reads_wait_for_their_own_writes_or_fail_fast,
     the_quota_holds_from_the_cached_contract,
+    another_users_photo_is_not_found_and_stays,
+    watch_photos_follows_one_user,
+    get_profile_is_served_from_the_copies_with_the_upstreams_stopped,
+    the_scope_migration_backfills_the_photos_written_before_it,
 );
 
 fn feed_options() -> FeedOptions {
@@ -460,4 +470,464 @@ async fn the_quota_holds_from_the_cached_contract(db: TestDb) {
         "{refused:?}"
     );
     stack.stop().await;
+}
+
+async fn get_photo(stack: &Stack, id: &str, user_id: &str) -> Result<Photo, tonic::Status> {
+    stack
+        .photos_client()
+        .await
+        .get_photo(GetPhotoRequest {
+            id: id.into(),
+            user_id: user_id.into(),
+        })
+        .await
+        .map(|r| r.into_inner().photo.unwrap_or_default())
+}
+
+async fn delete_photo(stack: &Stack, id: &str, user_id: &str) -> Result<i64, tonic::Status> {
+    stack
+        .photos_client()
+        .await
+        .delete_photo(DeletePhotoRequest {
+            id: id.into(),
+            user_id: user_id.into(),
+        })
+        .await
+        .map(|r| r.into_inner().revision)
+}
+
+/// A status's message with `id` blotted out, to compare the words alone.
+fn words(status: &tonic::Status, id: &str) -> String {
+    status.message().replace(id, "<id>")
+}
+
+async fn another_users_photo_is_not_found_and_stays(db: TestDb) {
+    let stack = Stack::start(db, feed_options()).await;
+    let (ada, _) = customer(&stack, "ada@example.com", "10").await;
+    let (bob, bobs) = customer(&stack, "bob@example.com", "10").await;
+    photos_caught_up(&stack, &bob, bob.revision, bobs.revision).await;
+    let photo = upload(&stack, &ada, "mine").await.unwrap_or_else(|s| panic!("{s:?}"));
+    // The owner, or no owner given: found.
+    for owner in [ada.id.as_str(), ""] {
+        let found = get_photo(&stack, &photo.id, owner).await;
+        assert_eq!(found.ok().as_ref(), Some(&photo), "as {owner:?}");
+    }
+    // Someone else: the very answer of a photo that does not exist.
+    let missing_id = "00000000-0000-7000-8000-0000000000ff";
+    let missing = get_photo(&stack, missing_id, "")
+        .await
+        .err()
+        .unwrap_or_else(|| panic!("a missing photo was found"));
+    assert_eq!(missing.code(), Code::NotFound);
+    let refused = get_photo(&stack, &photo.id, &bob.id)
+        .await
+        .err()
+        .unwrap_or_else(|| panic!("Bob got Ada's photo"));
+    assert_eq!(refused.code(), Code::NotFound);
+    assert_eq!(words(&refused, &photo.id), words(&missing, missing_id));
+    // Bob cannot delete it either: same answer, and nothing is written.
+    let refused = delete_photo(&stack, &photo.id, &bob.id)
+        .await
+        .err()
+        .unwrap_or_else(|| panic!("Bob deleted Ada's photo"));
+    let missing = delete_photo(&stack, missing_id, &bob.id)
+        .await
+        .err()
+        .unwrap_or_else(|| panic!("a missing photo was deleted"));
+    assert_eq!((refused.code(), missing.code()), (Code::NotFound, Code::NotFound));
+    assert_eq!(words(&refused, &photo.id), words(&missing, missing_id));
+    assert_eq!(get_photo(&stack, &photo.id, "").await.ok().as_ref(), Some(&photo));
+    let listed = list_photos(&stack, list(&ada))
+        .await
+        .unwrap_or_else(|s| panic!("{s:?}"));
+    assert_eq!(listed.photos, vec![photo.clone()]);
+    let next = upload(&stack, &ada, "next").await.unwrap_or_else(|s| panic!("{s:?}"));
+    assert_eq!(next.revision, photo.revision + 1, "the refused delete wrote no change");
+    // The owner deletes it.
+    let deleted = delete_photo(&stack, &photo.id, &ada.id)
+        .await
+        .unwrap_or_else(|s| panic!("{s:?}"));
+    assert_eq!(deleted, next.revision + 1);
+    let gone = get_photo(&stack, &photo.id, &ada.id).await;
+    assert!(matches!(&gone, Err(s) if s.code() == Code::NotFound), "{gone:?}");
+    // A malformed owner is a bad request, not a miss.
+    for bad in [
+        get_photo(&stack, &next.id, "nope").await.map(|_| ()),
+        delete_photo(&stack, &next.id, "nope").await.map(|_| ()),
+    ] {
+        assert!(
+            matches!(&bad, Err(s) if s.code() == Code::InvalidArgument && s.message().contains("user_id")),
+            "{bad:?}"
+        );
+    }
+    assert!(get_photo(&stack, &next.id, "").await.is_ok());
+    stack.stop().await;
+}
+
+async fn watch_photos(
+    stack: &Stack,
+    since_revision: i64,
+    user_id: &str,
+) -> Result<tonic::Streaming<WatchPhotosResponse>, tonic::Status> {
+    stack
+        .photos_client()
+        .await
+        .watch_photos(WatchPhotosRequest {
+            since_revision,
+            user_id: user_id.into(),
+            ..WatchPhotosRequest::default()
+        })
+        .await
+        .map(|r| r.into_inner())
+}
+
+/// The next frame of a photos watch that is not progress.
+async fn next_photo_event(stream: &mut tonic::Streaming<WatchPhotosResponse>) -> PhotoEvent {
+    loop {
+        match tokio::time::timeout(DEADLINE, stream.next()).await {
+            Ok(Some(Ok(WatchPhotosResponse {
+                event: Some(PhotoEvent::Progress(_)),
+            }))) => {}
+            Ok(Some(Ok(WatchPhotosResponse { event: Some(event) }))) => return event,
+            other => panic!("expected a frame, got {other:?}"),
+        }
+    }
+}
+
+/// The next change of a photos watch, as (revision, photo id, the photo or
+/// `None` for a deletion).
+async fn next_photo_change(stream: &mut tonic::Streaming<WatchPhotosResponse>) -> (i64, String, Option<Photo>) {
+    match next_photo_event(stream).await {
+        PhotoEvent::Change(change) => (change.revision, change.photo_id, change.photo),
+        other => panic!("expected a change, got {other:?}"),
+    }
+}
+
+async fn watch_photos_follows_one_user(db: TestDb) {
+    let stack = Stack::start(db, feed_options()).await;
+    let (ada, _) = customer(&stack, "ada@example.com", "10").await;
+    let (bob, bobs) = customer(&stack, "bob@example.com", "10").await;
+    photos_caught_up(&stack, &bob, bob.revision, bobs.revision).await;
+    let upload_as =
+        async |user: &User, title: &str| upload(&stack, user, title).await.unwrap_or_else(|s| panic!("{s:?}"));
+    let first = upload_as(&ada, "ada 1").await;
+    let bobs_first = upload_as(&bob, "bob 1").await;
+    // From 0: a snapshot of Ada's photos only.
+    let mut stream = watch_photos(&stack, 0, &ada.id)
+        .await
+        .unwrap_or_else(|s| panic!("{s:?}"));
+    let at = bobs_first.revision;
+    assert!(matches!(next_photo_event(&mut stream).await, PhotoEvent::SnapshotBegin(b) if b.revision == at));
+    assert_eq!(
+        next_photo_change(&mut stream).await,
+        (first.revision, first.id.clone(), Some(first.clone()))
+    );
+    assert!(matches!(next_photo_event(&mut stream).await, PhotoEvent::SnapshotEnd(e) if e.revision == at));
+    // Live: Ada's changes only, her deletions included.
+    upload_as(&bob, "bob 2").await;
+    let second = upload_as(&ada, "ada 2").await;
+    delete_photo(&stack, &bobs_first.id, "")
+        .await
+        .unwrap_or_else(|s| panic!("{s:?}"));
+    let deleted = delete_photo(&stack, &first.id, &ada.id)
+        .await
+        .unwrap_or_else(|s| panic!("{s:?}"));
+    let third = upload_as(&ada, "ada 3").await;
+    let expected = [
+        (second.revision, second.id.clone(), Some(second.clone())),
+        (deleted, first.id.clone(), None),
+        (third.revision, third.id.clone(), Some(third.clone())),
+    ];
+    for change in &expected {
+        assert_eq!(&next_photo_change(&mut stream).await, change);
+    }
+    // Resume from the snapshot's revision: the same changes, and only those.
+    let mut resumed = watch_photos(&stack, at, &ada.id)
+        .await
+        .unwrap_or_else(|s| panic!("{s:?}"));
+    for change in &expected {
+        assert_eq!(&next_photo_change(&mut resumed).await, change);
+    }
+    let fourth = upload_as(&ada, "ada 4").await;
+    assert_eq!(next_photo_change(&mut resumed).await.0, fourth.revision);
+    // A malformed user id is refused before streaming.
+    let refused = watch_photos(&stack, 0, "nope").await;
+    assert!(
+        matches!(&refused, Err(s) if s.code() == Code::InvalidArgument && s.message().contains("user_id")),
+        "{:?}",
+        refused.map(|_| ())
+    );
+    stack.stop().await;
+}
+
+fn profile_of(user: &User) -> GetProfileRequest {
+    GetProfileRequest {
+        user_id: user.id.clone(),
+        ..GetProfileRequest::default()
+    }
+}
+
+async fn get_profile(stack: &Stack, request: GetProfileRequest) -> Result<GetProfileResponse, tonic::Status> {
+    stack
+        .photos_client()
+        .await
+        .get_profile(request)
+        .await
+        .map(|r| r.into_inner())
+}
+
+async fn get_profile_is_served_from_the_copies_with_the_upstreams_stopped(db: TestDb) {
+    let mut stack = Stack::start(db, feed_options()).await;
+    let (user, contract) = customer(&stack, "ada@example.com", "10").await;
+    // Read-your-writes, as ListPhotos: answered once the copies have the
+    // writes, never older.
+    let cached = eventually("GetProfile to answer with the writes", || async {
+        let request = GetProfileRequest {
+            min_users_revision: user.revision,
+            min_contracts_revision: contract.revision,
+            ..profile_of(&user)
+        };
+        get_profile(&stack, request).await.ok()
+    })
+    .await;
+    assert_eq!(cached.user.as_ref(), Some(&user));
+    assert_eq!(cached.contract.as_ref(), Some(&contract));
+    assert_eq!(source(&cached.user_freshness), Source::Cache as i32);
+    assert_eq!(source(&cached.contract_freshness), Source::Cache as i32);
+    // The same parts as ListPhotos answers.
+    let listed = list_photos(&stack, list(&user))
+        .await
+        .unwrap_or_else(|s| panic!("{s:?}"));
+    assert_eq!(
+        (listed.user, listed.contract),
+        (cached.user.clone(), cached.contract.clone())
+    );
+    let fresh = get_profile(
+        &stack,
+        GetProfileRequest {
+            consistency: Consistency::Fresh as i32,
+            ..profile_of(&user)
+        },
+    )
+    .await
+    .unwrap_or_else(|s| panic!("fresh profile: {s:?}"));
+    assert_eq!(source(&fresh.user_freshness), Source::Upstream as i32);
+    assert_eq!(fresh.user.as_ref(), Some(&user));
+    // Nobody: the miss falls back to Users, which says so.
+    let stranger = User {
+        id: "00000000-0000-7000-8000-0000000000ff".into(),
+        ..User::default()
+    };
+    let nobody = get_profile(&stack, profile_of(&stranger)).await;
+    assert!(matches!(&nobody, Err(s) if s.code() == Code::NotFound), "{nobody:?}");
+
+    // Users and Contracts stopped: answered from the copies, saying so.
+    for target in [Target::Users, Target::Contracts] {
+        stack.stop_component(target).await;
+    }
+    let answer = eventually("GetProfile to report its streams disconnected", || async {
+        let answer = get_profile(&stack, profile_of(&user)).await.ok()?;
+        (connected(&answer.user_freshness) == Some(false) && connected(&answer.contract_freshness) == Some(false))
+            .then_some(answer)
+    })
+    .await;
+    assert_eq!(answer.user.as_ref(), Some(&user));
+    assert_eq!(answer.contract.as_ref(), Some(&contract));
+    assert_eq!(source(&answer.user_freshness), Source::Cache as i32);
+    assert_eq!(source(&answer.contract_freshness), Source::Cache as i32);
+    let state = answer.user_freshness.and_then(|f| f.stream_state).unwrap_or_default();
+    assert!(state.since_time.is_some(), "disconnected since when: {state:?}");
+    // What the copies cannot answer fails fast and clearly.
+    let started = Instant::now();
+    for request in [
+        GetProfileRequest {
+            consistency: Consistency::Fresh as i32,
+            ..profile_of(&user)
+        },
+        GetProfileRequest {
+            min_users_revision: 10_000,
+            ..profile_of(&user)
+        },
+        profile_of(&stranger),
+    ] {
+        let refused = get_profile(&stack, request).await;
+        assert!(
+            matches!(&refused, Err(s) if s.code() == Code::Unavailable),
+            "{refused:?}"
+        );
+    }
+    assert!(started.elapsed() < Duration::from_secs(5));
+    let bad = get_profile(
+        &stack,
+        GetProfileRequest {
+            user_id: "nope".into(),
+            ..GetProfileRequest::default()
+        },
+    )
+    .await;
+    assert!(matches!(&bad, Err(s) if s.code() == Code::InvalidArgument), "{bad:?}");
+    stack.stop().await;
+}
+
+/// Photos stored before scopes existed get their owner's scope from the
+/// migration, so that a user's watch finds them; what it cannot know (the
+/// owner of a photo deleted before) keeps the empty scope.
+async fn the_scope_migration_backfills_the_photos_written_before_it(db: TestDb) {
+    const ADA: &str = "00000000-0000-7000-8000-00000000000a";
+    const BOB: &str = "00000000-0000-7000-8000-00000000000b";
+    let pool = db.connect().await;
+    // The schema before scopes: the changefeed's first migration and the
+    // photos service's first.
+    for (set, last) in [
+        (&lightbox_changefeed::db::CHANGEFEED_MIGRATIONS, 1),
+        (&lightbox_photos::MIGRATIONS, 3000),
+    ] {
+        let source = match db.backend() {
+            Backend::Sqlite => set.sqlite,
+            Backend::Postgres => set.postgres,
+        };
+        let mut before =
+            sqlx::migrate::Migrator::with_migrations(source.iter().filter(|m| m.version <= last).cloned().collect());
+        before.set_ignore_missing(true);
+        before
+            .run(pool.pool())
+            .await
+            .unwrap_or_else(|err| panic!("migrate: {err}"));
+    }
+    // Bob's photo, Ada's photo, Ada's deleted photo (no owner row left), and
+    // an entity of another feed with the same id as Ada's photo.
+    let photo = |id: &str, user_id: &str| Photo {
+        id: id.into(),
+        user_id: user_id.into(),
+        title: id.into(),
+        ..Photo::default()
+    };
+    let (bobs, adas, gone) = (
+        photo("00000000-0000-7000-8000-000000000001", BOB),
+        photo("00000000-0000-7000-8000-000000000002", ADA),
+        photo("00000000-0000-7000-8000-000000000003", ADA),
+    );
+    let rows: [(&str, &str, i64, Option<&Photo>); 5] = [
+        (lightbox_photos::FEED, &bobs.id, 1, Some(&bobs)),
+        (lightbox_photos::FEED, &adas.id, 2, Some(&adas)),
+        (lightbox_photos::FEED, &gone.id, 3, Some(&gone)),
+        (lightbox_photos::FEED, &gone.id, 4, None),
+        ("elsewhere", &adas.id, 1, Some(&adas)),
+    ];
+    for (feed, id, revision, entity) in rows {
+        let payload = entity.map(|p| p.encode_to_vec());
+        sqlx::query(
+            "INSERT INTO feed_changes (feed, revision, entity_id, deleted, payload, commit_time_us) \
+             VALUES ($1, $2, $3, $4, $5, 0)",
+        )
+        .bind(feed)
+        .bind(revision)
+        .bind(id)
+        .bind(i64::from(payload.is_none()))
+        .bind(payload.clone())
+        .execute(pool.pool())
+        .await
+        .unwrap_or_else(|err| panic!("insert change: {err}"));
+        sqlx::query(
+            "INSERT INTO feed_entities (feed, entity_id, revision, deleted, payload) VALUES ($1, $2, $3, $4, $5) \
+             ON CONFLICT (feed, entity_id) DO UPDATE SET revision = excluded.revision, deleted = excluded.deleted, \
+             payload = excluded.payload",
+        )
+        .bind(feed)
+        .bind(id)
+        .bind(revision)
+        .bind(i64::from(payload.is_none()))
+        .bind(payload)
+        .execute(pool.pool())
+        .await
+        .unwrap_or_else(|err| panic!("insert entity: {err}"));
+    }
+    for (feed, revision) in [(lightbox_photos::FEED, 4_i64), ("elsewhere", 1)] {
+        sqlx::query("INSERT INTO feed_state (feed, revision) VALUES ($1, $2)")
+            .bind(feed)
+            .bind(revision)
+            .execute(pool.pool())
+            .await
+            .unwrap_or_else(|err| panic!("insert state: {err}"));
+    }
+    for p in [&bobs, &adas] {
+        sqlx::query("INSERT INTO photo_owners (photo_id, user_id) VALUES ($1, $2)")
+            .bind(p.id.as_str())
+            .bind(p.user_id.as_str())
+            .execute(pool.pool())
+            .await
+            .unwrap_or_else(|err| panic!("insert owner: {err}"));
+    }
+
+    // Every migration, as the service runs them at start.
+    pool.migrate(&[&lightbox_cache::MIGRATIONS, &lightbox_photos::MIGRATIONS])
+        .await
+        .unwrap_or_else(|err| panic!("migrate: {err}"));
+    let scopes = async |table: &'static str| {
+        let sql = match table {
+            "feed_changes" => "SELECT feed, entity_id, revision, scope FROM feed_changes ORDER BY feed, revision",
+            _ => "SELECT feed, entity_id, revision, scope FROM feed_entities ORDER BY feed, revision",
+        };
+        sqlx::query_as::<_, (String, String, i64, String)>(sql)
+            .fetch_all(pool.pool())
+            .await
+            .unwrap_or_else(|err| panic!("read scopes: {err}"))
+            .into_iter()
+            .map(|(feed, id, revision, scope)| ((feed, id, revision), scope))
+            .collect::<BTreeMap<_, _>>()
+    };
+    let key = |feed: &str, id: &str, revision: i64| (feed.to_owned(), id.to_owned(), revision);
+    let changes = scopes("feed_changes").await;
+    assert_eq!(changes[&key("photos", &bobs.id, 1)], BOB);
+    assert_eq!(changes[&key("photos", &adas.id, 2)], ADA);
+    assert_eq!(
+        changes[&key("photos", &gone.id, 3)],
+        "",
+        "its owner is not known any more"
+    );
+    assert_eq!(changes[&key("photos", &gone.id, 4)], "");
+    assert_eq!(
+        changes[&key("elsewhere", &adas.id, 1)],
+        "",
+        "other feeds are not touched"
+    );
+    let entities = scopes("feed_entities").await;
+    assert_eq!(entities[&key("photos", &bobs.id, 1)], BOB);
+    assert_eq!(entities[&key("photos", &adas.id, 2)], ADA);
+    assert_eq!(entities[&key("photos", &gone.id, 4)], "");
+    assert_eq!(entities[&key("elsewhere", &adas.id, 1)], "");
+
+    // A watch of Ada's photos finds hers, from a snapshot and from the log.
+    let feed: Feed<Photo> = Feed::open(pool, lightbox_photos::FEED, FeedOptions::default())
+        .await
+        .unwrap_or_else(|err| panic!("open: {err}"));
+    let mut stream = feed.watch(0, WatchFilter::scope(ADA));
+    let mut frames = Vec::new();
+    for _ in 0..3 {
+        match tokio::time::timeout(DEADLINE, stream.next()).await {
+            Ok(Some(Ok(frame))) => frames.push(frame),
+            other => panic!("expected a frame, got {other:?}"),
+        }
+    }
+    assert!(matches!(&frames[0], Frame::SnapshotBegin { revision: 4 }), "{frames:?}");
+    assert!(matches!(&frames[1], Frame::Change(c) if c.entity.as_ref() == Some(&adas) && c.scope == ADA));
+    assert!(matches!(&frames[2], Frame::SnapshotEnd { revision: 4 }), "{frames:?}");
+    let mut resumed = feed.watch(1, WatchFilter::scope(ADA));
+    let newer = photo("00000000-0000-7000-8000-000000000004", ADA);
+    let mut tx = feed.begin().await.unwrap_or_else(|err| panic!("begin: {err}"));
+    tx.put_scoped(&newer.id, ADA, &newer)
+        .await
+        .unwrap_or_else(|err| panic!("put: {err}"));
+    tx.commit().await.unwrap_or_else(|err| panic!("commit: {err}"));
+    // Ada's photo, then the new one: the deleted photo's changes, unscoped,
+    // are not Ada's any more.
+    for (revision, expected) in [(2, &adas), (5, &newer)] {
+        match tokio::time::timeout(DEADLINE, resumed.next()).await {
+            Ok(Some(Ok(Frame::Change(change)))) => {
+                assert_eq!(change.revision, revision);
+                assert_eq!(change.entity.as_ref(), Some(expected));
+            }
+            other => panic!("expected Ada's photo at {revision}, got {other:?}"),
+        }
+    }
 }

@@ -7,7 +7,8 @@ use std::time::{Duration, Instant};
 
 use lightbox_api::{
     contracts::{
-        Contract, ContractOption, CreateContractRequest, Plan, WatchContractsRequest,
+        Contract, ContractOption, CreateContractRequest, DeleteContractRequest, Plan, UpdateContractRequest,
+        WatchContractsRequest, contracts_service_client::ContractsServiceClient,
         watch_contracts_response::Event as ContractEvent,
     },
     users::{
@@ -17,9 +18,10 @@ use lightbox_api::{
     },
 };
 use lightbox_app::Target;
-use lightbox_changefeed::FeedOptions;
+use lightbox_changefeed::{Backend, FeedOptions};
 use lightbox_server::FaultSpec;
 use lightbox_testkit::{DEADLINE, Stack, TestDb, conformance};
+use prost::Message;
 use tokio_stream::StreamExt;
 use tonic::Code;
 
@@ -30,6 +32,8 @@ conformance!(
     get_user_with_contract_makes_the_synchronous_hop,
     the_hop_fails_clearly_when_contracts_is_down_or_slow,
     watch_over_grpc_is_snapshot_then_live,
+    watch_contracts_follows_one_holder,
+    contracts_stored_before_scopes_are_found_by_holder,
     a_client_that_stops_reading_is_dropped_and_resumes_losslessly,
 );
 
@@ -469,7 +473,7 @@ async fn watch_over_grpc_is_snapshot_then_live(db: TestDb) {
     let mut stream = contracts
         .watch_contracts(WatchContractsRequest {
             since_revision: 0,
-            contract_ids: Vec::new(),
+            ..WatchContractsRequest::default()
         })
         .await
         .unwrap_or_else(|status| panic!("watch: {status:?}"))
@@ -490,9 +494,249 @@ async fn watch_over_grpc_is_snapshot_then_live(db: TestDb) {
         .watch_contracts(WatchContractsRequest {
             since_revision: 0,
             contract_ids: vec!["nope".into()],
+            ..WatchContractsRequest::default()
         })
         .await;
     expect_status(refused.map(|_| ()), Code::InvalidArgument, "contract_ids");
+    stack.stop().await;
+}
+
+/// The next change on a contracts watch, as (revision, contract id, the
+/// contract or `None` for a deletion), past progress frames; anything else
+/// fails the test.
+async fn next_contract_change(
+    stream: &mut tonic::Streaming<lightbox_api::contracts::WatchContractsResponse>,
+) -> (i64, String, Option<Contract>) {
+    loop {
+        match tokio::time::timeout(DEADLINE, stream.next()).await {
+            Ok(Some(Ok(frame))) => match frame.event {
+                Some(ContractEvent::Change(change)) => {
+                    return (change.revision, change.contract_id, change.contract);
+                }
+                Some(ContractEvent::Progress(_)) => {}
+                other => panic!("expected a change, got {other:?}"),
+            },
+            other => panic!("expected a frame, got {other:?}"),
+        }
+    }
+}
+
+/// A contracts watch from `since`, for `holder` and these contracts.
+async fn watch_holder(
+    contracts: &mut ContractsServiceClient<tonic::transport::Channel>,
+    since: i64,
+    holder: &str,
+    ids: Vec<String>,
+) -> tonic::Streaming<lightbox_api::contracts::WatchContractsResponse> {
+    contracts
+        .watch_contracts(WatchContractsRequest {
+            since_revision: since,
+            contract_ids: ids,
+            holder_user_id: holder.into(),
+        })
+        .await
+        .unwrap_or_else(|status| panic!("watch: {status:?}"))
+        .into_inner()
+}
+
+async fn watch_contracts_follows_one_holder(db: TestDb) {
+    let stack = Stack::start(db, feed_options()).await;
+    let ada = create_user(&stack, "Ada", "ada@example.com").await;
+    let bob = create_user(&stack, "Bob", "bob@example.com").await;
+    let adas = create_contract(&stack, &ada.id, "10").await;
+    let bobs = create_contract(&stack, &bob.id, "10").await;
+    let mut contracts = stack.contracts_client().await;
+    // From 0: a snapshot of Ada's contracts only.
+    let mut stream = watch_holder(&mut contracts, 0, &ada.id, Vec::new()).await;
+    let mut frames = Vec::new();
+    loop {
+        match tokio::time::timeout(DEADLINE, stream.next()).await {
+            Ok(Some(Ok(frame))) => {
+                let end = matches!(frame.event, Some(ContractEvent::SnapshotEnd(_)));
+                frames.push(frame.event);
+                if end {
+                    break;
+                }
+            }
+            other => panic!("expected a frame, got {other:?}"),
+        }
+    }
+    assert_eq!(frames.len(), 3, "begin, Ada's contract, end: {frames:?}");
+    assert!(matches!(&frames[1], Some(ContractEvent::Change(c)) if c.contract.as_ref() == Some(&adas)));
+    // Live: Ada's changes only, her deletions included.
+    let update = |contract: &Contract, holder: &str, quota: &str| UpdateContractRequest {
+        contract: Some(Contract {
+            holder_user_id: holder.into(),
+            options: vec![ContractOption {
+                code: "photo_quota".into(),
+                value: quota.into(),
+                enabled: true,
+            }],
+            ..contract.clone()
+        }),
+        update_mask: None,
+        expected_revision: 0,
+    };
+    let updated = |answer: Result<tonic::Response<lightbox_api::contracts::UpdateContractResponse>, tonic::Status>| {
+        answer
+            .map(|r| r.into_inner().contract.unwrap_or_default())
+            .unwrap_or_else(|status| panic!("update: {status:?}"))
+    };
+    let bobs = updated(contracts.update_contract(update(&bobs, &bob.id, "11")).await);
+    let second = create_contract(&stack, &ada.id, "20").await;
+    let adas = updated(contracts.update_contract(update(&adas, &ada.id, "12")).await);
+    create_contract(&stack, &bob.id, "30").await;
+    let deleted = contracts
+        .delete_contract(DeleteContractRequest {
+            id: second.id.clone(),
+            expected_revision: 0,
+        })
+        .await
+        .map(|r| r.into_inner().revision)
+        .unwrap_or_else(|status| panic!("delete: {status:?}"));
+    // A contract given to Ada arrives in her stream.
+    let given = updated(contracts.update_contract(update(&bobs, &ada.id, "13")).await);
+    assert!(
+        bobs.revision < second.revision,
+        "Bob's update came first, and was filtered out"
+    );
+    assert_eq!(
+        next_contract_change(&mut stream).await,
+        (second.revision, second.id.clone(), Some(second.clone()))
+    );
+    assert_eq!(
+        next_contract_change(&mut stream).await,
+        (adas.revision, adas.id.clone(), Some(adas.clone()))
+    );
+    assert_eq!(
+        next_contract_change(&mut stream).await,
+        (deleted, second.id.clone(), None)
+    );
+    assert_eq!(
+        next_contract_change(&mut stream).await,
+        (given.revision, given.id.clone(), Some(given.clone()))
+    );
+    // Resume from a revision: Ada's changes after it only.
+    let mut resumed = watch_holder(&mut contracts, second.revision, &ada.id, Vec::new()).await;
+    assert_eq!(next_contract_change(&mut resumed).await.0, adas.revision);
+    assert_eq!(next_contract_change(&mut resumed).await.0, deleted);
+    assert_eq!(next_contract_change(&mut resumed).await.0, given.revision);
+    // With contract ids too, both filters apply: of the contract asked for,
+    // only its change since Ada holds it (not Bob's update before); of Ada's
+    // contracts, only the one asked for.
+    let mut both = watch_holder(&mut contracts, bobs.revision - 1, &ada.id, vec![given.id.clone()]).await;
+    assert_eq!(next_contract_change(&mut both).await.0, given.revision);
+    // A holder id is checked like the other ids.
+    let refused = contracts
+        .watch_contracts(WatchContractsRequest {
+            since_revision: 0,
+            holder_user_id: "nope".into(),
+            ..WatchContractsRequest::default()
+        })
+        .await;
+    expect_status(refused.map(|_| ()), Code::InvalidArgument, "holder_user_id");
+    stack.stop().await;
+}
+
+/// Contracts stored before scopes existed get their holder's scope from the
+/// contracts service's migration: a watch of their holder finds them, in a
+/// snapshot and in the changelog.
+async fn contracts_stored_before_scopes_are_found_by_holder(db: TestDb) {
+    const ADA: &str = "00000000-0000-7000-8000-00000000000a";
+    const BOB: &str = "00000000-0000-7000-8000-00000000000b";
+    let contract = |n: i64, holder: &str| Contract {
+        id: format!("00000000-0000-7000-8000-0000000000c{n}"),
+        holder_user_id: holder.into(),
+        plan: Plan::Standard as i32,
+        revision: n,
+        ..Contract::default()
+    };
+    let (bobs, adas) = (contract(1, BOB), contract(2, ADA));
+    {
+        // The schema before scopes (changefeed 1, contracts 2000), and two
+        // contracts in it, as the service wrote them then. (The contracts
+        // service's migrations are read from its directory: this package
+        // does not depend on the service crate.)
+        let pool = db.connect().await;
+        let backend = match db.backend() {
+            Backend::Sqlite => "sqlite",
+            Backend::Postgres => "postgres",
+        };
+        let changefeed = match db.backend() {
+            Backend::Sqlite => lightbox_changefeed::db::CHANGEFEED_MIGRATIONS.sqlite,
+            Backend::Postgres => lightbox_changefeed::db::CHANGEFEED_MIGRATIONS.postgres,
+        };
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("crates/contracts/migrations")
+            .join(backend);
+        let contracts = sqlx::migrate::Migrator::new(dir)
+            .await
+            .unwrap_or_else(|err| panic!("read the contracts migrations: {err}"));
+        for (source, last) in [(changefeed, 1), (&contracts, 2000)] {
+            let mut before = sqlx::migrate::Migrator::with_migrations(
+                source.iter().filter(|m| m.version <= last).cloned().collect(),
+            );
+            before.set_ignore_missing(true);
+            before
+                .run(pool.pool())
+                .await
+                .unwrap_or_else(|err| panic!("migrate: {err}"));
+        }
+        for c in [&bobs, &adas] {
+            for sql in [
+                "INSERT INTO feed_changes (feed, revision, entity_id, deleted, payload, commit_time_us) \
+                 VALUES ('contracts', $1, $2, 0, $3, 0)",
+                "INSERT INTO feed_entities (feed, revision, entity_id, deleted, payload) \
+                 VALUES ('contracts', $1, $2, 0, $3)",
+            ] {
+                sqlx::query(sql)
+                    .bind(c.revision)
+                    .bind(c.id.as_str())
+                    .bind(c.encode_to_vec())
+                    .execute(pool.pool())
+                    .await
+                    .unwrap_or_else(|err| panic!("insert: {err}"));
+            }
+            sqlx::query("INSERT INTO contract_holders (contract_id, holder_user_id) VALUES ($1, $2)")
+                .bind(c.id.as_str())
+                .bind(c.holder_user_id.as_str())
+                .execute(pool.pool())
+                .await
+                .unwrap_or_else(|err| panic!("insert: {err}"));
+        }
+        sqlx::query("INSERT INTO feed_state (feed, revision) VALUES ('contracts', 2)")
+            .execute(pool.pool())
+            .await
+            .unwrap_or_else(|err| panic!("insert: {err}"));
+        pool.close().await;
+    }
+    // The service migrates the database as it starts.
+    let stack = Stack::start(db, feed_options()).await;
+    let mut contracts = stack.contracts_client().await;
+    for (holder, expected) in [(ADA, &adas), (BOB, &bobs)] {
+        let mut stream = watch_holder(&mut contracts, 0, holder, Vec::new()).await;
+        let mut snapshot = Vec::new();
+        loop {
+            match tokio::time::timeout(DEADLINE, stream.next()).await {
+                Ok(Some(Ok(frame))) => match frame.event {
+                    Some(ContractEvent::SnapshotBegin(begin)) => assert_eq!(begin.revision, 2),
+                    Some(ContractEvent::Change(change)) => snapshot.extend(change.contract),
+                    Some(ContractEvent::SnapshotEnd(_)) => break,
+                    other => panic!("expected a snapshot, got {other:?}"),
+                },
+                other => panic!("expected a frame, got {other:?}"),
+            }
+        }
+        assert_eq!(snapshot, vec![expected.clone()], "the snapshot of {holder}'s contracts");
+    }
+    // Resuming from 1: Ada's change at 2 from the changelog, then live.
+    let mut resumed = watch_holder(&mut contracts, 1, ADA, Vec::new()).await;
+    assert_eq!(
+        next_contract_change(&mut resumed).await,
+        (2, adas.id.clone(), Some(adas.clone()))
+    );
+    let added = create_contract(&stack, ADA, "5").await;
+    assert_eq!(next_contract_change(&mut resumed).await.0, added.revision);
     stack.stop().await;
 }
 

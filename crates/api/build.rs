@@ -20,10 +20,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let out = PathBuf::from(env::var("OUT_DIR")?);
     println!("cargo:rerun-if-changed={}", root.display());
 
-    let files: Vec<PathBuf> = FILES.iter().map(|f| root.join(f)).collect();
-    let fds = protox::compile(&files, [&root])?;
-    let bytes = fds.encode_to_vec();
+    // Encoded by protox itself, not through `prost_types`, which would drop
+    // the `google.api.http` options (extensions) the gateway routes by; with
+    // the source info, so comments reach reflection clients and OpenAPI.
+    let mut compiler = protox::Compiler::new([&root])?;
+    compiler.include_imports(true).include_source_info(true);
+    compiler.open_files(FILES)?;
+    let bytes = compiler.encode_file_descriptor_set();
     fs::write(out.join("lightbox_descriptor.bin"), &bytes)?;
+    let fds = prost_types::FileDescriptorSet::decode(bytes.as_slice())?;
 
     tonic_prost_build::configure()
         .compile_well_known_types(true)

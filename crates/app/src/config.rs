@@ -49,12 +49,41 @@ pub enum Command {
     Photos(crate::tools::PhotosArgs),
     /// Streams changes as they happen, resuming by itself after drops.
     Watch(crate::tools::WatchArgs),
+    /// Prints a development token for a user (the token alone, for
+    /// scripts), signed with the development key unless `--jwt-secret` is
+    /// given.
+    Token(TokenArgs),
+    /// Prints the gateway's OpenAPI document (generated from the protos).
+    Openapi,
+}
+
+/// Arguments of `lightbox token`.
+#[derive(Debug, Clone, Args)]
+pub struct TokenArgs {
+    /// The user the token is for (its subject).
+    pub user_id: String,
+
+    /// How long the token is valid.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "24h")]
+    pub ttl: Duration,
+
+    /// The HS256 key to sign with (default: the development key).
+    #[arg(long, env = "LIGHTBOX_JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<String>,
+
+    /// The token's issuer.
+    #[arg(long, env = "LIGHTBOX_JWT_ISSUER", default_value = lightbox_gateway::auth::DEFAULT_ISSUER)]
+    pub jwt_issuer: String,
+
+    /// The token's audience.
+    #[arg(long, env = "LIGHTBOX_JWT_AUDIENCE", default_value = lightbox_gateway::auth::DEFAULT_AUDIENCE)]
+    pub jwt_audience: String,
 }
 
 /// Settings of the servers.
 #[derive(Debug, Clone, Args)]
 pub struct ServeArgs {
-    /// The components to run: users, contracts, photos, or all.
+    /// The components to run: users, contracts, photos, gateway, or all.
     #[arg(long, env = "LIGHTBOX_TARGET", value_delimiter = ',', default_value = "all")]
     pub target: Vec<Target>,
 
@@ -79,6 +108,15 @@ pub struct ServeArgs {
     /// The photos service's gRPC address.
     #[arg(long, env = "LIGHTBOX_PHOTOS_ADDR", default_value = "127.0.0.1:50053")]
     pub photos_addr: SocketAddr,
+
+    /// The mobile gateway's HTTP address.
+    #[arg(long, env = "LIGHTBOX_GATEWAY_ADDR", default_value = "127.0.0.1:8080")]
+    pub gateway_addr: SocketAddr,
+
+    /// Where the gateway reaches the photos service. Unset: the photos
+    /// address above.
+    #[arg(long, env = "LIGHTBOX_PHOTOS_URL")]
+    pub photos_url: Option<String>,
 
     /// Where the photos service reaches the users service. Unset: the users
     /// address above.
@@ -128,6 +166,48 @@ pub struct ServeArgs {
     /// How long calls in progress may finish after a shutdown signal.
     #[arg(long, env = "LIGHTBOX_DRAIN_TIMEOUT", value_parser = humantime::parse_duration, default_value = "10s")]
     pub drain_timeout: Duration,
+
+    /// The gateway accepts HS256 tokens signed with this key.
+    #[arg(long, env = "LIGHTBOX_JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<String>,
+
+    /// The gateway accepts RS256 or ES256 tokens signed for this public key
+    /// (a PEM file; repeat for several keys).
+    #[arg(long, env = "LIGHTBOX_JWT_PUBLIC_KEY", value_delimiter = ',')]
+    pub jwt_public_key: Vec<PathBuf>,
+
+    /// The gateway accepts tokens signed with the development key (what
+    /// `lightbox token` signs with). Always on in `dev`; never in production.
+    #[arg(long, env = "LIGHTBOX_JWT_DEV_KEY")]
+    pub jwt_dev_key: bool,
+
+    /// The issuer (`iss`) the gateway requires of tokens.
+    #[arg(long, env = "LIGHTBOX_JWT_ISSUER", default_value = lightbox_gateway::auth::DEFAULT_ISSUER)]
+    pub jwt_issuer: String,
+
+    /// The audience (`aud`) the gateway requires of tokens.
+    #[arg(long, env = "LIGHTBOX_JWT_AUDIENCE", default_value = lightbox_gateway::auth::DEFAULT_AUDIENCE)]
+    pub jwt_audience: String,
+
+    /// The gateway's deadline for one request (and its upstream call).
+    #[arg(long, env = "LIGHTBOX_GATEWAY_TIMEOUT", value_parser = humantime::parse_duration, default_value = "10s")]
+    pub gateway_timeout: Duration,
+
+    /// The largest request body the gateway accepts, in bytes.
+    #[arg(long, env = "LIGHTBOX_GATEWAY_MAX_BODY_BYTES", default_value_t = 1024 * 1024)]
+    pub gateway_max_body_bytes: usize,
+
+    /// Requests the gateway serves at once; more get 503 at once.
+    #[arg(long, env = "LIGHTBOX_GATEWAY_MAX_REQUESTS", default_value_t = 1024)]
+    pub gateway_max_requests: usize,
+
+    /// Event streams the gateway keeps open at once; more get 503.
+    #[arg(long, env = "LIGHTBOX_GATEWAY_MAX_EVENT_STREAMS", default_value_t = 10_000)]
+    pub gateway_max_event_streams: usize,
+
+    /// How often an idle event stream gets a heartbeat comment.
+    #[arg(long, env = "LIGHTBOX_GATEWAY_HEARTBEAT", value_parser = humantime::parse_duration, default_value = "15s")]
+    pub gateway_heartbeat: Duration,
 
     /// Do not load demo data on first start (`dev` only).
     #[arg(long, env = "LIGHTBOX_NO_DEMO")]

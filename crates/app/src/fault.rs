@@ -14,7 +14,9 @@ fn default_addr(target: Target) -> anyhow::Result<&'static str> {
         Target::Users => Ok("http://127.0.0.1:50051"),
         Target::Contracts => Ok("http://127.0.0.1:50052"),
         Target::Photos => Ok("http://127.0.0.1:50053"),
-        Target::All => anyhow::bail!("name one component (users, contracts or photos), not all"),
+        Target::Gateway | Target::All => {
+            anyhow::bail!("name one gRPC component (users, contracts or photos): faults are injected into those")
+        }
     }
 }
 

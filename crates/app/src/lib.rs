@@ -50,14 +50,43 @@ pub async fn run(cli: Cli, version: &str) -> anyhow::Result<()> {
         Some(Command::Contracts(args)) => tools::contracts(args).await,
         Some(Command::Photos(args)) => tools::photos(args).await,
         Some(Command::Watch(args)) => tools::watch(args).await,
+        Some(Command::Token(args)) => token(&args),
+        Some(Command::Openapi) => openapi(),
     }
+}
+
+/// `lightbox token USER_ID`: the token alone on stdout.
+fn token(args: &config::TokenArgs) -> anyhow::Result<()> {
+    let secret = args
+        .jwt_secret
+        .as_deref()
+        .unwrap_or(lightbox_gateway::auth::DEVELOPMENT_SECRET);
+    let token = lightbox_gateway::auth::hs256_token(
+        secret.as_bytes(),
+        &args.jwt_issuer,
+        &args.jwt_audience,
+        &args.user_id,
+        args.ttl,
+    )
+    .map_err(anyhow::Error::msg)?;
+    println!("{token}");
+    Ok(())
+}
+
+/// `lightbox openapi`: the gateway's OpenAPI document.
+fn openapi() -> anyhow::Result<()> {
+    let pool = lightbox_gateway::descriptors().map_err(anyhow::Error::msg)?;
+    let routes = lightbox_gateway::routes::routes(&pool, &["lightbox."]).map_err(anyhow::Error::msg)?;
+    let document = lightbox_gateway::openapi::document(&routes);
+    println!("{}", serde_json::to_string_pretty(&document)?);
+    Ok(())
 }
 
 /// Starts the components asked for, prints where they are, and runs them
 /// until SIGINT or SIGTERM, then shuts them down gracefully.
 /// `dev` carries the version to print in the banner in `lightbox dev`.
 async fn serve(args: ServeArgs, dev: Option<&str>) -> anyhow::Result<()> {
-    let mut settings = Settings::from_args(&args);
+    let mut settings = Settings::from_args(&args, dev.is_some())?;
     settings.demo = dev.is_some() && !args.no_demo;
     // Bind every listener first: a taken port fails the start, naming it.
     let mut listeners = Vec::new();
@@ -70,6 +99,9 @@ async fn serve(args: ServeArgs, dev: Option<&str>) -> anyhow::Result<()> {
         }
         if component == Target::Users && args.users_url.is_none() {
             settings.users_url = format!("http://{}", listener.local_addr()?);
+        }
+        if component == Target::Photos && args.photos_url.is_none() {
+            settings.photos_url = format!("http://{}", listener.local_addr()?);
         }
         listeners.push((component, listener));
     }
@@ -137,6 +169,7 @@ fn address(args: &ServeArgs, component: Target) -> SocketAddr {
     match component {
         Target::Users => args.users_addr,
         Target::Photos => args.photos_addr,
+        Target::Gateway => args.gateway_addr,
         Target::Contracts | Target::All => args.contracts_addr,
     }
 }
@@ -148,8 +181,13 @@ fn print_banner(args: &ServeArgs, running: &[Component], version: &str) {
     };
     let mut text = format!("\nLightbox {version} is running (monolithic mode, {storage}):\n");
     for component in running {
+        let scheme = if component.target == Target::Gateway {
+            "http"
+        } else {
+            "grpc"
+        };
         text.push_str(&format!(
-            "  {:<10} grpc://{}\n",
+            "  {:<10} {scheme}://{}\n",
             component.target.name(),
             component.addr
         ));
@@ -159,6 +197,7 @@ fn print_banner(args: &ServeArgs, running: &[Component], version: &str) {
     let users = addr_of(Target::Users, args.users_addr);
     let contracts = addr_of(Target::Contracts, args.contracts_addr);
     let photos = addr_of(Target::Photos, args.photos_addr);
+    let gateway = addr_of(Target::Gateway, args.gateway_addr);
     let user = demo::USER_IDS[0];
     text.push_str(&format!(
         "\nTry (grpcurl needs no .proto files: the servers offer reflection):\n\
@@ -167,8 +206,25 @@ fn print_banner(args: &ServeArgs, running: &[Component], version: &str) {
          \x20 grpcurl -plaintext -d '{{\"id\": \"{user}\", \"includeContract\": true}}' {users} lightbox.users.v1.UsersService/GetUser\n\
          \x20 grpcurl -plaintext -d '{{\"sinceRevision\": 0}}' {contracts} lightbox.contracts.v1.ContractsService/WatchContracts\n\
          \x20 grpcurl -plaintext -d '{{\"userId\": \"{user}\"}}' {photos} lightbox.photos.v1.PhotosService/ListPhotos\n\
-         \x20 lightbox fault contracts --latency 200ms    # then GetUser again; --clear to undo\n\n"
+         \x20 lightbox fault contracts --latency 200ms    # then GetUser again; --clear to undo\n"
     ));
+    match lightbox_gateway::auth::hs256_token(
+        lightbox_gateway::auth::DEVELOPMENT_SECRET.as_bytes(),
+        &args.jwt_issuer,
+        &args.jwt_audience,
+        user,
+        std::time::Duration::from_secs(24 * 3600),
+    ) {
+        Ok(token) => text.push_str(&format!(
+            "\nThe mobile gateway (a demo token for {user}, valid 24 h; `lightbox token USER_ID` makes more):\n\
+             \x20 export TOKEN={token}\n\
+             \x20 curl -H \"Authorization: Bearer $TOKEN\" http://{gateway}/v1/users/me/photos\n\
+             \x20 curl -N -H \"Authorization: Bearer $TOKEN\" http://{gateway}/v1/users/me/events\n\
+             \x20 curl http://{gateway}/openapi.json\n"
+        )),
+        Err(err) => text.push_str(&format!("\n(no demo token: {err})\n")),
+    }
+    text.push('\n');
     // The banner is for the person at the terminal, not the logs.
     println!("{text}");
 }

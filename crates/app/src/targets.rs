@@ -8,6 +8,7 @@ use std::{convert::Infallible, fmt, net::SocketAddr, path::PathBuf, str::FromStr
 use anyhow::Context;
 use lightbox_cache::{CacheOptions, sources};
 use lightbox_changefeed::{Db, Feed, FeedOptions, Retention};
+use lightbox_gateway::{AuthConfig, Gateway, GatewayOptions, Upstreams};
 use lightbox_photos::PhotosOptions;
 use lightbox_server::{Faults, ServerOptions, Shutdown, ShutdownTrigger};
 use tokio::{net::TcpListener, task::JoinHandle};
@@ -33,13 +34,15 @@ pub enum Target {
     Contracts,
     /// The photos service, with its local copies of users and contracts.
     Photos,
+    /// The mobile gateway (HTTP/JSON).
+    Gateway,
     /// Every component.
     All,
 }
 
 impl Target {
     /// Every component `All` stands for, in start order (upstreams first).
-    pub const COMPONENTS: [Target; 3] = [Target::Contracts, Target::Users, Target::Photos];
+    pub const COMPONENTS: [Target; 4] = [Target::Contracts, Target::Users, Target::Photos, Target::Gateway];
 
     /// The component's name, as written on the command line.
     pub fn name(self) -> &'static str {
@@ -47,6 +50,7 @@ impl Target {
             Target::Users => "users",
             Target::Contracts => "contracts",
             Target::Photos => "photos",
+            Target::Gateway => "gateway",
             Target::All => "all",
         }
     }
@@ -66,9 +70,10 @@ impl FromStr for Target {
             "users" => Ok(Target::Users),
             "contracts" => Ok(Target::Contracts),
             "photos" => Ok(Target::Photos),
+            "gateway" => Ok(Target::Gateway),
             "all" => Ok(Target::All),
             other => Err(format!(
-                "unknown target {other:?}: expected users, contracts, photos or all"
+                "unknown target {other:?}: expected users, contracts, photos, gateway or all"
             )),
         }
     }
@@ -87,6 +92,10 @@ pub struct Settings {
     pub contracts_url: String,
     /// Where the photos service reaches the users service.
     pub users_url: String,
+    /// Where the gateway reaches the photos service.
+    pub photos_url: String,
+    /// The gateway's auth and limits.
+    pub gateway: GatewayOptions,
     /// `GetUser`'s deadline on the contracts service.
     pub contract_timeout: Duration,
     /// Changefeed tuning.
@@ -102,9 +111,9 @@ pub struct Settings {
 }
 
 impl Settings {
-    /// Settings from the command line.
-    pub fn from_args(args: &ServeArgs) -> Settings {
-        Settings {
+    /// Settings from the command line; `dev` accepts development tokens.
+    pub fn from_args(args: &ServeArgs, dev: bool) -> anyhow::Result<Settings> {
+        Ok(Settings {
             database_url: args.database_url.clone(),
             data_dir: args.data_dir.clone(),
             contracts_url: args
@@ -115,6 +124,18 @@ impl Settings {
                 .users_url
                 .clone()
                 .unwrap_or_else(|| format!("http://{}", args.users_addr)),
+            photos_url: args
+                .photos_url
+                .clone()
+                .unwrap_or_else(|| format!("http://{}", args.photos_addr)),
+            gateway: GatewayOptions {
+                request_timeout: args.gateway_timeout,
+                max_body_bytes: args.gateway_max_body_bytes,
+                max_concurrent_requests: args.gateway_max_requests,
+                max_event_streams: args.gateway_max_event_streams,
+                heartbeat: args.gateway_heartbeat,
+                ..GatewayOptions::new(auth(args, dev)?)
+            },
             contract_timeout: args.contract_timeout,
             cache: CacheOptions {
                 // Three progress intervals without a word: the stream is dead.
@@ -142,7 +163,7 @@ impl Settings {
                 ..ServerOptions::default()
             },
             demo: false,
-        }
+        })
     }
 
     /// Opens the database of `component`.
@@ -159,6 +180,26 @@ impl Settings {
             }
         }
     }
+}
+
+/// The gateway's token checks from the command line. Production keys come
+/// from `--jwt-secret` or `--jwt-public-key`; the development key only with
+/// `--jwt-dev-key` or in `dev`.
+fn auth(args: &ServeArgs, dev: bool) -> anyhow::Result<AuthConfig> {
+    let mut auth = AuthConfig::new(&args.jwt_issuer, &args.jwt_audience);
+    if let Some(secret) = &args.jwt_secret {
+        auth = auth.with_hs256_secret(secret.as_bytes());
+    }
+    for path in &args.jwt_public_key {
+        let pem = std::fs::read(path).with_context(|| format!("cannot read the public key {}", path.display()))?;
+        auth = auth
+            .with_public_key_pem(&pem)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    }
+    if dev || args.jwt_dev_key {
+        auth = auth.with_hs256_secret(lightbox_gateway::auth::DEVELOPMENT_SECRET.as_bytes());
+    }
+    Ok(auth)
 }
 
 /// A running component: its address, and how to stop it.
@@ -197,6 +238,9 @@ impl Component {
 
 /// Starts `component` (not `All`) on `listener`.
 pub async fn start(component: Target, settings: &Settings, listener: TcpListener) -> anyhow::Result<Component> {
+    if component == Target::Gateway {
+        return start_gateway(settings, listener);
+    }
     let db = settings.database(component).await?;
     let server = settings.server.clone();
     let max = server.max_message_bytes;
@@ -259,8 +303,44 @@ pub async fn start(component: Target, settings: &Settings, listener: TcpListener
             let server_svc = service.into_server(max);
             launch(component, listener, server_svc, feed, server, Some(follow))
         }
-        Target::All => anyhow::bail!("`all` is not one component"),
+        Target::Gateway | Target::All => anyhow::bail!("{component} has no database"),
     }
+}
+
+/// Starts the gateway: HTTP on `listener`, calling the services at their
+/// URLs (connections are made on first use, so upstreams may start later).
+fn start_gateway(settings: &Settings, listener: TcpListener) -> anyhow::Result<Component> {
+    if !settings.gateway.auth.has_keys() {
+        anyhow::bail!(
+            "the gateway has no key to check tokens with: give --jwt-secret or --jwt-public-key \
+             (or --jwt-dev-key to accept development tokens)"
+        );
+    }
+    let timeout = settings.gateway.request_timeout;
+    let channel = |url: &str| sources::channel(url, timeout).map_err(anyhow::Error::msg);
+    let upstreams = Upstreams {
+        users: channel(&settings.users_url)?,
+        contracts: channel(&settings.contracts_url)?,
+        photos: channel(&settings.photos_url)?,
+    };
+    let (stop, shutdown) = Shutdown::new();
+    let router = Gateway::new(settings.gateway.clone(), upstreams, shutdown.clone())
+        .map_err(anyhow::Error::msg)?
+        .router();
+    let addr = listener.local_addr().context("the listener has no local address")?;
+    let drain = settings.server.drain_timeout;
+    let task = tokio::spawn(async move {
+        lightbox_gateway::serve(listener, router, shutdown, drain)
+            .await
+            .context("the gateway server failed")
+    });
+    Ok(Component {
+        target: Target::Gateway,
+        addr,
+        faults: Faults::new(),
+        stop,
+        task,
+    })
 }
 
 /// Serves `routes` on `listener` until stopped; on stop, ends the feed's

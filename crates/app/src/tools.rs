@@ -753,7 +753,13 @@ pub async fn photos(args: PhotosArgs) -> anyhow::Result<()> {
             show(&created.into_inner().photo.unwrap_or_default())
         }
         PhotosCommand::Get { id } => {
-            let answer = client.get_photo(GetPhotoRequest { id }).await.map_err(failed)?;
+            let answer = client
+                .get_photo(GetPhotoRequest {
+                    id,
+                    ..Default::default()
+                })
+                .await
+                .map_err(failed)?;
             show(&answer.into_inner().photo.unwrap_or_default())
         }
         PhotosCommand::List { user, fresh } => {
@@ -795,7 +801,10 @@ pub async fn photos(args: PhotosArgs) -> anyhow::Result<()> {
         }
         PhotosCommand::Delete { id } => {
             let deleted = client
-                .delete_photo(DeletePhotoRequest { id: id.clone() })
+                .delete_photo(DeletePhotoRequest {
+                    id: id.clone(),
+                    ..Default::default()
+                })
                 .await
                 .map_err(failed)?;
             print_deleted(json, "photo", &id, deleted.into_inner().revision)
@@ -830,6 +839,7 @@ pub async fn watch(args: WatchArgs) -> anyhow::Result<()> {
                 let request = WatchContractsRequest {
                     since_revision: since,
                     contract_ids: ids,
+                    ..Default::default()
                 };
                 let mut client = ContractsServiceClient::new(channel.clone());
                 let call = client.watch_contracts(request);
@@ -839,6 +849,7 @@ pub async fn watch(args: WatchArgs) -> anyhow::Result<()> {
                 let request = WatchPhotosRequest {
                     since_revision: since,
                     photo_ids: ids,
+                    ..Default::default()
                 };
                 let mut client = PhotosServiceClient::new(channel.clone());
                 let call = client.watch_photos(request);

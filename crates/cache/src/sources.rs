@@ -73,7 +73,7 @@ impl Source<Contract> for ContractsSource {
         Box::pin(async move {
             let request = WatchContractsRequest {
                 since_revision,
-                contract_ids: Vec::new(),
+                ..WatchContractsRequest::default()
             };
             let stream = client.watch_contracts(request).await?.into_inner();
             Ok(Box::pin(stream.map(|item| item.and_then(Frame::try_from))) as WatchStream<Contract>)

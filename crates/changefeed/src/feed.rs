@@ -22,6 +22,11 @@ pub struct Change<T> {
     pub revision: i64,
     /// The entity's id.
     pub entity_id: String,
+    /// The scope the entity belongs to (its owner's id, see
+    /// [`WriteTx::put_scoped`]; empty for none). A deletion carries the
+    /// scope of the entity it deleted. The API's watch messages do not carry
+    /// it: a change read back from a watch stream has the empty scope.
+    pub scope: String,
     /// The entity after the change; `None` for a deletion.
     pub entity: Option<T>,
 }
@@ -388,7 +393,7 @@ impl<T: Entity> Feed<T> {
     /// Current entities in id order, after `after_id` (exclusive), at most `limit`.
     pub async fn list(&self, after_id: &str, limit: i64) -> Result<Vec<(String, T)>, FeedError> {
         let rows = sqlx::query(
-            "SELECT entity_id, revision, payload FROM feed_entities \
+            "SELECT entity_id, revision, payload, scope FROM feed_entities \
              WHERE feed = $1 AND deleted = 0 AND entity_id > $2 ORDER BY entity_id LIMIT $3",
         )
         .bind(self.name())
@@ -423,7 +428,7 @@ impl<T: Entity> Feed<T> {
                     "page_token continues a listing from since_revision 0 only".into(),
                 ));
             }
-            let (changes, head) = match catch_up(shared, since, limit).await? {
+            let (changes, head) = match catch_up(shared, since, limit, None).await? {
                 CatchUp::Page { changes, head } => (changes, head),
                 CatchUp::Reset { reason } => return Ok(ChangePage::reset(reason)),
             };
@@ -459,7 +464,7 @@ impl<T: Entity> Feed<T> {
         // Entities written after `at` are left out here: their latest state
         // comes with the changes after `at`, which follow the last page.
         let rows = sqlx::query(
-            "SELECT entity_id, revision, payload FROM feed_entities \
+            "SELECT entity_id, revision, payload, scope FROM feed_entities \
              WHERE feed = $1 AND deleted = 0 AND revision <= $2 AND entity_id > $3 ORDER BY entity_id LIMIT $4",
         )
         .bind(shared.name)
@@ -506,8 +511,8 @@ pub struct WriteTx<T> {
 }
 
 impl<T: Entity> WriteTx<T> {
-    /// The revision the next [`WriteTx::put`] or [`WriteTx::delete`] gets, for
-    /// the entity to carry its own revision.
+    /// The revision the next [`WriteTx::put`], [`WriteTx::put_scoped`] or
+    /// [`WriteTx::delete`] gets, for the entity to carry its own revision.
     pub fn next_revision(&self) -> i64 {
         self.revision + 1
     }
@@ -523,48 +528,68 @@ impl<T: Entity> WriteTx<T> {
         get_entity(&mut self.tx, self.feed.name(), id).await
     }
 
-    /// Writes an entity's new state; returns the change's revision.
+    /// Writes an entity's new state, in no scope (the empty scope; see
+    /// [`WriteTx::put_scoped`]); returns the change's revision.
     pub async fn put(&mut self, id: &str, entity: &T) -> Result<i64, FeedError> {
+        self.put_scoped(id, "", entity).await
+    }
+
+    /// Writes an entity's new state in `scope` (its owner's id: watchers may
+    /// follow one scope only, see [`crate::WatchFilter`]); returns the
+    /// change's revision. The scope is the entity's from this change on: a
+    /// write in another scope moves it there. (A watcher of the old scope
+    /// is not told that it left: see the crate docs.)
+    pub async fn put_scoped(&mut self, id: &str, scope: &str, entity: &T) -> Result<i64, FeedError> {
         let revision = self.next_revision();
         let payload = entity.encode_to_vec();
         sqlx::query(
-            "INSERT INTO feed_entities (feed, entity_id, revision, deleted, payload) VALUES ($1, $2, $3, 0, $4) \
-             ON CONFLICT (feed, entity_id) DO UPDATE SET revision = excluded.revision, deleted = 0, payload = excluded.payload",
+            "INSERT INTO feed_entities (feed, entity_id, revision, deleted, payload, scope) VALUES ($1, $2, $3, 0, $4, $5) \
+             ON CONFLICT (feed, entity_id) DO UPDATE SET revision = excluded.revision, deleted = 0, \
+             payload = excluded.payload, scope = excluded.scope",
         )
         .bind(self.feed.name())
         .bind(id)
         .bind(revision)
         .bind(payload.clone())
+        .bind(scope)
         .execute(&mut *self.tx)
         .await?;
-        self.record(revision, id, Some(payload)).await?;
+        self.record(revision, id, scope, Some(payload)).await?;
         Ok(revision)
     }
 
     /// Deletes an entity, leaving a tombstone; returns the change's revision,
-    /// or `None` if there was nothing to delete.
+    /// or `None` if there was nothing to delete. The change and the tombstone
+    /// keep the scope the entity had, so that its scope's watchers see the
+    /// deletion.
     pub async fn delete(&mut self, id: &str) -> Result<Option<i64>, FeedError> {
         let revision = self.next_revision();
-        let done = sqlx::query(
+        let scope: Option<String> = sqlx::query_scalar(
             "UPDATE feed_entities SET revision = $3, deleted = 1, payload = NULL \
-             WHERE feed = $1 AND entity_id = $2 AND deleted = 0",
+             WHERE feed = $1 AND entity_id = $2 AND deleted = 0 RETURNING scope",
         )
         .bind(self.feed.name())
         .bind(id)
         .bind(revision)
-        .execute(&mut *self.tx)
+        .fetch_optional(&mut *self.tx)
         .await?;
-        if done.rows_affected() == 0 {
+        let Some(scope) = scope else {
             return Ok(None);
-        }
-        self.record(revision, id, None).await?;
+        };
+        self.record(revision, id, &scope, None).await?;
         Ok(Some(revision))
     }
 
-    async fn record(&mut self, revision: i64, id: &str, payload: Option<Vec<u8>>) -> Result<(), FeedError> {
+    async fn record(
+        &mut self,
+        revision: i64,
+        id: &str,
+        scope: &str,
+        payload: Option<Vec<u8>>,
+    ) -> Result<(), FeedError> {
         sqlx::query(
-            "INSERT INTO feed_changes (feed, revision, entity_id, deleted, payload, commit_time_us) \
-             VALUES ($1, $2, $3, $4, $5, $6)",
+            "INSERT INTO feed_changes (feed, revision, entity_id, deleted, payload, commit_time_us, scope) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7)",
         )
         .bind(self.feed.name())
         .bind(revision)
@@ -572,6 +597,7 @@ impl<T: Entity> WriteTx<T> {
         .bind(i64::from(payload.is_none()))
         .bind(payload)
         .bind(now_micros())
+        .bind(scope)
         .execute(&mut *self.tx)
         .await?;
         self.revision = revision;
@@ -626,7 +652,7 @@ pub(crate) async fn read_state(conn: &mut AnyConnection, feed: &str) -> Result<F
 
 async fn get_entity<T: Entity>(conn: &mut AnyConnection, feed: &str, id: &str) -> Result<Option<T>, FeedError> {
     let row = sqlx::query(
-        "SELECT entity_id, revision, payload FROM feed_entities WHERE feed = $1 AND entity_id = $2 AND deleted = 0",
+        "SELECT entity_id, revision, payload, scope FROM feed_entities WHERE feed = $1 AND entity_id = $2 AND deleted = 0",
     )
     .bind(feed)
     .bind(id)
@@ -638,12 +664,13 @@ async fn get_entity<T: Entity>(conn: &mut AnyConnection, feed: &str, id: &str) -
     }
 }
 
-/// Decodes a row of `(entity_id, revision, payload)`; a NULL payload is a
-/// deletion.
+/// Decodes a row of `(entity_id, revision, payload, scope)`; a NULL payload
+/// is a deletion.
 pub(crate) fn decode_row<T: Entity>(row: &AnyRow) -> Result<Change<T>, FeedError> {
     let entity_id: String = row.try_get(0)?;
     let revision: i64 = row.try_get(1)?;
     let payload: Option<Vec<u8>> = row.try_get(2)?;
+    let scope: String = row.try_get(3)?;
     let entity = match payload {
         Some(bytes) => Some(T::decode(bytes.as_slice()).map_err(|source| FeedError::Decode {
             entity_id: entity_id.clone(),
@@ -655,55 +682,80 @@ pub(crate) fn decode_row<T: Entity>(row: &AnyRow) -> Result<Change<T>, FeedError
     Ok(Change {
         revision,
         entity_id,
+        scope,
         entity,
     })
 }
 
-/// Changes after `cursor` from the changelog, in revision order.
+/// Changes after `cursor` from the changelog, in revision order; with a
+/// `scope`, only the changes in it (the page then ends at the last of them).
 pub(crate) async fn changes_since<T: Entity>(
     conn: &mut AnyConnection,
     feed: &str,
     cursor: i64,
     limit: i64,
+    scope: Option<&str>,
 ) -> Result<Vec<Arc<Change<T>>>, FeedError> {
-    let rows = sqlx::query(
-        "SELECT entity_id, revision, payload FROM feed_changes WHERE feed = $1 AND revision > $2 ORDER BY revision LIMIT $3",
-    )
-    .bind(feed)
-    .bind(cursor)
-    .bind(limit)
-    .fetch_all(conn)
-    .await?;
-    rows.iter().map(|row| decode_row(row).map(Arc::new)).collect()
+    let sql = [
+        "SELECT entity_id, revision, payload, scope FROM feed_changes \
+         WHERE feed = $1 AND revision > $2 ORDER BY revision LIMIT $3",
+        "SELECT entity_id, revision, payload, scope FROM feed_changes \
+         WHERE feed = $1 AND revision > $2 AND scope = $4 ORDER BY revision LIMIT $3",
+    ];
+    rows_since(conn, sql, feed, cursor, limit, scope).await
 }
 
-/// The latest state of each entity written after `cursor`, in revision
-/// order; with `tombstones`, deletions too (the consolidated delta).
+/// The latest state of each entity written after `cursor`, deletions
+/// included, in revision order (the consolidated delta); with a `scope`,
+/// only the entities in it.
 pub(crate) async fn entities_since<T: Entity>(
     conn: &mut AnyConnection,
     feed: &str,
     cursor: i64,
     limit: i64,
-    tombstones: bool,
+    scope: Option<&str>,
 ) -> Result<Vec<Arc<Change<T>>>, FeedError> {
-    let sql = if tombstones {
-        "SELECT entity_id, revision, payload FROM feed_entities WHERE feed = $1 AND revision > $2 ORDER BY revision LIMIT $3"
-    } else {
-        "SELECT entity_id, revision, payload FROM feed_entities WHERE feed = $1 AND revision > $2 AND deleted = 0 ORDER BY revision LIMIT $3"
-    };
-    let rows = sqlx::query(sql)
+    let sql = [
+        "SELECT entity_id, revision, payload, scope FROM feed_entities \
+         WHERE feed = $1 AND revision > $2 ORDER BY revision LIMIT $3",
+        "SELECT entity_id, revision, payload, scope FROM feed_entities \
+         WHERE feed = $1 AND revision > $2 AND scope = $4 ORDER BY revision LIMIT $3",
+    ];
+    rows_since(conn, sql, feed, cursor, limit, scope).await
+}
+
+/// Runs `sql` (`[unscoped, scoped]`: the second binds the scope as `$4`)
+/// and decodes the rows.
+async fn rows_since<T: Entity>(
+    conn: &mut AnyConnection,
+    [unscoped, scoped]: [&'static str; 2],
+    feed: &str,
+    cursor: i64,
+    limit: i64,
+    scope: Option<&str>,
+) -> Result<Vec<Arc<Change<T>>>, FeedError> {
+    let mut query = sqlx::query(if scope.is_some() { scoped } else { unscoped })
         .bind(feed)
         .bind(cursor)
-        .bind(limit)
-        .fetch_all(conn)
-        .await?;
+        .bind(limit);
+    if let Some(scope) = scope {
+        query = query.bind(scope);
+    }
+    let rows = query.fetch_all(conn).await?;
     rows.iter().map(|row| decode_row(row).map(Arc::new)).collect()
 }
 
 /// What comes after `cursor` (> 0): changelog replay while the history is
 /// kept, the consolidated delta once it was trimmed, a reset past the
-/// tombstones or past the head. Reads state and rows in one snapshot.
-pub(crate) async fn catch_up<T: Entity>(shared: &Shared<T>, cursor: i64, limit: i64) -> Result<CatchUp<T>, FeedError> {
+/// tombstones or past the head. Reads state and rows in one snapshot. With a
+/// `scope`, the page holds only that scope's changes, and a short page still
+/// means everything up to the head was read.
+pub(crate) async fn catch_up<T: Entity>(
+    shared: &Shared<T>,
+    cursor: i64,
+    limit: i64,
+    scope: Option<&str>,
+) -> Result<CatchUp<T>, FeedError> {
     let mut tx = shared.db.begin_snapshot().await?;
     let state = read_state(&mut tx, shared.name).await?;
     let result = if cursor > state.revision {
@@ -722,12 +774,12 @@ pub(crate) async fn catch_up<T: Entity>(shared: &Shared<T>, cursor: i64, limit: 
         }
     } else if cursor >= state.compacted_revision {
         CatchUp::Page {
-            changes: changes_since(&mut tx, shared.name, cursor, limit).await?,
+            changes: changes_since(&mut tx, shared.name, cursor, limit, scope).await?,
             head: state.revision,
         }
     } else {
         CatchUp::Page {
-            changes: entities_since(&mut tx, shared.name, cursor, limit, true).await?,
+            changes: entities_since(&mut tx, shared.name, cursor, limit, scope).await?,
             head: state.revision,
         }
     };
@@ -735,11 +787,13 @@ pub(crate) async fn catch_up<T: Entity>(shared: &Shared<T>, cursor: i64, limit: 
     Ok(result)
 }
 
-/// The current state (of the ids given, or of every entity) at one
-/// revision, which it returns.
+/// The current state at one revision, which it returns: of the entities in
+/// `ids` if given (in id order), else of every entity; with a `scope`, only
+/// those in it (through the `feed_entities_by_scope` index).
 pub(crate) async fn snapshot<T: Entity>(
     shared: &Shared<T>,
     ids: Option<&[String]>,
+    scope: Option<&str>,
 ) -> Result<(i64, Vec<Arc<Change<T>>>), FeedError> {
     let mut tx = shared.db.begin_snapshot().await?;
     let state = read_state(&mut tx, shared.name).await?;
@@ -747,22 +801,37 @@ pub(crate) async fn snapshot<T: Entity>(
     match ids {
         Some(ids) => {
             for id in ids {
-                let row = sqlx::query("SELECT entity_id, revision, payload FROM feed_entities WHERE feed = $1 AND entity_id = $2 AND deleted = 0")
-                    .bind(shared.name)
-                    .bind(id.as_str())
-                    .fetch_optional(&mut *tx)
-                    .await?;
+                let row = sqlx::query(
+                    "SELECT entity_id, revision, payload, scope FROM feed_entities \
+                     WHERE feed = $1 AND entity_id = $2 AND deleted = 0",
+                )
+                .bind(shared.name)
+                .bind(id.as_str())
+                .fetch_optional(&mut *tx)
+                .await?;
                 if let Some(row) = row {
-                    changes.push(Arc::new(decode_row(&row)?));
+                    let change = decode_row(&row)?;
+                    if scope.is_none_or(|scope| change.scope == scope) {
+                        changes.push(Arc::new(change));
+                    }
                 }
             }
         }
         None => {
-            let rows = sqlx::query("SELECT entity_id, revision, payload FROM feed_entities WHERE feed = $1 AND deleted = 0 ORDER BY entity_id")
+            let query = match scope {
+                None => sqlx::query(
+                    "SELECT entity_id, revision, payload, scope FROM feed_entities \
+                     WHERE feed = $1 AND deleted = 0 ORDER BY entity_id",
+                )
+                .bind(shared.name),
+                Some(scope) => sqlx::query(
+                    "SELECT entity_id, revision, payload, scope FROM feed_entities \
+                     WHERE feed = $1 AND scope = $2 AND deleted = 0 ORDER BY entity_id",
+                )
                 .bind(shared.name)
-                .fetch_all(&mut *tx)
-                .await?;
-            for row in &rows {
+                .bind(scope),
+            };
+            for row in &query.fetch_all(&mut *tx).await? {
                 changes.push(Arc::new(decode_row(row)?));
             }
         }

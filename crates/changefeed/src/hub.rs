@@ -129,7 +129,7 @@ pub(crate) async fn tail<T: Entity>(shared: Arc<Shared<T>>) {
             shared.hub.tail_reads.fetch_add(1, Ordering::Relaxed);
             let batch = async {
                 let mut conn = shared.db.pool().acquire().await?;
-                changes_since::<T>(&mut conn, shared.name, cursor, 512).await
+                changes_since::<T>(&mut conn, shared.name, cursor, 512, None).await
             }
             .await;
             let changes = match batch {

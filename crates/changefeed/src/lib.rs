@@ -14,7 +14,7 @@
 //! - [`messages`]: conversions to the API's watch and listing messages.
 //! - [`watch`]: the watch stream: snapshot then live, resume, consolidated
 //!   deltas for compacted history, reset, progress, slow-consumer handling
-//!   and id filters.
+//!   and filters ([`WatchFilter`]: ids and/or a scope).
 //!
 //! # Guarantees
 //!
@@ -24,6 +24,17 @@
 //! and a reader tailing `revision > cursor` can never see revision N+1
 //! before N is committed. The tests in `tests/changefeed.rs` prove each
 //! guarantee on both backends.
+//!
+//! # Scopes
+//!
+//! An entity may be written in a scope, its owner's id
+//! ([`WriteTx::put_scoped`]); a watcher may follow one scope only
+//! ([`WatchFilter::scope`]), snapshot, resume and live alike. A deletion
+//! keeps the deleted entity's scope, so the scope's watchers see it. A
+//! change is matched on the scope it was written in: when a write moves an
+//! entity to another scope, the old scope's watchers are not told that it
+//! left (they would need the previous scope on the change row, and on the
+//! consolidated delta, which only knows the latest state).
 
 pub mod db;
 pub mod feed;
@@ -33,3 +44,4 @@ pub mod watch;
 
 pub use db::{Backend, Db, Migrations};
 pub use feed::{Change, ChangePage, Feed, FeedError, FeedOptions, FeedStats, Frame, Retention, WriteTx};
+pub use watch::WatchFilter;

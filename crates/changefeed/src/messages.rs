@@ -4,7 +4,10 @@
 
 use lightbox_api::{contracts, feed as frames, photos, users};
 
-use crate::feed::{Change, ChangePage, Frame};
+use crate::{
+    feed::{Change, ChangePage, Frame},
+    watch::WatchFilter,
+};
 
 /// The API's change kind of a change.
 fn kind<T>(change: &Change<T>) -> frames::ChangeKind {
@@ -65,6 +68,8 @@ macro_rules! feed_messages {
                         Frame::Change(std::sync::Arc::new(Change {
                             revision: change.revision,
                             entity_id: change.$id,
+                            // Not on the wire: the watcher chose it, if any.
+                            scope: String::new(),
                             entity,
                         }))
                     }
@@ -130,15 +135,16 @@ feed_messages!(
 use photos::{ListPhotoChangesResponse, PhotoChange, WatchPhotosResponse};
 
 /// Serves a `Watch…` request (the same for every feed): checks the
-/// arguments, then streams the feed's frames as the API's responses.
+/// arguments (see [`watch_args`]), then streams the feed's frames as the
+/// API's responses.
 pub fn serve_watch<T: crate::feed::Entity, R: From<Frame<T>> + Send + 'static>(
     feed: &crate::Feed<T>,
     since_revision: i64,
-    ids_field: &str,
-    ids: Vec<String>,
+    ids: (&str, Vec<String>),
+    scope: Option<(&str, &str)>,
 ) -> Result<crate::watch::MappedStream<R>, lightbox_api::ApiError> {
-    let since = watch_args(since_revision, ids_field, &ids)?;
-    Ok(crate::watch::mapped(feed.watch(since, ids)))
+    let (since, filter) = watch_args(since_revision, ids, scope)?;
+    Ok(crate::watch::mapped(feed.watch(since, filter)))
 }
 
 /// Serves a `List…Changes` request (the same for every feed): checks the
@@ -154,9 +160,18 @@ pub async fn serve_list_changes<T: crate::feed::Entity, R: From<ChangePage<T>>>(
     Ok(feed.list_changes(since, size, page_token).await?.into())
 }
 
-/// Validates a watch request's arguments (the same for every feed).
-pub fn watch_args(since_revision: i64, ids_field: &str, ids: &[String]) -> Result<i64, lightbox_api::ApiError> {
+/// Validates a watch request's arguments (the same for every feed) and
+/// makes its filter. `ids` is the id filter's field name (`user_ids`, …) and
+/// its ids; `scope`, for a feed whose entities are scoped by owner, the
+/// scope filter's field name (`holder_user_id`, …) and its value, empty for
+/// none. Ids and the scope are UUIDs, normalised as the services store them.
+pub fn watch_args(
+    since_revision: i64,
+    ids: (&str, Vec<String>),
+    scope: Option<(&str, &str)>,
+) -> Result<(i64, WatchFilter), lightbox_api::ApiError> {
     let since = lightbox_api::request::since_revision(since_revision)?;
+    let (ids_field, ids) = ids;
     if ids.len() > crate::watch::MAX_WATCH_IDS {
         return Err(lightbox_api::ApiError::InvalidArgument(format!(
             "{ids_field} has {} ids; at most {} may be watched on one stream",
@@ -164,8 +179,13 @@ pub fn watch_args(since_revision: i64, ids_field: &str, ids: &[String]) -> Resul
             crate::watch::MAX_WATCH_IDS
         )));
     }
-    for id in ids {
-        lightbox_api::request::parse_id(ids_field, id)?;
-    }
-    Ok(since)
+    let ids = ids
+        .iter()
+        .map(|id| lightbox_api::request::parse_id(ids_field, id).map(|id| id.to_string()))
+        .collect::<Result<Vec<_>, _>>()?;
+    let scope = match scope {
+        Some((field, value)) => lightbox_api::request::parse_optional_id(field, value)?.map(|id| id.to_string()),
+        None => None,
+    };
+    Ok((since, WatchFilter { ids, scope }))
 }

@@ -9,6 +9,12 @@
 //! the next frame, so a client that stops reading holds no growing buffer;
 //! once it is a whole ring behind, its stream ends with `RESOURCE_EXHAUSTED`
 //! naming the revision to resume from.
+//!
+//! A [`WatchFilter`] narrows a stream to some ids and/or one scope, on every
+//! path: the snapshot reads only the matching entities (a scope through its
+//! index), the replay and the consolidated delta read only the scope's rows,
+//! and the live tail drops what does not match. A filtered-out change still
+//! moves the stream's cursor, so progress frames go past it.
 
 use std::{collections::HashSet, collections::VecDeque, pin::Pin, sync::Arc};
 
@@ -37,11 +43,61 @@ pub const MAX_WATCH_IDS: usize = 1000;
 
 const PAGE: i64 = 512;
 
+/// Which changes a watch stream carries: those matching every filter set
+/// (the default, no filter: every change).
+///
+/// A `Vec<String>` of ids converts into an id filter, so
+/// `feed.watch(0, ids)` reads as before.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct WatchFilter {
+    /// If not empty, only changes to these entities.
+    pub ids: Vec<String>,
+    /// If set, only changes to entities in this scope (see
+    /// [`crate::WriteTx::put_scoped`]), deletions included. The match is on
+    /// the scope a change was written in: an entity moved to another scope
+    /// is not announced to its old scope's watchers.
+    pub scope: Option<String>,
+}
+
+impl WatchFilter {
+    /// Changes to these entities only.
+    pub fn ids(ids: impl IntoIterator<Item = impl Into<String>>) -> WatchFilter {
+        WatchFilter {
+            ids: ids.into_iter().map(Into::into).collect(),
+            scope: None,
+        }
+    }
+
+    /// Changes to the entities of `scope` only.
+    pub fn scope(scope: impl Into<String>) -> WatchFilter {
+        WatchFilter {
+            ids: Vec::new(),
+            scope: Some(scope.into()),
+        }
+    }
+
+    /// This filter, narrowed to the entities of `scope`.
+    pub fn in_scope(self, scope: impl Into<String>) -> WatchFilter {
+        WatchFilter {
+            scope: Some(scope.into()),
+            ..self
+        }
+    }
+}
+
+impl From<Vec<String>> for WatchFilter {
+    fn from(ids: Vec<String>) -> WatchFilter {
+        WatchFilter { ids, scope: None }
+    }
+}
+
 impl<T: Entity> Feed<T> {
     /// Watches the feed from `since_revision` (0: snapshot first), for the
-    /// entities in `ids` only if it is not empty. The caller validates the
-    /// arguments (non-negative revision, at most [`MAX_WATCH_IDS`] ids).
-    pub fn watch(&self, since_revision: i64, ids: Vec<String>) -> WatchStream<T> {
+    /// changes that pass `filter` only (a [`WatchFilter`], or a `Vec` of
+    /// ids; empty: every change). The caller validates the arguments
+    /// (non-negative revision, at most [`MAX_WATCH_IDS`] ids).
+    pub fn watch(&self, since_revision: i64, filter: impl Into<WatchFilter>) -> WatchStream<T> {
+        let filter = filter.into();
         let period = self.inner.shared.options.progress_interval;
         let mut progress = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
         progress.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -57,11 +113,12 @@ impl<T: Entity> Feed<T> {
             generation,
             feed: self.clone(),
             cursor: since_revision,
-            ids: if ids.is_empty() {
+            ids: if filter.ids.is_empty() {
                 None
             } else {
-                Some(ids.into_iter().collect())
+                Some(filter.ids.into_iter().collect())
             },
+            scope: filter.scope,
             pending: VecDeque::new(),
             phase: if since_revision == 0 {
                 Phase::Snapshot
@@ -99,7 +156,10 @@ struct Watcher<T> {
     generation: u64,
     /// Every change up to here was delivered (or filtered out).
     cursor: i64,
+    /// The id filter, if any (a set: checked on every live change).
     ids: Option<HashSet<String>>,
+    /// The scope filter, if any.
+    scope: Option<String>,
     /// Frames read from the database, not yet sent.
     pending: VecDeque<Frame<T>>,
     phase: Phase,
@@ -129,6 +189,7 @@ impl<T> Drop for Watcher<T> {
 impl<T: Entity> Watcher<T> {
     fn wanted(&self, change: &Change<T>) -> bool {
         self.ids.as_ref().is_none_or(|ids| ids.contains(&change.entity_id))
+            && self.scope.as_ref().is_none_or(|scope| *scope == change.scope)
     }
 
     async fn next(&mut self) -> Option<Result<Frame<T>, Status>> {
@@ -160,8 +221,14 @@ impl<T: Entity> Watcher<T> {
     /// Queues a snapshot (after a reset frame if `reset` says why) and goes live.
     async fn snapshot(&mut self, reset: Option<String>) -> Result<(), Status> {
         let shared = &self.feed.inner.shared;
-        let ids: Option<Vec<String>> = self.ids.as_ref().map(|ids| ids.iter().cloned().collect());
-        let (revision, changes) = snapshot(shared, ids.as_deref()).await.map_err(storage_error)?;
+        let ids: Option<Vec<String>> = self.ids.as_ref().map(|ids| {
+            let mut ids: Vec<String> = ids.iter().cloned().collect();
+            ids.sort_unstable();
+            ids
+        });
+        let (revision, changes) = snapshot(shared, ids.as_deref(), self.scope.as_deref())
+            .await
+            .map_err(storage_error)?;
         if let Some(reason) = reset {
             self.pending.push_back(Frame::Reset { revision, reason });
         }
@@ -176,7 +243,10 @@ impl<T: Entity> Watcher<T> {
     /// Queues the next page of what follows the cursor in the database.
     async fn catch_up(&mut self) -> Result<(), Status> {
         let shared = &self.feed.inner.shared;
-        match catch_up(shared, self.cursor, PAGE).await.map_err(storage_error)? {
+        let page = catch_up(shared, self.cursor, PAGE, self.scope.as_deref())
+            .await
+            .map_err(storage_error)?;
+        match page {
             CatchUp::Reset { reason } => self.snapshot(Some(reason)).await,
             CatchUp::Page { changes, head } => {
                 let last_page = (changes.len() as i64) < PAGE;

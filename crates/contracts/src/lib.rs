@@ -4,8 +4,9 @@
 //! # Layout
 //!
 //! - [`ContractsService`]: the gRPC service over a [`Feed`] of contracts (the
-//!   transactional outbox) and the `contract_holders` index used to list a
-//!   user's contracts.
+//!   transactional outbox, each contract in its holder's scope, so that
+//!   `WatchContracts` can follow one holder) and the `contract_holders`
+//!   index used to list a user's contracts.
 //! - `validate` (private): what a contract must look like.
 
 mod validate;
@@ -85,7 +86,8 @@ impl ContractsService {
         }
         set_holder(tx.conn(), &contract.id, &contract.holder_user_id).await?;
         contract.revision = tx.next_revision();
-        tx.put(&contract.id, &contract).await?;
+        // Scoped by holder: `WatchContracts` may follow one holder's contracts.
+        tx.put_scoped(&contract.id, &contract.holder_user_id, &contract).await?;
         tx.commit().await?;
         Ok(contract)
     }
@@ -103,7 +105,8 @@ impl ContractsService {
         set_holder(tx.conn(), &id, &contract.holder_user_id).await?;
         contract.revision = tx.next_revision();
         contract.update_time = Some(request::now());
-        tx.put(&id, &contract).await?;
+        // A new holder moves the contract to their scope.
+        tx.put_scoped(&id, &contract.holder_user_id, &contract).await?;
         tx.commit().await?;
         Ok(contract)
     }
@@ -245,7 +248,12 @@ impl ContractsApi for ContractsService {
         request: Request<WatchContractsRequest>,
     ) -> Result<Response<Self::WatchContractsStream>, Status> {
         let request = request.into_inner();
-        let stream = serve_watch(&self.feed, request.since_revision, "contract_ids", request.contract_ids)?;
+        let stream = serve_watch(
+            &self.feed,
+            request.since_revision,
+            ("contract_ids", request.contract_ids),
+            Some(("holder_user_id", &request.holder_user_id)),
+        )?;
         Ok(Response::new(stream))
     }
 

@@ -6,10 +6,13 @@
 //! # Layout
 //!
 //! - [`PhotosService`]: the gRPC service over a [`Feed`] of photos (its own
-//!   watchable changelog) and the `photo_owners` index; two [`Cache`]s (users,
-//!   contracts) in the same database, fed by [`PhotosService::follow`].
-//! - `reads` (private): `ListPhotos`'s consistency modes (`CACHED`, `FRESH`),
-//!   the fallback on a cache miss, read-your-writes and `max_staleness`.
+//!   watchable changelog, each photo in its owner's scope, so that
+//!   `WatchPhotos` can follow one user) and the `photo_owners` index; two
+//!   [`Cache`]s (users, contracts) in the same database, fed by
+//!   [`PhotosService::follow`].
+//! - `reads` (private): how `ListPhotos` and `GetProfile` read the user and
+//!   contract: consistency modes (`CACHED`, `FRESH`), the fallback on a
+//!   cache miss, read-your-writes and `max_staleness`.
 //! - `validate` (private): what a photo must look like, and the quota.
 
 mod reads;
@@ -28,8 +31,8 @@ use lightbox_api::{
     contracts::Contract,
     photos::{
         CreatePhotoRequest, CreatePhotoResponse, DeletePhotoRequest, DeletePhotoResponse, GetPhotoRequest,
-        GetPhotoResponse, ListPhotoChangesRequest, ListPhotoChangesResponse, ListPhotosRequest, ListPhotosResponse,
-        Photo, WatchPhotosRequest, WatchPhotosResponse,
+        GetPhotoResponse, GetProfileRequest, GetProfileResponse, ListPhotoChangesRequest, ListPhotoChangesResponse,
+        ListPhotosRequest, ListPhotosResponse, Photo, WatchPhotosRequest, WatchPhotosResponse,
         photos_service_server::{PhotosService as PhotosApi, PhotosServiceServer},
     },
     request,
@@ -183,29 +186,36 @@ impl PhotosService {
             .await
             .map_err(ApiError::internal)?;
         photo.revision = tx.next_revision();
-        tx.put(&photo.id, &photo).await?;
+        // Scoped by owner: `WatchPhotos` may follow one user's photos.
+        tx.put_scoped(&photo.id, &photo.user_id, &photo).await?;
         tx.commit().await?;
         Ok(photo)
     }
 
     async fn get(&self, request: GetPhotoRequest) -> Result<Photo, ApiError> {
         let id = request::parse_id("id", &request.id)?.to_string();
-        self.feed
-            .get(&id)
-            .await?
-            .ok_or_else(|| ApiError::NotFound(format!("photo {id} not found")))
+        let owner = request::parse_optional_id("user_id", &request.user_id)?.map(|id| id.to_string());
+        let photo = self.feed.get(&id).await?;
+        owned_by(photo, owner.as_deref()).ok_or_else(|| photo_not_found(&id))
     }
 
     async fn delete(&self, request: DeletePhotoRequest) -> Result<i64, ApiError> {
         let id = request::parse_id("id", &request.id)?.to_string();
+        let owner = request::parse_optional_id("user_id", &request.user_id)?.map(|id| id.to_string());
         let mut tx = self.feed.begin().await?;
+        // Under the feed's lock: the photo cannot change owner or go before
+        // the commit. Someone else's photo is not found, and stays (the
+        // transaction is dropped, rolled back, with nothing written).
+        if owned_by(tx.get(&id).await?, owner.as_deref()).is_none() {
+            return Err(photo_not_found(&id));
+        }
         sqlx::query("DELETE FROM photo_owners WHERE photo_id = $1")
             .bind(id.as_str())
             .execute(tx.conn())
             .await
             .map_err(ApiError::internal)?;
         if tx.delete(&id).await?.is_none() {
-            return Err(ApiError::NotFound(format!("photo {id} not found")));
+            return Err(photo_not_found(&id));
         }
         Ok(tx.commit().await?)
     }
@@ -244,8 +254,7 @@ impl PhotosService {
     async fn list(&self, request: ListPhotosRequest) -> Result<ListPhotosResponse, ApiError> {
         let user_id = request::parse_id("user_id", &request.user_id)?.to_string();
         let size = request::page_size(request.page_size, 50, 1000)?;
-        let mode = reads::Mode::of(&request)?;
-        let owner = reads::owner(self, &user_id, mode).await?;
+        let owner = reads::owner(self, &user_id, reads::Mode::of((&request).into())?).await?;
         let (photos, next_page_token) = self.photos_of(&user_id, size, &request.page_token).await?;
         Ok(ListPhotosResponse {
             photos,
@@ -256,6 +265,29 @@ impl PhotosService {
             contract_freshness: owner.contract_freshness,
         })
     }
+
+    /// `GetProfile`: the user part of `ListPhotos`, read the same way.
+    async fn profile(&self, request: GetProfileRequest) -> Result<GetProfileResponse, ApiError> {
+        let user_id = request::parse_id("user_id", &request.user_id)?.to_string();
+        let owner = reads::owner(self, &user_id, reads::Mode::of((&request).into())?).await?;
+        Ok(GetProfileResponse {
+            user: Some(owner.user),
+            contract: owner.contract,
+            user_freshness: Some(owner.user_freshness),
+            contract_freshness: owner.contract_freshness,
+        })
+    }
+}
+
+/// `photo` if it exists and, when an `owner` is given, belongs to them.
+fn owned_by(photo: Option<Photo>, owner: Option<&str>) -> Option<Photo> {
+    photo.filter(|photo| owner.is_none_or(|owner| owner == photo.user_id))
+}
+
+/// The one answer for a photo that is missing or someone else's: the same
+/// words, so that a caller learns nothing about other users' photos.
+fn photo_not_found(id: &str) -> ApiError {
+    ApiError::NotFound(format!("photo {id} not found"))
 }
 
 #[tonic::async_trait]
@@ -285,6 +317,10 @@ impl PhotosApi for PhotosService {
         Ok(Response::new(DeletePhotoResponse { revision }))
     }
 
+    async fn get_profile(&self, request: Request<GetProfileRequest>) -> Result<Response<GetProfileResponse>, Status> {
+        Ok(Response::new(self.profile(request.into_inner()).await?))
+    }
+
     type WatchPhotosStream = watch::MappedStream<WatchPhotosResponse>;
 
     async fn watch_photos(
@@ -292,7 +328,12 @@ impl PhotosApi for PhotosService {
         request: Request<WatchPhotosRequest>,
     ) -> Result<Response<Self::WatchPhotosStream>, Status> {
         let request = request.into_inner();
-        let stream = serve_watch(&self.feed, request.since_revision, "photo_ids", request.photo_ids)?;
+        let stream = serve_watch(
+            &self.feed,
+            request.since_revision,
+            ("photo_ids", request.photo_ids),
+            Some(("user_id", &request.user_id)),
+        )?;
         Ok(Response::new(stream))
     }
 

@@ -1,4 +1,5 @@
-//! Where `ListPhotos` (and `CreatePhoto`) get the user and the contract:
+//! Where `ListPhotos`, `GetProfile` (and `CreatePhoto`) get the user and the
+//! contract:
 //! `CACHED` from the local copies, never calling upstream except for an
 //! entity not in the copy yet; `FRESH` through the seed's synchronous chain,
 //! Photos → Users → Contracts, with a deadline. Every answer says where each
@@ -10,7 +11,7 @@ use lightbox_api::{
     ApiError, call_upstream,
     contracts::Contract,
     feed::Freshness,
-    photos::{Consistency, ListPhotosRequest},
+    photos::{Consistency, GetProfileRequest, ListPhotosRequest},
     users::{ContractRead, GetUserRequest, User},
 };
 use lightbox_cache::{Cache, upstream_freshness};
@@ -38,8 +39,8 @@ impl Mode {
         max_staleness: None,
     };
 
-    /// The mode a `ListPhotos` request asks for, checked.
-    pub(crate) fn of(request: &ListPhotosRequest) -> Result<Mode, ApiError> {
+    /// The mode a read (`ListPhotos`, `GetProfile`) asks for, checked.
+    pub(crate) fn of(request: ReadArgs<'_>) -> Result<Mode, ApiError> {
         for (field, value) in [
             ("min_users_revision", request.min_users_revision),
             ("min_contracts_revision", request.min_contracts_revision),
@@ -50,7 +51,7 @@ impl Mode {
                 )));
             }
         }
-        let max_staleness = match &request.max_staleness {
+        let max_staleness = match request.max_staleness {
             None => None,
             Some(d) if d.seconds < 0 || d.nanos < 0 || d.nanos >= 1_000_000_000 => {
                 return Err(ApiError::InvalidArgument(
@@ -70,6 +71,37 @@ impl Mode {
                 "consistency {} is not valid (CONSISTENCY_CACHED or CONSISTENCY_FRESH)",
                 request.consistency
             ))),
+        }
+    }
+}
+
+/// How a read asks for the user and contract to be served: the fields that
+/// `ListPhotos` and `GetProfile` share, so that both take one code path.
+pub(crate) struct ReadArgs<'a> {
+    consistency: i32,
+    min_users_revision: i64,
+    min_contracts_revision: i64,
+    max_staleness: Option<&'a pbjson_types::Duration>,
+}
+
+impl<'a> From<&'a ListPhotosRequest> for ReadArgs<'a> {
+    fn from(request: &'a ListPhotosRequest) -> Self {
+        ReadArgs {
+            consistency: request.consistency,
+            min_users_revision: request.min_users_revision,
+            min_contracts_revision: request.min_contracts_revision,
+            max_staleness: request.max_staleness.as_ref(),
+        }
+    }
+}
+
+impl<'a> From<&'a GetProfileRequest> for ReadArgs<'a> {
+    fn from(request: &'a GetProfileRequest) -> Self {
+        ReadArgs {
+            consistency: request.consistency,
+            min_users_revision: request.min_users_revision,
+            min_contracts_revision: request.min_contracts_revision,
+            max_staleness: request.max_staleness.as_ref(),
         }
     }
 }

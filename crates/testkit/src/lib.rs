@@ -29,6 +29,7 @@ use lightbox_api::{
 use lightbox_app::{Component, Settings, Target};
 use lightbox_cache::CacheOptions;
 use lightbox_changefeed::{Backend, Db, FeedOptions};
+use lightbox_gateway::{AuthConfig, GatewayOptions, auth};
 use lightbox_photos::PhotosOptions;
 use lightbox_server::Faults;
 use sqlx::Connection;
@@ -193,7 +194,10 @@ where
     }
 }
 
-/// Contracts, users and photos on 127.0.0.1:0, each over its own database;
+/// The HS256 key the stack's gateway checks tokens with.
+pub const TEST_JWT_SECRET: &[u8] = b"lightbox-test-key";
+
+/// Contracts, users, photos and the gateway on 127.0.0.1:0, each over its own database;
 /// each can be stopped and started again on the same address and database.
 pub struct Stack {
     /// The settings they run with.
@@ -237,6 +241,14 @@ impl Stack {
             data_dir: PathBuf::from("unused"),
             contracts_url: format!("http://{}", addrs[&Target::Contracts]),
             users_url: format!("http://{}", addrs[&Target::Users]),
+            photos_url: format!("http://{}", addrs[&Target::Photos]),
+            gateway: GatewayOptions {
+                request_timeout: Duration::from_secs(5),
+                heartbeat: Duration::from_millis(500),
+                ..GatewayOptions::new(
+                    AuthConfig::new(auth::DEFAULT_ISSUER, auth::DEFAULT_AUDIENCE).with_hs256_secret(TEST_JWT_SECRET),
+                )
+            },
             contract_timeout: Duration::from_millis(500),
             feed,
             cache,
@@ -264,7 +276,8 @@ impl Stack {
 
     async fn launch(&mut self, target: Target, listener: tokio::net::TcpListener) {
         let mut settings = self.settings.clone();
-        settings.database_url = Some(self.dbs[&target].url().to_owned());
+        // The gateway keeps no data.
+        settings.database_url = self.dbs.get(&target).map(|db| db.url().to_owned());
         let component = start(target, &settings, listener).await;
         self.components.insert(target, component);
     }
@@ -328,9 +341,26 @@ impl Stack {
 
     /// Stops every component gracefully.
     pub async fn stop(mut self) {
-        for target in [Target::Photos, Target::Users, Target::Contracts] {
+        for target in [Target::Gateway, Target::Photos, Target::Users, Target::Contracts] {
             self.stop_component(target).await;
         }
+    }
+
+    /// The gateway's base URL (`http://127.0.0.1:PORT`).
+    pub fn gateway_url(&self) -> String {
+        format!("http://{}", self.addr(Target::Gateway))
+    }
+
+    /// A token the stack's gateway accepts, for `user_id`, valid an hour.
+    pub fn token(&self, user_id: &str) -> String {
+        auth::hs256_token(
+            TEST_JWT_SECRET,
+            auth::DEFAULT_ISSUER,
+            auth::DEFAULT_AUDIENCE,
+            user_id,
+            Duration::from_secs(3600),
+        )
+        .unwrap_or_else(|err| panic!("cannot sign a test token: {err}"))
     }
 }
 

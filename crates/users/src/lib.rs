@@ -253,7 +253,7 @@ impl UsersApi for UsersService {
         request: Request<WatchUsersRequest>,
     ) -> Result<Response<Self::WatchUsersStream>, Status> {
         let request = request.into_inner();
-        let stream = serve_watch(&self.feed, request.since_revision, "user_ids", request.user_ids)?;
+        let stream = serve_watch(&self.feed, request.since_revision, ("user_ids", request.user_ids), None)?;
         Ok(Response::new(stream))
     }
 

@@ -1,0 +1,416 @@
+//! The mobile gateway: HTTP/JSON in front of the gRPC services.
+//!
+//! # How a request is served
+//!
+//! The routes are not written here: they are read at start from the
+//! `google.api.http` annotations in the protos ([`routes`]), the same
+//! annotations grpc-gateway and Envoy's transcoder read. For each request
+//! the gateway:
+//!
+//! 1. takes a slot under the concurrency limit (503 when full);
+//! 2. checks the bearer JWT ([`auth`]; 401);
+//! 3. matches a route (404, or 405 with `Allow`);
+//! 4. checks that the route's user (`/v1/users/{user_id}/…`, where `me`
+//!    stands for the signed-in user) is the token's subject (403);
+//! 5. reads the body within the size limit and builds the request message
+//!    from body, path and query ([`transcode`]; 400 naming the field);
+//! 6. calls the method over gRPC with a deadline, passing on the request id
+//!    and the W3C trace context;
+//! 7. answers the response in the proto3 JSON mapping ([`json`]), or the
+//!    error as grpc-gateway maps it ([`error`]).
+//!
+//! `GET /v1/users/{user_id}/events` streams live updates as Server-Sent
+//! Events ([`events`]); `GET /openapi.json` describes every route
+//! ([`openapi`]), generated from the same table.
+
+pub mod auth;
+mod codec;
+pub mod error;
+pub mod events;
+pub mod json;
+pub mod openapi;
+pub mod routes;
+mod transcode;
+
+use std::{collections::HashMap, net::SocketAddr, sync::Arc, time::Duration};
+
+use axum::{
+    Json, Router,
+    extract::{Request, State},
+    response::{IntoResponse, Response},
+    routing::get,
+};
+use http::{HeaderMap, HeaderValue, StatusCode, header};
+use lightbox_server::Shutdown;
+use prost_reflect::{DescriptorPool, MethodDescriptor};
+use tokio::{net::TcpListener, sync::Semaphore};
+use tonic::{Code, metadata::MetadataValue, transport::Channel};
+use tower_http::{
+    request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer},
+    trace::TraceLayer,
+};
+
+pub use auth::AuthConfig;
+pub use error::HttpError;
+
+use crate::routes::Route;
+
+/// The proto packages whose annotated methods become routes.
+const PACKAGES: &[&str] = &["lightbox."];
+
+/// Limits and auth of the gateway.
+#[derive(Debug, Clone)]
+pub struct GatewayOptions {
+    /// How tokens are checked.
+    pub auth: AuthConfig,
+    /// The deadline of one upstream call (and of the whole request).
+    pub request_timeout: Duration,
+    /// The largest request body accepted, in bytes.
+    pub max_body_bytes: usize,
+    /// Requests served at once; more get 503 at once rather than queueing.
+    pub max_concurrent_requests: usize,
+    /// Event streams open at once; more get 503.
+    pub max_event_streams: usize,
+    /// The heartbeat comment interval of idle event streams.
+    pub heartbeat: Duration,
+}
+
+impl GatewayOptions {
+    /// Defaults suited to a phone client, with `auth`.
+    pub fn new(auth: AuthConfig) -> GatewayOptions {
+        GatewayOptions {
+            auth,
+            request_timeout: Duration::from_secs(10),
+            max_body_bytes: 1024 * 1024,
+            max_concurrent_requests: 1024,
+            max_event_streams: 10_000,
+            heartbeat: Duration::from_secs(15),
+        }
+    }
+}
+
+/// The gRPC services the gateway calls.
+#[derive(Debug, Clone)]
+pub struct Upstreams {
+    /// The users service.
+    pub users: Channel,
+    /// The contracts service.
+    pub contracts: Channel,
+    /// The photos service.
+    pub photos: Channel,
+}
+
+/// The gateway's state, shared by every request.
+pub struct Gateway {
+    options: GatewayOptions,
+    pool: DescriptorPool,
+    routes: Vec<Route>,
+    channels: HashMap<String, Channel>,
+    requests: Arc<Semaphore>,
+    streams: Arc<Semaphore>,
+    openapi: serde_json::Value,
+    shutdown: Shutdown,
+}
+
+impl Gateway {
+    /// Reads the routes from the descriptors and checks that each has an
+    /// upstream. Fails on an annotation the gateway cannot serve.
+    pub fn new(options: GatewayOptions, upstreams: Upstreams, shutdown: Shutdown) -> Result<Gateway, String> {
+        let pool = descriptors()?;
+        let routes = routes::routes(&pool, PACKAGES)?;
+        let channels = HashMap::from([
+            ("lightbox.users.v1.UsersService".to_owned(), upstreams.users),
+            ("lightbox.contracts.v1.ContractsService".to_owned(), upstreams.contracts),
+            ("lightbox.photos.v1.PhotosService".to_owned(), upstreams.photos),
+        ]);
+        for route in &routes {
+            let service = route.method.parent_service();
+            if !channels.contains_key(service.full_name()) {
+                return Err(format!(
+                    "{} {}: no upstream for {}",
+                    route.verb,
+                    route.template,
+                    service.full_name()
+                ));
+            }
+        }
+        let openapi = openapi::document(&routes);
+        Ok(Gateway {
+            requests: Arc::new(Semaphore::new(options.max_concurrent_requests)),
+            streams: Arc::new(Semaphore::new(options.max_event_streams)),
+            options,
+            pool,
+            routes,
+            channels,
+            openapi,
+            shutdown,
+        })
+    }
+
+    /// The axum router of the gateway, with request ids and tracing.
+    pub fn router(self) -> Router {
+        let state = Arc::new(self);
+        Router::new()
+            .route("/openapi.json", get(serve_openapi))
+            .route("/healthz", get(|| async { "ok\n" }))
+            .route(events::PATH, get(events::handler))
+            .fallback(dispatch)
+            .with_state(state)
+            .layer(PropagateRequestIdLayer::x_request_id())
+            .layer(TraceLayer::new_for_http().make_span_with(|request: &Request| {
+                let id = request
+                    .headers()
+                    .get("x-request-id")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or_default();
+                tracing::info_span!("http", method = %request.method(), path = %request.uri().path(), request_id = %id)
+            }))
+            .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+    }
+
+    fn method(&self, full_name: &str) -> Option<MethodDescriptor> {
+        let (service, method) = full_name.rsplit_once('.')?;
+        self.pool
+            .get_service_by_name(service)?
+            .methods()
+            .find(|m| m.name() == method)
+    }
+
+    fn channel(&self, method: &MethodDescriptor) -> Option<Channel> {
+        self.channels.get(method.parent_service().full_name()).cloned()
+    }
+}
+
+/// The descriptors of every Lightbox proto, with the HTTP annotations.
+pub fn descriptors() -> Result<DescriptorPool, String> {
+    DescriptorPool::decode(lightbox_api::FILE_DESCRIPTOR_SET).map_err(|e| format!("the descriptors do not decode: {e}"))
+}
+
+/// Serves `router` on `listener` until `shutdown`, then lets requests in
+/// progress finish for at most `drain` (open event streams end at once:
+/// clients resume them elsewhere with `Last-Event-ID`).
+pub async fn serve(listener: TcpListener, router: Router, shutdown: Shutdown, drain: Duration) -> std::io::Result<()> {
+    let deadline = {
+        let shutdown = shutdown.clone();
+        async move {
+            shutdown.wait().await;
+            tokio::time::sleep(drain).await;
+        }
+    };
+    let server = axum::serve(listener, router.into_make_service_with_connect_info::<SocketAddr>())
+        .with_graceful_shutdown(async move { shutdown.wait().await });
+    tokio::select! {
+        served = server => served,
+        () = deadline => {
+            tracing::warn!(?drain, "requests still in progress after the drain deadline; closing them");
+            Ok(())
+        }
+    }
+}
+
+async fn serve_openapi(State(gateway): State<Arc<Gateway>>) -> Response {
+    Json(gateway.openapi.clone()).into_response()
+}
+
+/// The user a route acts for: `me` is the signed-in user; anyone else is
+/// refused.
+pub(crate) fn authorize(subject: &str, user_id: &str) -> Result<String, HttpError> {
+    if user_id == "me" || user_id == subject {
+        Ok(subject.to_owned())
+    } else {
+        Err(HttpError::new(
+            Code::PermissionDenied,
+            "a user may only read and write their own profile and photos",
+        ))
+    }
+}
+
+/// The gRPC path of `method`.
+pub(crate) fn grpc_path(method: &MethodDescriptor) -> Result<http::uri::PathAndQuery, tonic::Status> {
+    let path = format!("/{}/{}", method.parent_service().full_name(), method.name());
+    http::uri::PathAndQuery::try_from(path).map_err(|e| tonic::Status::internal(format!("bad method path: {e}")))
+}
+
+/// Every route of the table: authenticate, match, authorize, transcode,
+/// call.
+async fn dispatch(State(gateway): State<Arc<Gateway>>, request: Request) -> Response {
+    match serve_route(&gateway, request).await {
+        Ok(response) => response,
+        Err(error) => {
+            if error.status().is_server_error() {
+                tracing::warn!(code = ?error.code, message = %error.message, "request failed");
+            }
+            error.into_response()
+        }
+    }
+}
+
+async fn serve_route(gateway: &Gateway, request: Request) -> Result<Response, HttpError> {
+    let _permit = gateway.requests.try_acquire().map_err(|_| {
+        HttpError::new(
+            Code::Unavailable,
+            format!(
+                "the gateway is serving its limit of {} requests; retry later",
+                gateway.options.max_concurrent_requests
+            ),
+        )
+        .with_header(header::RETRY_AFTER, HeaderValue::from_static("1"))
+    })?;
+    let (parts, body) = request.into_parts();
+    let path = parts.uri.path();
+    let not_found = || HttpError::new(Code::NotFound, format!("no route for {} {path}", parts.method));
+    if !path.starts_with("/v1/") {
+        return Err(not_found());
+    }
+    let subject = gateway.options.auth.authenticate(&parts.headers)?;
+
+    let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    let mut allowed = Vec::new();
+    let mut found = None;
+    for route in &gateway.routes {
+        if let Some(bound) = route.matches(&segments) {
+            if route.verb == parts.method {
+                found = Some((route, bound));
+                break;
+            }
+            allowed.push(route.verb.as_str());
+        }
+    }
+    let Some((route, mut bound)) = found else {
+        if allowed.is_empty() {
+            return Err(not_found());
+        }
+        let allow = HeaderValue::from_str(&allowed.join(", ")).unwrap_or(HeaderValue::from_static(""));
+        return Err(
+            HttpError::new(Code::Unimplemented, format!("{} is not allowed here", parts.method))
+                .with_status(StatusCode::METHOD_NOT_ALLOWED)
+                .with_header(header::ALLOW, allow),
+        );
+    };
+    for (field, value) in &mut bound {
+        if field.proto_name() == route.owner.proto_name() {
+            *value = authorize(&subject, value)?;
+        }
+    }
+
+    let limit = gateway.options.max_body_bytes;
+    let body = axum::body::to_bytes(body, limit).await.map_err(|e| {
+        HttpError::invalid(format!(
+            "the request body could not be read (at most {limit} bytes are accepted): {e}"
+        ))
+    })?;
+    if !body.is_empty() && !is_json(&parts.headers) {
+        return Err(
+            HttpError::invalid("the request body must be JSON (Content-Type: application/json)")
+                .with_status(StatusCode::UNSUPPORTED_MEDIA_TYPE),
+        );
+    }
+    let message = transcode::request_message(route, &bound, parts.uri.query(), &body)?;
+
+    let channel = gateway
+        .channels
+        .get(route.method.parent_service().full_name())
+        .cloned()
+        .ok_or_else(|| HttpError::new(Code::Internal, "the route has no upstream"))?;
+    let mut call = tonic::Request::new(message);
+    call.set_timeout(gateway.options.request_timeout);
+    forward_context(&parts.headers, call.metadata_mut());
+    let mut grpc = tonic::client::Grpc::new(channel);
+    let path = grpc_path(&route.method)?;
+    let output = route.method.output();
+    let timeout = gateway.options.request_timeout;
+    let answer = tokio::time::timeout(timeout, async {
+        grpc.ready()
+            .await
+            .map_err(|e| tonic::Status::unavailable(format!("the upstream is unreachable: {e}")))?;
+        grpc.unary(call, path, codec::DynamicCodec::new(output)).await
+    })
+    .await
+    .map_err(|_| HttpError::new(Code::DeadlineExceeded, format!("no answer within {timeout:?}")))??
+    .into_inner();
+
+    let answer = match &route.response_body {
+        Some(field) => match answer.get_field(field).as_message() {
+            Some(part) => part.clone(),
+            None => {
+                return Err(HttpError::new(
+                    Code::Internal,
+                    "the response body field is not a message",
+                ));
+            }
+        },
+        None => answer,
+    };
+    let json = json::to_json(&answer).map_err(|e| HttpError::new(Code::Internal, e))?;
+    Ok(Json(json).into_response())
+}
+
+fn is_json(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_none_or(|media| {
+            let media = media.trim();
+            media.eq_ignore_ascii_case("application/json") || media.to_ascii_lowercase().ends_with("+json")
+        })
+}
+
+/// Passes the request id and the W3C trace context on to the gRPC call,
+/// starting a trace if the client did not.
+fn forward_context(headers: &HeaderMap, metadata: &mut tonic::metadata::MetadataMap) {
+    for name in ["x-request-id", "traceparent", "tracestate"] {
+        if let Some(value) = headers
+            .get(name)
+            .and_then(|v| MetadataValue::try_from(v.as_bytes()).ok())
+        {
+            metadata.insert(name, value);
+        }
+    }
+    if !metadata.contains_key("traceparent") {
+        let trace = uuid::Uuid::new_v4().simple().to_string();
+        let span = &uuid::Uuid::new_v4().simple().to_string()[..16];
+        if let Ok(value) = MetadataValue::try_from(format!("00-{trace}-{span}-01")) {
+            metadata.insert("traceparent", value);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn me_is_the_subject_and_others_are_refused() {
+        assert_eq!(authorize("u1", "me").expect("me"), "u1");
+        assert_eq!(authorize("u1", "u1").expect("self"), "u1");
+        assert_eq!(
+            authorize("u1", "u2").expect_err("other").status(),
+            StatusCode::FORBIDDEN
+        );
+    }
+
+    #[test]
+    fn the_trace_context_is_passed_on_or_started() {
+        let mut headers = HeaderMap::new();
+        headers.insert("x-request-id", HeaderValue::from_static("r-1"));
+        let mut metadata = tonic::metadata::MetadataMap::new();
+        forward_context(&headers, &mut metadata);
+        assert_eq!(metadata.get("x-request-id").and_then(|v| v.to_str().ok()), Some("r-1"));
+        let started = metadata
+            .get("traceparent")
+            .and_then(|v| v.to_str().ok())
+            .expect("a trace is started");
+        assert_eq!(started.len(), 55, "{started}");
+        headers.insert(
+            "traceparent",
+            HeaderValue::from_static("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"),
+        );
+        let mut metadata = tonic::metadata::MetadataMap::new();
+        forward_context(&headers, &mut metadata);
+        assert_eq!(
+            metadata.get("traceparent").and_then(|v| v.to_str().ok()),
+            Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01")
+        );
+    }
+}

@@ -1,0 +1,627 @@
+//! The mobile gateway end to end, with a real HTTP client against the whole
+//! stack: sign in with a token, list, create and delete photos, follow them
+//! and contract changes on the SSE stream (resuming after a dropped
+//! connection), keep answering with the upstreams stopped; and every way a
+//! request can be wrong or not allowed gets its status and leaks nothing.
+
+use std::time::Duration;
+
+use jsonwebtoken::{EncodingKey, Header};
+use lightbox_app::Target;
+use lightbox_changefeed::FeedOptions;
+use lightbox_gateway::auth::{self, Claims};
+use lightbox_testkit::{DEADLINE, Stack, TEST_JWT_SECRET, TestDb, conformance, customer, eventually};
+use reqwest::{Client, StatusCode};
+use serde_json::{Value, json};
+
+conformance!(a_phone_signs_in_lists_creates_and_follows_its_photos);
+
+const BIN: &str = env!("CARGO_BIN_EXE_lightbox");
+
+fn feed_options() -> FeedOptions {
+    FeedOptions {
+        progress_interval: Duration::from_millis(200),
+        poll_interval: Duration::from_millis(200),
+        ..FeedOptions::default()
+    }
+}
+
+/// A signed-in phone: the gateway's URL and a token.
+struct Phone {
+    http: Client,
+    base: String,
+    token: String,
+}
+
+impl Phone {
+    fn new(stack: &Stack, user_id: &str) -> Phone {
+        Phone {
+            http: Client::new(),
+            base: stack.gateway_url(),
+            token: stack.token(user_id),
+        }
+    }
+
+    async fn send(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> (StatusCode, Value) {
+        let mut request = self
+            .http
+            .request(method, format!("{}{path}", self.base))
+            .bearer_auth(&self.token);
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        answer(request.send().await).await
+    }
+
+    async fn get(&self, path: &str) -> (StatusCode, Value) {
+        self.send(reqwest::Method::GET, path, None).await
+    }
+
+    async fn post(&self, path: &str, body: Value) -> (StatusCode, Value) {
+        self.send(reqwest::Method::POST, path, Some(body)).await
+    }
+
+    async fn delete(&self, path: &str) -> (StatusCode, Value) {
+        self.send(reqwest::Method::DELETE, path, None).await
+    }
+
+    /// Opens the events stream, resuming after `last_id` if given.
+    async fn events(&self, last_id: Option<&str>) -> Events {
+        let mut request = self
+            .http
+            .get(format!("{}/v1/users/me/events", self.base))
+            .bearer_auth(&self.token);
+        if let Some(id) = last_id {
+            request = request.header("Last-Event-ID", id);
+        }
+        let response = request
+            .send()
+            .await
+            .unwrap_or_else(|err| panic!("cannot open the events stream: {err}"));
+        assert_eq!(response.status(), StatusCode::OK, "the events stream opens");
+        let content_type = response
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned();
+        assert!(content_type.starts_with("text/event-stream"), "{content_type}");
+        Events {
+            response,
+            buffer: String::new(),
+            heartbeats: 0,
+        }
+    }
+}
+
+/// Status and JSON body of an answer.
+async fn answer(result: reqwest::Result<reqwest::Response>) -> (StatusCode, Value) {
+    let response = result.unwrap_or_else(|err| panic!("the gateway did not answer: {err}"));
+    let status = response.status();
+    let text = response
+        .text()
+        .await
+        .unwrap_or_else(|err| panic!("unreadable body: {err}"));
+    let json = serde_json::from_str(&text).unwrap_or_else(|err| panic!("{status}: body is not JSON ({err}): {text}"));
+    (status, json)
+}
+
+/// One Server-Sent Event.
+#[derive(Debug, Clone)]
+struct Event {
+    name: String,
+    id: String,
+    data: Value,
+}
+
+/// An events stream being read.
+struct Events {
+    response: reqwest::Response,
+    buffer: String,
+    heartbeats: usize,
+}
+
+impl Events {
+    /// The next event (heartbeat comments are counted, not returned).
+    async fn next(&mut self) -> Event {
+        loop {
+            if let Some(end) = self.buffer.find("\n\n") {
+                let block: String = self.buffer.drain(..end + 2).collect();
+                let (mut name, mut id, mut data) = (String::new(), String::new(), String::new());
+                for line in block.lines() {
+                    if let Some(comment) = line.strip_prefix(':') {
+                        if comment.trim() == "heartbeat" {
+                            self.heartbeats += 1;
+                        }
+                    } else if let Some(v) = line.strip_prefix("event:") {
+                        name = v.trim().to_owned();
+                    } else if let Some(v) = line.strip_prefix("id:") {
+                        id = v.trim().to_owned();
+                    } else if let Some(v) = line.strip_prefix("data:") {
+                        data.push_str(v.trim_start());
+                    }
+                }
+                if name.is_empty() {
+                    continue;
+                }
+                let data =
+                    serde_json::from_str(&data).unwrap_or_else(|err| panic!("event data is not JSON ({err}): {data}"));
+                return Event { name, id, data };
+            }
+            let chunk = tokio::time::timeout(DEADLINE, self.response.chunk())
+                .await
+                .unwrap_or_else(|_| panic!("no event within {DEADLINE:?}; have {:?}", self.buffer))
+                .unwrap_or_else(|err| panic!("the events stream failed: {err}"))
+                .unwrap_or_else(|| panic!("the events stream ended"));
+            self.buffer.push_str(&String::from_utf8_lossy(&chunk));
+        }
+    }
+
+    /// Reads events until `done` holds for one; answers all read, in order.
+    async fn until(&mut self, what: &str, mut done: impl FnMut(&Event) -> bool) -> Vec<Event> {
+        let mut seen = Vec::new();
+        let deadline = tokio::time::Instant::now() + DEADLINE;
+        loop {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{what}: not within {DEADLINE:?}; saw {seen:#?}"
+            );
+            let event = self.next().await;
+            let stop = done(&event);
+            seen.push(event);
+            if stop {
+                return seen;
+            }
+        }
+    }
+
+    /// Reads until every source has sent `synced`.
+    async fn synced(&mut self) -> Vec<Event> {
+        let mut sources = std::collections::BTreeSet::new();
+        self.until("every source synced", |e| {
+            if e.name == "synced" {
+                sources.insert(e.data["source"].as_str().unwrap_or_default().to_owned());
+            }
+            sources.len() == 3
+        })
+        .await
+    }
+}
+
+fn is_photo(event: &Event, id: &str, kind: &str) -> bool {
+    event.name == "photo" && event.data["photoId"] == id && event.data["kind"] == kind
+}
+
+async fn a_phone_signs_in_lists_creates_and_follows_its_photos(db: TestDb) {
+    let mut stack = Stack::start(db, feed_options()).await;
+    let (user, contract) = customer(&stack, "ada@example.com", "10").await;
+    let phone = Phone::new(&stack, &user.id);
+
+    // The profile, in one hop, with its contract and freshness; reading
+    // its own writes (the revisions the services answered).
+    let (status, profile) = phone
+        .get(&format!(
+            "/v1/users/me?minUsersRevision={}&minContractsRevision={}",
+            user.revision, contract.revision
+        ))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{profile}");
+    assert_eq!(profile["user"]["id"], user.id.as_str());
+    assert_eq!(
+        profile["user"]["revision"],
+        user.revision.to_string(),
+        "int64 is a string"
+    );
+    assert_eq!(profile["contract"]["id"], contract.id.as_str());
+    assert!(profile["userFreshness"]["source"].is_string(), "{profile}");
+
+    let mut events = phone.events(None).await;
+    let snapshot = events.synced().await;
+    assert!(
+        snapshot
+            .iter()
+            .any(|e| e.name == "user" && e.data["userId"] == user.id.as_str()),
+        "the snapshot has the user: {snapshot:#?}"
+    );
+    assert!(
+        snapshot
+            .iter()
+            .any(|e| e.name == "contract" && e.data["contractId"] == contract.id.as_str()),
+        "the snapshot has the contract: {snapshot:#?}"
+    );
+
+    let (status, list) = phone.get("/v1/users/me/photos").await;
+    assert_eq!(status, StatusCode::OK, "{list}");
+    assert_eq!(list["photos"], json!([]), "no photos yet, written as an empty list");
+
+    let (status, created) = phone
+        .post(
+            "/v1/users/me/photos",
+            json!({ "title": "Harbour", "contentType": "image/jpeg", "sizeBytes": "2048" }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{created}");
+    let photo_id = created["photo"]["id"].as_str().unwrap_or_default().to_owned();
+    assert_eq!(created["photo"]["userId"], user.id.as_str(), "`me` became the user");
+    events
+        .until("the new photo arrives", |e| {
+            is_photo(e, &photo_id, "CHANGE_KIND_UPSERT")
+        })
+        .await;
+
+    let (status, got) = phone.get(&format!("/v1/users/me/photos/{photo_id}")).await;
+    assert_eq!(status, StatusCode::OK, "{got}");
+    assert_eq!(got["photo"]["title"], "Harbour");
+
+    // The support app changes the contract with the CLI; the phone sees it.
+    let contracts_addr = stack.addr(Target::Contracts).to_string();
+    let updated = tokio::process::Command::new(BIN)
+        .args([
+            "contracts",
+            "--addr",
+            &contracts_addr,
+            "update",
+            &contract.id,
+            "--plan",
+            "premium",
+        ])
+        .output()
+        .await
+        .unwrap_or_else(|err| panic!("cannot run the CLI: {err}"));
+    assert!(updated.status.success(), "{}", String::from_utf8_lossy(&updated.stderr));
+    events
+        .until("the contract change arrives", |e| {
+            e.name == "contract" && e.data["contract"]["plan"] == "PLAN_PREMIUM"
+        })
+        .await;
+
+    // Users and Contracts stop: the list still answers, and says so.
+    stack.stop_component(Target::Users).await;
+    stack.stop_component(Target::Contracts).await;
+    events
+        .until("the stream says the upstreams are gone", |e| {
+            e.name == "upstream" && e.data["source"] == "contracts" && e.data["connected"] == false
+        })
+        .await;
+    let list = eventually("the list reports its copies as disconnected", || async {
+        let (status, list) = phone.get("/v1/users/me/photos").await;
+        assert_eq!(status, StatusCode::OK, "{list}");
+        (list["contractFreshness"]["streamState"] != "STREAM_STATE_CONNECTED").then_some(list)
+    })
+    .await;
+    assert_eq!(list["photos"][0]["id"], photo_id.as_str());
+    assert_eq!(
+        list["contract"]["plan"], "PLAN_PREMIUM",
+        "the copy has the last contract"
+    );
+    assert_eq!(list["userFreshness"]["source"], "SOURCE_CACHE");
+    assert_eq!(list["contractFreshness"]["source"], "SOURCE_CACHE");
+
+    // A fresh read cannot be served: 503, as grpc-gateway maps UNAVAILABLE.
+    let (status, error) = phone.get("/v1/users/me/photos?consistency=CONSISTENCY_FRESH").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{error}");
+    assert_eq!(error["code"], 14);
+    assert!(error["message"].is_string() && error["details"].is_array(), "{error}");
+    drop(events);
+    stack.stop().await;
+}
+
+fn sign(claims: &Claims, secret: &[u8]) -> String {
+    auth::sign(claims, &Header::default(), &EncodingKey::from_secret(secret)).unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn now() -> u64 {
+    jsonwebtoken::get_current_timestamp()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_are_checked_and_another_users_data_never_leaks() {
+    let stack = Stack::start(TestDb::sqlite(), feed_options()).await;
+    let (ada, _) = customer(&stack, "ada@example.com", "10").await;
+    let (bob, _) = customer(&stack, "bob@example.com", "10").await;
+    let bobs_phone = Phone::new(&stack, &bob.id);
+    let (status, bobs) = bobs_phone
+        .post(
+            "/v1/users/me/photos",
+            json!({ "title": "Bob's secret", "contentType": "image/png", "sizeBytes": "1" }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{bobs}");
+    let bobs_photo = bobs["photo"]["id"].as_str().unwrap_or_default().to_owned();
+
+    let http = Client::new();
+    let base = stack.gateway_url();
+    let claims = |sub: &str, aud: &str, exp: u64| Claims {
+        sub: sub.into(),
+        iss: auth::DEFAULT_ISSUER.into(),
+        aud: aud.into(),
+        exp,
+        iat: now(),
+    };
+    let cases: Vec<(&str, Option<String>, &str)> = vec![
+        ("no token", None, "missing bearer token"),
+        (
+            "an expired token",
+            Some(sign(
+                &claims(&ada.id, auth::DEFAULT_AUDIENCE, now() - 3600),
+                TEST_JWT_SECRET,
+            )),
+            "expired",
+        ),
+        (
+            "a wrong audience",
+            Some(sign(&claims(&ada.id, "someone-else", now() + 3600), TEST_JWT_SECRET)),
+            "audience",
+        ),
+        (
+            "a wrong signature",
+            Some(sign(
+                &claims(&ada.id, auth::DEFAULT_AUDIENCE, now() + 3600),
+                b"not-the-key",
+            )),
+            "signature",
+        ),
+        ("a malformed token", Some("abc.def".into()), "not a JWT"),
+    ];
+    for path in ["/v1/users/me/photos", "/v1/users/me/events"] {
+        for (what, token, reason) in &cases {
+            let mut request = http.get(format!("{base}{path}"));
+            if let Some(token) = token {
+                request = request.bearer_auth(token);
+            }
+            let response = request.send().await.unwrap_or_else(|e| panic!("{e}"));
+            assert!(
+                response.headers().contains_key("www-authenticate"),
+                "{what}: a 401 carries its challenge"
+            );
+            let (status, error) = answer(Ok(response)).await;
+            assert_eq!(status, StatusCode::UNAUTHORIZED, "{what} on {path}: {error}");
+            assert_eq!(error["code"], 16, "{what}: UNAUTHENTICATED");
+            assert!(
+                error["message"].as_str().is_some_and(|m| m.contains(reason)),
+                "{what}: {error}"
+            );
+        }
+    }
+
+    let adas_phone = Phone::new(&stack, &ada.id);
+    for (method, path) in [
+        (reqwest::Method::GET, format!("/v1/users/{}", bob.id)),
+        (reqwest::Method::GET, format!("/v1/users/{}/photos", bob.id)),
+        (
+            reqwest::Method::GET,
+            format!("/v1/users/{}/photos/{bobs_photo}", bob.id),
+        ),
+        (
+            reqwest::Method::DELETE,
+            format!("/v1/users/{}/photos/{bobs_photo}", bob.id),
+        ),
+        (reqwest::Method::GET, format!("/v1/users/{}/events", bob.id)),
+    ] {
+        let (status, error) = adas_phone.send(method.clone(), &path, None).await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "{method} {path}: {error}");
+        assert_eq!(error["code"], 7, "PERMISSION_DENIED");
+        assert!(!error.to_string().contains("secret"), "{error}");
+    }
+    let (status, error) = adas_phone
+        .post(&format!("/v1/users/{}/photos", bob.id), json!({ "title": "planted" }))
+        .await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "writing into another's album: {error}");
+
+    // Bob's photo through Ada's own path: not found, and not deleted.
+    let (status, error) = adas_phone.get(&format!("/v1/users/me/photos/{bobs_photo}")).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{error}");
+    assert!(!error.to_string().contains("secret"), "{error}");
+    let (status, _) = adas_phone.delete(&format!("/v1/users/me/photos/{bobs_photo}")).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (status, still) = bobs_phone.get(&format!("/v1/users/me/photos/{bobs_photo}")).await;
+    assert_eq!(status, StatusCode::OK, "Bob's photo is still there: {still}");
+    assert_eq!(still["photo"]["title"], "Bob's secret");
+    let (_, adas) = adas_phone.get("/v1/users/me/photos").await;
+    assert_eq!(adas["photos"], json!([]), "Ada's list holds none of Bob's photos");
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_get_400_naming_the_field_and_change_nothing() {
+    let stack = Stack::start(TestDb::sqlite(), feed_options()).await;
+    let (ada, _) = customer(&stack, "ada@example.com", "10").await;
+    let phone = Phone::new(&stack, &ada.id);
+    let raw = |body: &'static str| {
+        phone
+            .http
+            .post(format!("{}/v1/users/me/photos", phone.base))
+            .bearer_auth(&phone.token)
+            .header("content-type", "application/json")
+            .body(body)
+    };
+    for (what, body, expected) in [
+        ("an unknown field", r#"{"title": "a", "colour": "red"}"#, "colour"),
+        (
+            "a wrong type",
+            r#"{"title": "a", "sizeBytes": "lots"}"#,
+            "photo.sizeBytes",
+        ),
+        ("malformed JSON", r#"{"title": "a""#, "invalid JSON"),
+        ("a wrong enum-free type", r#"{"title": ["a"]}"#, "photo.title"),
+        (
+            "another owner in the body",
+            r#"{"title": "a", "userId": "someone"}"#,
+            "photo.userId",
+        ),
+    ] {
+        let (status, error) = answer(raw(body).send().await).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{what}: {error}");
+        assert_eq!(error["code"], 3, "{what}: INVALID_ARGUMENT");
+        assert!(
+            error["message"].as_str().is_some_and(|m| m.contains(expected)),
+            "{what}: {error}"
+        );
+    }
+    let huge = format!(r#"{{"title": "{}"}}"#, "x".repeat(2 * 1024 * 1024));
+    let (status, error) = answer(
+        phone
+            .http
+            .post(format!("{}/v1/users/me/photos", phone.base))
+            .bearer_auth(&phone.token)
+            .header("content-type", "application/json")
+            .body(huge)
+            .send()
+            .await,
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "an oversized body: {error}");
+    assert!(
+        error["message"].as_str().is_some_and(|m| m.contains("bytes")),
+        "{error}"
+    );
+    let (status, error) = phone.get("/v1/users/me/photos?pageSize=lots").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{error}");
+    assert!(
+        error["message"].as_str().is_some_and(|m| m.contains("pageSize")),
+        "{error}"
+    );
+    let (status, error) = phone.get("/v1/users/me/photos?colour=red").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{error}");
+
+    // A domain error from the service keeps its code and message.
+    let (status, error) = phone.post("/v1/users/me/photos", json!({ "title": "" })).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{error}");
+
+    let (status, list) = phone.get("/v1/users/me/photos").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(list["photos"], json!([]), "no bad request stored anything");
+
+    let (status, error) = phone.get("/v1/nothing/here").await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{error}");
+    let response = phone
+        .http
+        .put(format!("{}/v1/users/me/photos", phone.base))
+        .bearer_auth(&phone.token)
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let allow = response
+        .headers()
+        .get("allow")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    let (status, _) = answer(Ok(response)).await;
+    assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
+    assert!(allow.contains("GET") && allow.contains("POST"), "Allow: {allow}");
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_resume_from_last_event_id_and_lose_nothing() {
+    let stack = Stack::start(TestDb::sqlite(), feed_options()).await;
+    let (ada, _) = customer(&stack, "ada@example.com", "10").await;
+    let phone = Phone::new(&stack, &ada.id);
+    let (_, first) = phone
+        .post(
+            "/v1/users/me/photos",
+            json!({ "title": "one", "contentType": "image/png", "sizeBytes": "1" }),
+        )
+        .await;
+    let first_id = first["photo"]["id"].as_str().unwrap_or_default().to_owned();
+
+    let mut events = phone.events(None).await;
+    let seen = events.synced().await;
+    let last_id = seen.last().map(|e| e.id.clone()).unwrap_or_default();
+    // An idle stream carries heartbeats (every 500 ms in the test stack).
+    while events.heartbeats == 0 {
+        let _ = tokio::time::timeout(Duration::from_millis(100), events.next()).await;
+    }
+    drop(events);
+
+    // While the phone is away: two new photos, one deleted, a new name.
+    let mut created = Vec::new();
+    for title in ["two", "three"] {
+        let (status, photo) = phone
+            .post(
+                "/v1/users/me/photos",
+                json!({ "title": title, "contentType": "image/png", "sizeBytes": "1" }),
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK, "{photo}");
+        created.push(photo["photo"]["id"].as_str().unwrap_or_default().to_owned());
+    }
+    let (status, _) = phone.delete(&format!("/v1/users/me/photos/{first_id}")).await;
+    assert_eq!(status, StatusCode::OK);
+    let mut users = stack.users_client().await;
+    users
+        .update_user(lightbox_api::users::UpdateUserRequest {
+            user: Some(lightbox_api::users::User {
+                display_name: "Ada L.".into(),
+                ..ada.clone()
+            }),
+            update_mask: None,
+            expected_revision: 0,
+        })
+        .await
+        .unwrap_or_else(|status| panic!("update user: {status:?}"));
+
+    let mut resumed = phone.events(Some(&last_id)).await;
+    let mut missing: Vec<String> = created.clone();
+    let (mut deleted, mut renamed) = (false, false);
+    let seen = resumed
+        .until("every change made while away", |e| {
+            missing.retain(|id| !is_photo(e, id, "CHANGE_KIND_UPSERT"));
+            deleted |= is_photo(e, &first_id, "CHANGE_KIND_DELETE");
+            renamed |= e.name == "user" && e.data["user"]["displayName"] == "Ada L.";
+            missing.is_empty() && deleted && renamed
+        })
+        .await;
+    assert!(
+        seen.iter().all(|e| e.name != "synced" && e.name != "reset"),
+        "a resume replays no snapshot: {seen:#?}"
+    );
+    assert!(
+        !seen.iter().any(|e| is_photo(e, &first_id, "CHANGE_KIND_UPSERT")),
+        "nothing from before the cursor is sent again: {seen:#?}"
+    );
+    let ids: Vec<&str> = seen.iter().map(|e| e.id.as_str()).collect();
+    assert!(ids.iter().all(|id| !id.is_empty()), "every event has an id: {ids:?}");
+
+    let (status, error) = answer(
+        phone
+            .http
+            .get(format!("{}/v1/users/me/events", phone.base))
+            .bearer_auth(&phone.token)
+            .header("Last-Event-ID", "not-a-cursor")
+            .send()
+            .await,
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{error}");
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_served_openapi_document_is_the_checked_in_one() {
+    let stack = Stack::start(TestDb::sqlite(), feed_options()).await;
+    let response = Client::new()
+        .get(format!("{}/openapi.json", stack.gateway_url()))
+        .send()
+        .await;
+    let (status, served) = answer(response).await;
+    assert_eq!(status, StatusCode::OK);
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/openapi/lightbox.json");
+    let checked_in: Value = std::fs::read_to_string(path)
+        .ok()
+        .and_then(|text| serde_json::from_str(&text).ok())
+        .unwrap_or_else(|| panic!("cannot read {path}"));
+    assert!(
+        served == checked_in,
+        "openapi/lightbox.json is stale: regenerate it with `cargo run -- openapi > openapi/lightbox.json`"
+    );
+    for route in [
+        "/v1/users/{user_id}",
+        "/v1/users/{user_id}/photos",
+        "/v1/users/{user_id}/events",
+    ] {
+        assert!(served["paths"][route].is_object(), "{route} is documented");
+    }
+    stack.stop().await;
+}
