@@ -30,6 +30,9 @@ struct Dev {
     child: Child,
     users: SocketAddr,
     contracts: SocketAddr,
+    gateway: SocketAddr,
+    /// The demo token the banner prints.
+    token: String,
 }
 
 async fn start_dev(data_dir: &Path) -> Dev {
@@ -60,9 +63,9 @@ async fn start_dev_with(data_dir: &Path, extra: &[&str]) -> Dev {
         .unwrap_or_else(|err| panic!("cannot run {BIN}: {err}"));
     let stdout = child.stdout.take().unwrap_or_else(|| panic!("no stdout"));
     let mut lines = BufReader::new(stdout).lines();
-    let (mut users, mut contracts) = (None, None);
+    let (mut users, mut contracts, mut gateway, mut token) = (None, None, None, None);
     let banner = async {
-        while users.is_none() || contracts.is_none() {
+        while users.is_none() || contracts.is_none() || gateway.is_none() || token.is_none() {
             let line = match lines.next_line().await {
                 Ok(Some(line)) => line,
                 other => panic!("lightbox dev ended before printing its addresses: {other:?}"),
@@ -75,6 +78,8 @@ async fn start_dev_with(data_dir: &Path, extra: &[&str]) -> Dev {
             match name {
                 "users" => users = addr,
                 "contracts" => contracts = addr,
+                "gateway" => gateway = url.strip_prefix("http://").and_then(|a| a.parse().ok()),
+                "export" => token = url.strip_prefix("TOKEN=").map(str::to_owned),
                 _ => {}
             }
         }
@@ -84,11 +89,13 @@ async fn start_dev_with(data_dir: &Path, extra: &[&str]) -> Dev {
         .unwrap_or_else(|_| panic!("no banner within {DEADLINE:?}"));
     // Keep draining stdout so the child never blocks on a full pipe.
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    match (users, contracts) {
-        (Some(users), Some(contracts)) => Dev {
+    match (users, contracts, gateway, token) {
+        (Some(users), Some(contracts), Some(gateway), Some(token)) => Dev {
             child,
             users,
             contracts,
+            gateway,
+            token,
         },
         _ => panic!("banner without addresses"),
     }
@@ -544,4 +551,41 @@ async fn every_component_can_share_one_database() {
         .unwrap_or_else(|status| panic!("GetUser: {status:?}"));
     assert_eq!(answer.user.map(|u| u.display_name), Some("Ada Lovelace".into()));
     assert!(dev.terminate().await.success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dev_prints_a_token_the_gateway_takes_and_token_prints_one_alone() {
+    let dir = tempfile::tempdir().unwrap_or_else(|err| panic!("{err}"));
+    let dev = start_dev(dir.path()).await;
+    let http = reqwest::Client::new();
+    let get = |token: String, path: &'static str| {
+        let request = http.get(format!("http://{}{path}", dev.gateway)).bearer_auth(token);
+        async move {
+            let response = request.send().await.unwrap_or_else(|err| panic!("{err}"));
+            let status = response.status();
+            let body: serde_json::Value = response.json().await.unwrap_or_else(|err| panic!("{err}"));
+            (status, body)
+        }
+    };
+    let (status, list) = get(dev.token.clone(), "/v1/users/me/photos").await;
+    assert_eq!(status, reqwest::StatusCode::OK, "{list}");
+    assert_eq!(list["user"]["id"], lightbox_app::demo::USER_IDS[0]);
+    assert_eq!(
+        list["photos"].as_array().map(Vec::len),
+        Some(2),
+        "the demo photos: {list}"
+    );
+
+    let bob = lightbox_app::demo::USER_IDS[1];
+    let printed = lightbox(&["token", bob, "--ttl", "10m"]).await;
+    assert!(printed.status.success(), "{}", String::from_utf8_lossy(&printed.stderr));
+    let stdout = String::from_utf8_lossy(&printed.stdout);
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 1, "the token alone on stdout: {stdout:?}");
+    assert_eq!(lines[0].split('.').count(), 3, "a JWT: {stdout:?}");
+    let (status, profile) = get(lines[0].to_owned(), "/v1/users/me").await;
+    assert_eq!(status, reqwest::StatusCode::OK, "{profile}");
+    assert_eq!(profile["user"]["id"], bob, "the token's subject is the user asked for");
+    let status = dev.terminate().await;
+    assert!(status.success(), "{status:?}");
 }

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use jsonwebtoken::{EncodingKey, Header};
 use lightbox_app::Target;
-use lightbox_changefeed::FeedOptions;
+use lightbox_changefeed::{FeedOptions, Retention};
 use lightbox_gateway::auth::{self, Claims};
 use lightbox_testkit::{DEADLINE, Stack, TEST_JWT_SECRET, TestDb, conformance, customer, eventually};
 use reqwest::{Client, StatusCode};
@@ -623,5 +623,77 @@ async fn the_served_openapi_document_is_the_checked_in_one() {
     ] {
         assert!(served["paths"][route].is_object(), "{route} is documented");
     }
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cursor_older_than_the_kept_history_gets_a_reset_event_then_the_state() {
+    let options = FeedOptions {
+        retention: Retention {
+            keep_changes: 1,
+            keep_tombstones: 1,
+            interval: Some(Duration::from_millis(50)),
+        },
+        ..feed_options()
+    };
+    let stack = Stack::start(TestDb::sqlite(), options).await;
+    let (ada, _) = customer(&stack, "ada@example.com", "10").await;
+    let phone = Phone::new(&stack, &ada.id);
+    let photo = json!({ "title": "a", "contentType": "image/png", "sizeBytes": "1" });
+    let (_, first) = phone.post("/v1/users/me/photos", photo.clone()).await;
+    let first_id = first["photo"]["id"].as_str().unwrap_or_default().to_owned();
+
+    let mut events = phone.events(None).await;
+    let last_id = events.synced().await.last().map(|e| e.id.clone()).unwrap_or_default();
+    drop(events);
+
+    // While away: the first photo is deleted and its tombstone purged.
+    let (status, _) = phone.delete(&format!("/v1/users/me/photos/{first_id}")).await;
+    assert_eq!(status, StatusCode::OK);
+    let mut kept = Vec::new();
+    for _ in 0..2 {
+        let (_, photo) = phone.post("/v1/users/me/photos", photo.clone()).await;
+        kept.push(photo["photo"]["id"].as_str().unwrap_or_default().to_owned());
+    }
+    let since: i64 = last_id
+        .rsplit('.')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_default();
+    let photos = stack.photos_client().await;
+    eventually("the photos history before the cursor is compacted", || {
+        let mut photos = photos.clone();
+        let request = lightbox_api::photos::ListPhotoChangesRequest {
+            since_revision: since,
+            ..Default::default()
+        };
+        async move {
+            let answer = photos.list_photo_changes(request).await.ok()?;
+            answer.into_inner().reset
+        }
+    })
+    .await;
+
+    let mut resumed = phone.events(Some(&last_id)).await;
+    let seen = resumed
+        .until("a reset of photos, then its snapshot", |e| {
+            e.name == "synced" && e.data["source"] == "photos"
+        })
+        .await;
+    let reset_at = seen
+        .iter()
+        .position(|e| e.name == "reset" && e.data["source"] == "photos")
+        .unwrap_or_else(|| panic!("no photos reset: {seen:#?}"));
+    let after: Vec<&Event> = seen[reset_at..].iter().filter(|e| e.name == "photo").collect();
+    for id in &kept {
+        assert!(
+            after.iter().any(|e| e.data["photoId"] == id.as_str()),
+            "{id} is in the snapshot: {seen:#?}"
+        );
+    }
+    assert!(
+        after.iter().all(|e| e.data["photoId"] != first_id.as_str()),
+        "the deleted photo is not in the snapshot: {seen:#?}"
+    );
     stack.stop().await;
 }
