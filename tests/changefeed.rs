@@ -439,16 +439,26 @@ async fn a_slow_watcher_is_dropped_without_slowing_writers_or_others(db: TestDb)
     assert_eq!(change(&mut stalled).await.revision, 2);
     assert_eq!(change(&mut reader).await.revision, 2);
     let writes = (buffer * 20) as i64;
+    let (seen_tx, mut seen) = tokio::sync::watch::channel(2i64);
     let reading = tokio::spawn(async move {
         let mut last = 2;
         while last < 2 + writes {
             let revision = change(&mut reader).await.revision;
             assert_eq!(revision, last + 1);
             last = revision;
+            let _ = seen_tx.send(last);
         }
         last
     });
     for i in 0..writes {
+        // The reader keeps up by construction (a busy machine may not
+        // schedule it for a while): the writer never runs more than half a
+        // buffer ahead of it, and never waits for the stalled watcher.
+        let written = 2 + i;
+        tokio::time::timeout(DEADLINE, seen.wait_for(|r| *r >= written - buffer as i64 / 2))
+            .await
+            .unwrap_or_else(|_| panic!("the reader fell behind revision {written}"))
+            .unwrap_or_else(|_| panic!("the reader stopped"));
         put(&feed, &format!("k{}", i % 7), &format!("{i}")).await;
     }
     assert_eq!(reading.await.unwrap_or_else(|err| panic!("reader: {err}")), 2 + writes);
