@@ -10,6 +10,7 @@ use tokio_stream::StreamExt;
 use tonic::Code;
 
 conformance!(
+    a_transaction_begin_cancelled_in_flight_leaves_no_transaction_open,
     watch_from_zero_is_a_snapshot_then_live_changes,
     resume_replays_exactly_the_changes_after_the_revision,
     concurrent_writers_never_let_a_watcher_skip_a_revision,
@@ -829,4 +830,21 @@ async fn one_tail_serves_every_watcher(db: TestDb) {
     );
     drop(streams);
     assert_eq!(feed.stats().watchers, 0);
+}
+
+/// A request cancelled while its transaction's `BEGIN` is in flight (a
+/// watch dropped as its snapshot starts) must not hand the connection back
+/// to the pool inside that transaction: the next writer on it would run in
+/// a read-only snapshot, or worse, inside someone else's transaction.
+async fn a_transaction_begin_cancelled_in_flight_leaves_no_transaction_open(db: TestDb) {
+    let feed = open(&db, options()).await;
+    put(&feed, "a", "0").await;
+    for i in 0..200 {
+        // Dropped after a moment: some are cancelled with `BEGIN` sent and
+        // its answer not yet read.
+        let moment = Duration::from_micros(fastrand::u64(0..1500));
+        let _ = tokio::time::timeout(moment, feed.db().begin_snapshot()).await;
+        let _ = tokio::time::timeout(moment, feed.db().begin_write()).await;
+        put(&feed, "a", &i.to_string()).await;
+    }
 }

@@ -141,23 +141,38 @@ impl Db {
     /// (`BEGIN IMMEDIATE`), so a transaction that reads before it writes
     /// never fails to upgrade its lock.
     pub async fn begin_write(&self) -> Result<Transaction<'static, Any>, sqlx::Error> {
-        match self.backend {
-            Backend::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await,
-            Backend::Postgres => self.pool.begin().await,
-        }
+        let statement = match self.backend {
+            Backend::Sqlite => "BEGIN IMMEDIATE",
+            Backend::Postgres => "BEGIN",
+        };
+        self.begin_with(statement).await
     }
 
     /// Begins a read-only transaction whose reads all see one snapshot
     /// (PostgreSQL: `REPEATABLE READ`; SQLite: a WAL read transaction).
     pub async fn begin_snapshot(&self) -> Result<Transaction<'static, Any>, sqlx::Error> {
-        match self.backend {
-            Backend::Sqlite => self.pool.begin().await,
-            Backend::Postgres => {
-                self.pool
-                    .begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
-                    .await
-            }
-        }
+        let statement = match self.backend {
+            Backend::Sqlite => "BEGIN",
+            Backend::Postgres => "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY",
+        };
+        self.begin_with(statement).await
+    }
+
+    /// Begins a transaction with `statement`, safe to cancel.
+    ///
+    /// sqlx 0.9 counts a transaction as open only once the server has
+    /// answered its `BEGIN`: a caller cancelled in between (a client gone
+    /// while its watch opens a snapshot) would hand the connection back to
+    /// the pool still inside the transaction, and the next caller's writes
+    /// would run in it (read-only, or part of a transaction nobody
+    /// commits). So the `BEGIN` runs in its own task, which always sees it
+    /// through: if the caller is gone, the transaction is dropped there and
+    /// rolled back as usual.
+    async fn begin_with(&self, statement: &'static str) -> Result<Transaction<'static, Any>, sqlx::Error> {
+        let pool = self.pool.clone();
+        tokio::spawn(async move { pool.begin_with(statement).await })
+            .await
+            .map_err(|e| sqlx::Error::Io(std::io::Error::other(format!("the transaction's start failed: {e}"))))?
     }
 
     /// Closes every connection (waits for those in use to be returned).

@@ -194,6 +194,19 @@ where
     }
 }
 
+/// Sends the servers' warnings and errors (such as the cause of an
+/// `INTERNAL`, which the client never sees) to the test's captured output,
+/// so a failing test shows them. `RUST_LOG` overrides the level.
+pub fn capture_logs() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    // Only the first call in a test binary installs it; later ones find it set.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_test_writer()
+        .try_init();
+}
+
 /// The HS256 key the stack's gateway checks tokens with.
 pub const TEST_JWT_SECRET: &[u8] = b"lightbox-test-key";
 
@@ -211,6 +224,7 @@ impl Stack {
     /// Starts contracts, users and photos: contracts on `db`, the others on
     /// new databases of the same backend, with `feed` options.
     pub async fn start(db: TestDb, feed: FeedOptions) -> Stack {
+        capture_logs();
         let mut dbs = HashMap::new();
         for target in [Target::Users, Target::Photos] {
             let other = match db.backend() {
