@@ -75,9 +75,7 @@ fn token(args: &config::TokenArgs) -> anyhow::Result<()> {
 
 /// `lightbox openapi`: the gateway's OpenAPI document.
 fn openapi() -> anyhow::Result<()> {
-    let pool = lightbox_gateway::descriptors().map_err(anyhow::Error::msg)?;
-    let routes = lightbox_gateway::routes::routes(&pool, &["lightbox."]).map_err(anyhow::Error::msg)?;
-    let document = lightbox_gateway::openapi::document(&routes);
+    let document = lightbox_gateway::openapi_document().map_err(anyhow::Error::msg)?;
     println!("{}", serde_json::to_string_pretty(&document)?);
     Ok(())
 }

@@ -478,10 +478,19 @@ fn parse_options(options: &[String]) -> anyhow::Result<Vec<ContractOption>> {
         .collect()
 }
 
-fn mask(paths: Vec<&str>) -> Option<pbjson_types::FieldMask> {
-    Some(pbjson_types::FieldMask {
+/// The update mask of the fields given; an invalid-argument failure naming
+/// `flags` when none was.
+fn mask(paths: Vec<&str>, flags: &str) -> anyhow::Result<Option<pbjson_types::FieldMask>> {
+    if paths.is_empty() {
+        return Err(Failure {
+            exit_code: 4,
+            message: format!("nothing to update: give {flags}"),
+        }
+        .into());
+    }
+    Ok(Some(pbjson_types::FieldMask {
         paths: paths.into_iter().map(str::to_owned).collect(),
-    })
+    }))
 }
 
 fn user_status(status: StatusArg) -> anyhow::Result<i32> {
@@ -598,16 +607,9 @@ pub async fn users(args: UsersArgs) -> anyhow::Result<()> {
                 user.contract_id = contract_id;
                 paths.push("contract_id");
             }
-            if paths.is_empty() {
-                return Err(Failure {
-                    exit_code: 4,
-                    message: "nothing to update: give --name, --email, --status or --contract-id".into(),
-                }
-                .into());
-            }
             let request = UpdateUserRequest {
                 user: Some(user),
-                update_mask: mask(paths),
+                update_mask: mask(paths, "--name, --email, --status or --contract-id")?,
                 expected_revision,
             };
             let updated = client.update_user(request).await.map_err(failed)?;
@@ -699,16 +701,9 @@ pub async fn contracts(args: ContractsArgs) -> anyhow::Result<()> {
                 contract.options = parse_options(&options)?;
                 paths.push("options");
             }
-            if paths.is_empty() {
-                return Err(Failure {
-                    exit_code: 4,
-                    message: "nothing to update: give --plan, --status or --option".into(),
-                }
-                .into());
-            }
             let request = UpdateContractRequest {
                 contract: Some(contract),
-                update_mask: mask(paths),
+                update_mask: mask(paths, "--plan, --status or --option")?,
                 expected_revision,
             };
             let updated = client.update_contract(request).await.map_err(failed)?;

@@ -263,11 +263,8 @@ impl Leg {
         }
         let request = proto_json::from_json_value(self.method.input(), request, "")
             .map_err(|e| Status::internal(format!("the watch request does not build: {e}")))?;
-        let mut grpc = tonic::client::Grpc::new(self.channel.clone());
-        grpc.ready()
-            .await
-            .map_err(|e| Status::unavailable(format!("{} is unreachable: {e}", self.source.name())))?;
-        let path = crate::grpc_path(&self.method)?;
+        let mut grpc = crate::ready(self.channel.clone(), self.source.name()).await?;
+        let path = crate::routes::grpc_path(&self.method).map_err(Status::internal)?;
         let mut stream = grpc
             .server_streaming(
                 tonic::Request::new(request),

@@ -55,9 +55,6 @@ pub use error::HttpError;
 
 use crate::routes::Route;
 
-/// The proto packages whose annotated methods become routes.
-const PACKAGES: &[&str] = &["lightbox."];
-
 /// Limits and auth of the gateway.
 #[derive(Debug, Clone)]
 pub struct GatewayOptions {
@@ -117,7 +114,7 @@ impl Gateway {
     /// upstream. Fails on an annotation the gateway cannot serve.
     pub fn new(options: GatewayOptions, upstreams: Upstreams, shutdown: Shutdown) -> Result<Gateway, String> {
         let pool = descriptors()?;
-        let routes = routes::routes(&pool, PACKAGES)?;
+        let routes = routes::routes(&pool)?;
         let channels = HashMap::from([
             ("lightbox.users.v1.UsersService".to_owned(), upstreams.users),
             ("lightbox.contracts.v1.ContractsService".to_owned(), upstreams.contracts),
@@ -225,10 +222,20 @@ pub(crate) fn authorize(subject: &str, user_id: &str) -> Result<String, HttpErro
     }
 }
 
-/// The gRPC path of `method`.
-pub(crate) fn grpc_path(method: &MethodDescriptor) -> Result<http::uri::PathAndQuery, tonic::Status> {
-    let path = format!("/{}/{}", method.parent_service().full_name(), method.name());
-    http::uri::PathAndQuery::try_from(path).map_err(|e| tonic::Status::internal(format!("bad method path: {e}")))
+/// The OpenAPI document of the gateway's routes (what `/openapi.json`
+/// serves).
+pub fn openapi_document() -> Result<serde_json::Value, String> {
+    Ok(openapi::document(&routes::routes(&descriptors()?)?))
+}
+
+/// A client on `channel`, once it is ready to take a call; `UNAVAILABLE`
+/// naming `upstream` if it cannot be reached.
+pub(crate) async fn ready(channel: Channel, upstream: &str) -> Result<tonic::client::Grpc<Channel>, tonic::Status> {
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready()
+        .await
+        .map_err(|e| tonic::Status::unavailable(format!("{upstream} is unreachable: {e}")))?;
+    Ok(grpc)
 }
 
 /// Every route of the table: authenticate, match, authorize, transcode,
@@ -288,7 +295,7 @@ async fn serve_route(gateway: &Gateway, request: Request) -> Result<Response, Ht
         );
     };
     for (field, value) in &mut bound {
-        if field.proto_name() == route.owner.proto_name() {
+        if **field == route.owner {
             *value = authorize(&subject, value)?;
         }
     }
@@ -308,22 +315,16 @@ async fn serve_route(gateway: &Gateway, request: Request) -> Result<Response, Ht
     let message = transcode::request_message(route, &bound, parts.uri.query(), &body)?;
 
     let channel = gateway
-        .channels
-        .get(route.method.parent_service().full_name())
-        .cloned()
+        .channel(&route.method)
         .ok_or_else(|| HttpError::new(Code::Internal, "the route has no upstream"))?;
     let mut call = tonic::Request::new(message);
     call.set_timeout(gateway.options.request_timeout);
     forward_context(&parts.headers, call.metadata_mut());
-    let mut grpc = tonic::client::Grpc::new(channel);
-    let path = grpc_path(&route.method)?;
-    let output = route.method.output();
+    let codec = codec::DynamicCodec::new(route.method.output());
     let timeout = gateway.options.request_timeout;
     let answer = tokio::time::timeout(timeout, async {
-        grpc.ready()
-            .await
-            .map_err(|e| tonic::Status::unavailable(format!("the upstream is unreachable: {e}")))?;
-        grpc.unary(call, path, codec::DynamicCodec::new(output)).await
+        let mut grpc = ready(channel, route.method.parent_service().name()).await?;
+        grpc.unary(call, route.grpc_path.clone(), codec).await
     })
     .await
     .map_err(|_| HttpError::new(Code::DeadlineExceeded, format!("no answer within {timeout:?}")))??

@@ -12,7 +12,7 @@
 
 use std::fmt;
 
-use http::Method;
+use http::{Method, uri::PathAndQuery};
 use prost_reflect::{DescriptorPool, DynamicMessage, FieldDescriptor, Kind, MethodDescriptor, Value};
 
 /// One step of a path template.
@@ -26,7 +26,7 @@ pub enum Segment {
 }
 
 /// A dotted path to a request field, such as `photo.user_id`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FieldPath {
     /// The fields from the request message down, each a singular field of
     /// the previous one's message.
@@ -155,6 +155,8 @@ pub struct Route {
     pub response_body: Option<FieldDescriptor>,
     /// The RPC method.
     pub method: MethodDescriptor,
+    /// The method's gRPC path (`/package.Service/Method`).
+    pub grpc_path: PathAndQuery,
     /// The variable naming the user the route acts for: the one right after
     /// a literal `users` segment. Every route has one; the gateway checks it
     /// against the signed-in user.
@@ -162,11 +164,6 @@ pub struct Route {
 }
 
 impl Route {
-    /// The gRPC path of the method (`/package.Service/Method`).
-    pub fn grpc_path(&self) -> String {
-        format!("/{}/{}", self.method.parent_service().full_name(), self.method.name())
-    }
-
     /// The variables of the template, in order.
     pub fn variables(&self) -> impl Iterator<Item = &FieldPath> {
         self.segments.iter().filter_map(|s| match s {
@@ -218,15 +215,21 @@ fn percent_decode(raw: &str) -> Option<String> {
     String::from_utf8(out).ok()
 }
 
-/// Reads every `google.api.http` annotation of the services of `pool`
-/// whose full name starts with one of `packages`.
-pub fn routes(pool: &DescriptorPool, packages: &[&str]) -> Result<Vec<Route>, String> {
+/// The gRPC path of `method` (`/package.Service/Method`).
+pub fn grpc_path(method: &MethodDescriptor) -> Result<PathAndQuery, String> {
+    let path = format!("/{}/{}", method.parent_service().full_name(), method.name());
+    PathAndQuery::try_from(path).map_err(|e| format!("{}: bad method path: {e}", method.full_name()))
+}
+
+/// Reads every `google.api.http` annotation of the Lightbox services
+/// (package `lightbox.…`) in `pool`.
+pub fn routes(pool: &DescriptorPool) -> Result<Vec<Route>, String> {
     let extension = pool
         .get_extension_by_name("google.api.http")
         .ok_or("the descriptors lack google/api/annotations.proto")?;
     let mut routes = Vec::new();
     for service in pool.services() {
-        if !packages.iter().any(|p| service.full_name().starts_with(p)) {
+        if !service.full_name().starts_with("lightbox.") {
             continue;
         }
         for method in service.methods() {
@@ -322,6 +325,7 @@ fn route(method: &MethodDescriptor, rule: &DynamicMessage) -> Result<Route, Stri
         segments,
         body,
         response_body,
+        grpc_path: grpc_path(method)?,
         method: method.clone(),
         owner,
     })
@@ -360,7 +364,7 @@ mod tests {
 
     fn table() -> Vec<Route> {
         let pool = DescriptorPool::decode(lightbox_api::FILE_DESCRIPTOR_SET).expect("descriptors decode");
-        routes(&pool, &["lightbox."]).expect("the annotations are all supported")
+        routes(&pool).expect("the annotations are all supported")
     }
 
     #[test]
@@ -373,7 +377,7 @@ mod tests {
                 .unwrap_or_else(|| panic!("{verb} {template} is routed"))
         };
         let create = find(Method::POST, "/v1/users/{photo.user_id}/photos");
-        assert_eq!(create.grpc_path(), "/lightbox.photos.v1.PhotosService/CreatePhoto");
+        assert_eq!(create.grpc_path, "/lightbox.photos.v1.PhotosService/CreatePhoto");
         assert_eq!(create.owner.proto_name(), "photo.user_id");
         assert!(matches!(&create.body, BodyRule::Field(f) if f.name() == "photo"));
         let get = find(Method::GET, "/v1/users/{user_id}/photos/{id}");

@@ -184,7 +184,7 @@ mod tests {
 
     fn route(verb: Method, template: &str) -> Route {
         let pool = DescriptorPool::decode(lightbox_api::FILE_DESCRIPTOR_SET).expect("descriptors decode");
-        routes::routes(&pool, &["lightbox."])
+        routes::routes(&pool)
             .expect("routes")
             .into_iter()
             .find(|r| r.verb == verb && r.template == template)
