@@ -7,6 +7,7 @@
 use std::time::Duration;
 
 use jsonwebtoken::{EncodingKey, Header};
+use lightbox_api::{contracts::Contract, users::User};
 use lightbox_app::Target;
 use lightbox_changefeed::{FeedOptions, Retention};
 use lightbox_gateway::auth::{self, Claims};
@@ -31,6 +32,23 @@ struct Phone {
     http: Client,
     base: String,
     token: String,
+}
+
+/// A customer whose user and contract Photos' copies already hold (as a
+/// phone signing up would wait for before its first upload).
+async fn signed_up(stack: &Stack, email: &str) -> (User, Contract) {
+    let (user, contract) = customer(stack, email, "10").await;
+    let mut photos = stack.photos_client().await;
+    photos
+        .get_profile(lightbox_api::photos::GetProfileRequest {
+            user_id: user.id.clone(),
+            min_users_revision: user.revision,
+            min_contracts_revision: contract.revision,
+            ..Default::default()
+        })
+        .await
+        .unwrap_or_else(|status| panic!("Photos' copies do not catch up: {status:?}"));
+    (user, contract)
 }
 
 impl Phone {
@@ -194,7 +212,7 @@ fn is_photo(event: &Event, id: &str, kind: &str) -> bool {
 
 async fn a_phone_signs_in_lists_creates_and_follows_its_photos(db: TestDb) {
     let mut stack = Stack::start(db, feed_options()).await;
-    let (user, contract) = customer(&stack, "ada@example.com", "10").await;
+    let (user, contract) = signed_up(&stack, "ada@example.com").await;
     let phone = Phone::new(&stack, &user.id);
 
     // The profile, in one hop, with its contract and freshness; reading
@@ -317,8 +335,8 @@ fn now() -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tokens_are_checked_and_another_users_data_never_leaks() {
     let stack = Stack::start(TestDb::sqlite(), feed_options()).await;
-    let (ada, _) = customer(&stack, "ada@example.com", "10").await;
-    let (bob, _) = customer(&stack, "bob@example.com", "10").await;
+    let (ada, _) = signed_up(&stack, "ada@example.com").await;
+    let (bob, _) = signed_up(&stack, "bob@example.com").await;
     let bobs_phone = Phone::new(&stack, &bob.id);
     let (status, bobs) = bobs_phone
         .post(
@@ -425,7 +443,7 @@ async fn tokens_are_checked_and_another_users_data_never_leaks() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_requests_get_400_naming_the_field_and_change_nothing() {
     let stack = Stack::start(TestDb::sqlite(), feed_options()).await;
-    let (ada, _) = customer(&stack, "ada@example.com", "10").await;
+    let (ada, _) = signed_up(&stack, "ada@example.com").await;
     let phone = Phone::new(&stack, &ada.id);
     let raw = |body: &'static str| {
         phone
@@ -459,18 +477,25 @@ async fn bad_requests_get_400_naming_the_field_and_change_nothing() {
         );
     }
     let huge = format!(r#"{{"title": "{}"}}"#, "x".repeat(2 * 1024 * 1024));
-    let (status, error) = answer(
-        phone
-            .http
-            .post(format!("{}/v1/users/me/photos", phone.base))
-            .bearer_auth(&phone.token)
-            .header("content-type", "application/json")
-            .body(huge)
-            .send()
-            .await,
-    )
-    .await;
+    let response = phone
+        .http
+        .post(format!("{}/v1/users/me/photos", phone.base))
+        .bearer_auth(&phone.token)
+        .header("content-type", "application/json")
+        .body(huge)
+        .send()
+        .await;
+    let closes = response
+        .as_ref()
+        .ok()
+        .and_then(|r| r.headers().get("connection"))
+        .is_some_and(|v| v == "close");
+    let (status, error) = answer(response).await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "an oversized body: {error}");
+    assert!(
+        closes,
+        "the body left unread closes the connection, so the client does not reuse it"
+    );
     assert!(
         error["message"].as_str().is_some_and(|m| m.contains("bytes")),
         "{error}"
@@ -516,7 +541,7 @@ async fn bad_requests_get_400_naming_the_field_and_change_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_resume_from_last_event_id_and_lose_nothing() {
     let stack = Stack::start(TestDb::sqlite(), feed_options()).await;
-    let (ada, _) = customer(&stack, "ada@example.com", "10").await;
+    let (ada, _) = signed_up(&stack, "ada@example.com").await;
     let phone = Phone::new(&stack, &ada.id);
     let (_, first) = phone
         .post(
@@ -637,10 +662,11 @@ async fn a_cursor_older_than_the_kept_history_gets_a_reset_event_then_the_state(
         ..feed_options()
     };
     let stack = Stack::start(TestDb::sqlite(), options).await;
-    let (ada, _) = customer(&stack, "ada@example.com", "10").await;
+    let (ada, _) = signed_up(&stack, "ada@example.com").await;
     let phone = Phone::new(&stack, &ada.id);
     let photo = json!({ "title": "a", "contentType": "image/png", "sizeBytes": "1" });
-    let (_, first) = phone.post("/v1/users/me/photos", photo.clone()).await;
+    let (status, first) = phone.post("/v1/users/me/photos", photo.clone()).await;
+    assert_eq!(status, StatusCode::OK, "{first}");
     let first_id = first["photo"]["id"].as_str().unwrap_or_default().to_owned();
 
     let mut events = phone.events(None).await;
@@ -648,8 +674,8 @@ async fn a_cursor_older_than_the_kept_history_gets_a_reset_event_then_the_state(
     drop(events);
 
     // While away: the first photo is deleted and its tombstone purged.
-    let (status, _) = phone.delete(&format!("/v1/users/me/photos/{first_id}")).await;
-    assert_eq!(status, StatusCode::OK);
+    let (status, deleted) = phone.delete(&format!("/v1/users/me/photos/{first_id}")).await;
+    assert_eq!(status, StatusCode::OK, "{deleted}");
     let mut kept = Vec::new();
     for _ in 0..2 {
         let (_, photo) = phone.post("/v1/users/me/photos", photo.clone()).await;
@@ -695,5 +721,108 @@ async fn a_cursor_older_than_the_kept_history_gets_a_reset_event_then_the_state(
         after.iter().all(|e| e.data["photoId"] != first_id.as_str()),
         "the deleted photo is not in the snapshot: {seen:#?}"
     );
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn limits_answer_504_and_503_and_every_answer_carries_its_request_id() {
+    let mut stack = Stack::start(TestDb::sqlite(), feed_options()).await;
+    let (ada, _) = signed_up(&stack, "ada@example.com").await;
+    // A gateway with tight limits, in front of a slow Photos.
+    stack.stop_component(Target::Gateway).await;
+    stack.settings.gateway.request_timeout = Duration::from_millis(300);
+    stack.settings.gateway.max_concurrent_requests = 1;
+    stack.settings.gateway.max_event_streams = 1;
+    stack.start_component(Target::Gateway).await;
+    let phone = Phone::new(&stack, &ada.id);
+
+    // Request ids: the client's is kept, one is made when it sent none.
+    let response = phone
+        .http
+        .get(format!("{}/v1/users/me/photos", phone.base))
+        .bearer_auth(&phone.token)
+        .header("x-request-id", "phone-42")
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        response.headers().get("x-request-id").and_then(|v| v.to_str().ok()),
+        Some("phone-42")
+    );
+    let response = phone
+        .http
+        .get(format!("{}/v1/users/me/nothing", phone.base))
+        .bearer_auth(&phone.token)
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        response.headers().get("x-request-id").is_some_and(|v| !v.is_empty()),
+        "errors carry a request id too"
+    );
+
+    // One event stream is the limit: a second is refused at once.
+    let events = phone.events(None).await;
+    let (status, error) = phone.get("/v1/users/me/events").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{error}");
+    assert!(
+        error["message"].as_str().is_some_and(|m| m.contains("event streams")),
+        "{error}"
+    );
+    drop(events);
+
+    // Photos answers after a second: the 300 ms deadline answers 504.
+    let photos = stack.faults(Target::Photos);
+    photos
+        .set(lightbox_server::FaultSpec {
+            latency: Duration::from_secs(1),
+            ..Default::default()
+        })
+        .unwrap_or_else(|e| panic!("{e}"));
+    let (status, error) = phone.get("/v1/users/me/photos").await;
+    assert_eq!(status, StatusCode::GATEWAY_TIMEOUT, "{error}");
+    assert_eq!(error["code"], 4, "DEADLINE_EXCEEDED");
+
+    // One request at a time: while one waits on Photos, the next is shed.
+    let calls = photos.calls();
+    let slow = tokio::spawn({
+        let (http, url, token) = (
+            phone.http.clone(),
+            format!("{}/v1/users/me/photos", phone.base),
+            phone.token.clone(),
+        );
+        async move { http.get(url).bearer_auth(token).send().await.map(|r| r.status()) }
+    });
+    eventually("the first request reaches Photos", || async {
+        (photos.calls() > calls).then_some(())
+    })
+    .await;
+    let response = phone
+        .http
+        .get(format!("{}/v1/users/me/photos", phone.base))
+        .bearer_auth(&phone.token)
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        response.headers().get("retry-after").and_then(|v| v.to_str().ok()),
+        Some("1")
+    );
+    let (status, error) = answer(Ok(response)).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{error}");
+    assert!(
+        error["message"].as_str().is_some_and(|m| m.contains("limit")),
+        "{error}"
+    );
+    let first = slow
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        first,
+        StatusCode::GATEWAY_TIMEOUT,
+        "the first one still ran to its deadline"
+    );
+    photos.clear();
     stack.stop().await;
 }

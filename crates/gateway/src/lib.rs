@@ -241,13 +241,28 @@ pub(crate) async fn ready(channel: Channel, upstream: &str) -> Result<tonic::cli
 /// Every route of the table: authenticate, match, authorize, transcode,
 /// call.
 async fn dispatch(State(gateway): State<Arc<Gateway>>, request: Request) -> Response {
+    // A request refused before its body was read (unauthenticated, too
+    // large, …) leaves that body on the connection: the answer closes it,
+    // so a client does not send its next request on a connection the
+    // server is about to drop.
+    let has_body = request.headers().contains_key(header::TRANSFER_ENCODING)
+        || request
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .is_some_and(|length| length.as_bytes() != b"0");
     match serve_route(&gateway, request).await {
         Ok(response) => response,
         Err(error) => {
             if error.status().is_server_error() {
                 tracing::warn!(code = ?error.code, message = %error.message, "request failed");
             }
-            error.into_response()
+            let mut response = error.into_response();
+            if has_body {
+                response
+                    .headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            response
         }
     }
 }
@@ -327,7 +342,14 @@ async fn serve_route(gateway: &Gateway, request: Request) -> Result<Response, Ht
         grpc.unary(call, route.grpc_path.clone(), codec).await
     })
     .await
-    .map_err(|_| HttpError::new(Code::DeadlineExceeded, format!("no answer within {timeout:?}")))??
+    .map_err(|_| deadline_exceeded(timeout))?
+    .map_err(|status| match status.code() {
+        // tonic's servers answer an expired `grpc-timeout` with CANCELLED
+        // ("Timeout expired") where gRPC says DEADLINE_EXCEEDED; the
+        // gateway cancels nothing else, so this is its deadline: 504.
+        Code::Cancelled => deadline_exceeded(timeout),
+        _ => HttpError::from(status),
+    })?
     .into_inner();
 
     let answer = match &route.response_body {
@@ -344,6 +366,10 @@ async fn serve_route(gateway: &Gateway, request: Request) -> Result<Response, Ht
     };
     let json = json::to_json(&answer).map_err(|e| HttpError::new(Code::Internal, e))?;
     Ok(Json(json).into_response())
+}
+
+fn deadline_exceeded(timeout: Duration) -> HttpError {
+    HttpError::new(Code::DeadlineExceeded, format!("no answer within {timeout:?}"))
 }
 
 fn is_json(headers: &HeaderMap) -> bool {
