@@ -214,7 +214,7 @@ async fn cached_reads_survive_upstreams_down_stopped_and_a_photos_restart(db: Te
     stack.stop().await;
 }
 
-/// What a copy in Photos' database holds: id -> (revision, entity).
+/// What a copy in Photos' database holds, as persisted: id -> (revision, entity).
 async fn copy_of<T: lightbox_changefeed::feed::Entity>(
     stack: &Stack,
     name: &'static str,
@@ -223,7 +223,7 @@ async fn copy_of<T: lightbox_changefeed::feed::Entity>(
     let cache: Cache<T> = Cache::open(db, name, CacheOptions::default())
         .await
         .unwrap_or_else(|err| panic!("{err}"));
-    let all = cache.all().await.unwrap_or_else(|err| panic!("{err}"));
+    let (_, all) = cache.persisted().await.unwrap_or_else(|err| panic!("{err}"));
     all.into_iter()
         .map(|(id, (entity, revision))| (id, (revision, entity)))
         .collect()

@@ -360,6 +360,11 @@ impl<T: Entity> Feed<T> {
         }
     }
 
+    /// Whether [`Feed::close`] was called (the process is shutting down).
+    pub fn is_closing(&self) -> bool {
+        self.inner.shared.hub.is_closing()
+    }
+
     /// Ends every watch stream of this feed (they answer `UNAVAILABLE` with
     /// the revision to resume from), for a graceful shutdown.
     pub fn close(&self) {
@@ -406,6 +411,44 @@ impl<T: Entity> Feed<T> {
                 let change = decode_row::<T>(row)?;
                 Ok((change.entity_id, change.entity.unwrap_or_default()))
             })
+            .collect()
+    }
+
+    /// Up to `limit` current entities of `scope` in id order, from just
+    /// after `from` (ascending), or just before it when `descending`: one
+    /// query on the `feed_entities_by_scope` index.
+    pub async fn list_scope(
+        &self,
+        scope: &str,
+        from: Option<&str>,
+        limit: i64,
+        descending: bool,
+    ) -> Result<Vec<T>, FeedError> {
+        let sql: &'static str = match (from.is_some(), descending) {
+            (false, false) => {
+                "SELECT entity_id, revision, payload, scope FROM feed_entities \
+                 WHERE feed = $1 AND scope = $2 AND deleted = 0 ORDER BY entity_id LIMIT $3"
+            }
+            (false, true) => {
+                "SELECT entity_id, revision, payload, scope FROM feed_entities \
+                 WHERE feed = $1 AND scope = $2 AND deleted = 0 ORDER BY entity_id DESC LIMIT $3"
+            }
+            (true, false) => {
+                "SELECT entity_id, revision, payload, scope FROM feed_entities \
+                 WHERE feed = $1 AND scope = $2 AND deleted = 0 AND entity_id > $4 ORDER BY entity_id LIMIT $3"
+            }
+            (true, true) => {
+                "SELECT entity_id, revision, payload, scope FROM feed_entities \
+                 WHERE feed = $1 AND scope = $2 AND deleted = 0 AND entity_id < $4 ORDER BY entity_id DESC LIMIT $3"
+            }
+        };
+        let mut query = sqlx::query(sql).bind(self.name()).bind(scope).bind(limit);
+        if let Some(from) = from {
+            query = query.bind(from);
+        }
+        let rows = query.fetch_all(self.db().pool()).await?;
+        rows.iter()
+            .map(|row| Ok(decode_row::<T>(row)?.entity.unwrap_or_default()))
             .collect()
     }
 

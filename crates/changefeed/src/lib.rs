@@ -11,6 +11,11 @@
 //!   the pull listing and retention.
 //! - [`hub`] (private): the one tail per feed and process that reads the
 //!   changelog and fans changes out to every watcher through a bounded ring.
+//! - [`memory`]: [`Snapshot`], entities in memory at one revision (a
+//!   persistent map, so each batch makes a new one cheaply), and
+//!   [`Published`], the lock-free cell readers load it from.
+//! - [`view`]: [`View`], a feed's own state in memory, kept current by a
+//!   watch of it: reads that touch no database.
 //! - [`messages`]: conversions to the API's watch and listing messages.
 //! - [`watch`]: the watch stream: snapshot then live, resume, consolidated
 //!   deltas for compacted history, reset, progress, slow-consumer handling
@@ -39,9 +44,13 @@
 pub mod db;
 pub mod feed;
 mod hub;
+pub mod memory;
 pub mod messages;
+pub mod view;
 pub mod watch;
 
 pub use db::{Backend, Db, Migrations};
 pub use feed::{Change, ChangePage, Feed, FeedError, FeedOptions, FeedStats, Frame, Retention, WriteTx};
+pub use memory::{Published, Snapshot};
+pub use view::View;
 pub use watch::WatchFilter;

@@ -27,7 +27,7 @@ use lightbox_changefeed::{
     messages::{serve_list_changes, serve_watch},
     watch,
 };
-use sqlx::{AnyConnection, Row};
+use sqlx::AnyConnection;
 use tonic::{Request, Response, Status};
 
 /// The name of the contracts feed (in the service's database).
@@ -144,26 +144,12 @@ impl ContractsService {
                 .into_iter()
                 .map(|(_, c)| c)
                 .collect(),
+            // One query on the scope index: each contract is in its holder's scope.
             Some(holder) => {
-                let rows = sqlx::query(
-                    "SELECT contract_id FROM contract_holders WHERE holder_user_id = $1 AND contract_id > $2 \
-                     ORDER BY contract_id LIMIT $3",
-                )
-                .bind(holder.to_string())
-                .bind(after.as_str())
-                .bind(size + 1)
-                .fetch_all(self.feed.db().pool())
-                .await
-                .map_err(ApiError::internal)?;
-                let mut contracts = Vec::with_capacity(rows.len());
-                for row in rows {
-                    let id: String = row.try_get(0).map_err(ApiError::internal)?;
-                    // A contract deleted between the two reads is simply not listed.
-                    if let Some(contract) = self.feed.get(&id).await? {
-                        contracts.push(contract);
-                    }
-                }
-                contracts
+                let after = (!after.is_empty()).then_some(after.as_str());
+                self.feed
+                    .list_scope(&holder.to_string(), after, size + 1, false)
+                    .await?
             }
         };
         let (contracts, next_page_token) = request::finish_page(contracts, size, |c: &Contract| &c.id);

@@ -7,7 +7,9 @@
 //!
 //! - [`PhotosService`]: the gRPC service over a [`Feed`] of photos (its own
 //!   watchable changelog, each photo in its owner's scope, so that
-//!   `WatchPhotos` can follow one user) and the `photo_owners` index; two
+//!   `WatchPhotos` can follow one user), the photos in memory by owner (a
+//!   [`View`] of that feed: `CACHED` reads list from it), and the
+//!   `photo_owners` index (the quota count under the write lock); two
 //!   [`Cache`]s (users, contracts) in the same database, fed by
 //!   [`PhotosService::follow`].
 //! - `reads` (private): how `ListPhotos` and `GetProfile` read the user and
@@ -40,11 +42,10 @@ use lightbox_api::{
 };
 use lightbox_cache::{Cache, CacheOptions, sources};
 use lightbox_changefeed::{
-    Db, Feed, FeedError, FeedOptions, Migrations,
+    Db, Feed, FeedError, FeedOptions, Migrations, View,
     messages::{serve_list_changes, serve_watch},
     watch,
 };
-use sqlx::Row;
 use tonic::{Request, Response, Status, transport::Channel};
 
 /// The name of the photos feed (in the service's database).
@@ -89,6 +90,9 @@ impl Default for PhotosOptions {
 #[derive(Clone)]
 pub struct PhotosService {
     feed: Feed<Photo>,
+    /// The photos in memory, by owner: what `CACHED` reads list. Writes wait
+    /// for it to hold what they committed before answering.
+    view: View<Photo>,
     users_copy: Cache<User>,
     contracts_copy: Cache<Contract>,
     users_channel: Channel,
@@ -112,10 +116,12 @@ impl PhotosService {
         options: PhotosOptions,
     ) -> Result<PhotosService, FeedError> {
         db.migrate(&[&lightbox_cache::MIGRATIONS, &MIGRATIONS]).await?;
+        let photos = Feed::open(db.clone(), FEED, feed).await?;
         Ok(PhotosService {
             users_copy: Cache::open(db.clone(), USERS_CACHE, cache.clone()).await?,
             contracts_copy: Cache::open(db.clone(), CONTRACTS_CACHE, cache).await?,
-            feed: Feed::open(db, FEED, feed).await?,
+            view: View::open(&photos, true).await,
+            feed: photos,
             users_channel: users,
             contracts_channel: contracts,
             options,
@@ -188,14 +194,15 @@ impl PhotosService {
         photo.revision = tx.next_revision();
         // Scoped by owner: `WatchPhotos` may follow one user's photos.
         tx.put_scoped(&photo.id, &photo.user_id, &photo).await?;
-        tx.commit().await?;
+        let revision = tx.commit().await?;
+        self.settle(revision).await;
         Ok(photo)
     }
 
     async fn get(&self, request: GetPhotoRequest) -> Result<Photo, ApiError> {
         let id = request::parse_id("id", &request.id)?.to_string();
         let owner = request::parse_optional_id("user_id", &request.user_id)?.map(|id| id.to_string());
-        let photo = self.feed.get(&id).await?;
+        let photo = self.view.snapshot().get(&id).map(|(photo, _)| photo.clone());
         owned_by(photo, owner.as_deref()).ok_or_else(|| photo_not_found(&id))
     }
 
@@ -217,45 +224,54 @@ impl PhotosService {
         if tx.delete(&id).await?.is_none() {
             return Err(photo_not_found(&id));
         }
-        Ok(tx.commit().await?)
+        let revision = tx.commit().await?;
+        self.settle(revision).await;
+        Ok(revision)
     }
 
-    /// A page of `user_id`'s photos, newest first.
-    async fn photos_of(&self, user_id: &str, size: i64, token: &str) -> Result<(Vec<Photo>, String), ApiError> {
+    /// Read-your-writes: waits until the in-memory photos hold `revision`,
+    /// so the next read on this server sees the write just answered. The
+    /// local tail is woken by the commit itself, so this is short; if it
+    /// were not (a stalled tail), the write still stands and is answered.
+    async fn settle(&self, revision: i64) {
+        if !self.view.wait_for(revision, self.options.wait_timeout).await {
+            tracing::warn!(
+                revision,
+                "the in-memory photos did not reach a committed write in time; a read right after it may miss it"
+            );
+        }
+    }
+
+    /// A page of `user_id`'s photos, newest first (ids are time-ordered):
+    /// from memory, or with `fresh` from the database (one query on the
+    /// scope index), for a reader that wants what another replica has just
+    /// written too.
+    async fn photos_of(
+        &self,
+        user_id: &str,
+        size: i64,
+        token: &str,
+        fresh: bool,
+    ) -> Result<(Vec<Photo>, String), ApiError> {
         let before = request::decode_page_token(token)?;
-        let rows = if before.is_empty() {
-            sqlx::query("SELECT photo_id FROM photo_owners WHERE user_id = $1 ORDER BY photo_id DESC LIMIT $2")
-                .bind(user_id)
-                .bind(size + 1)
-                .fetch_all(self.feed.db().pool())
-                .await
+        let before = (!before.is_empty()).then_some(before.as_str());
+        let photos = if fresh {
+            self.feed.list_scope(user_id, before, size + 1, true).await?
         } else {
-            sqlx::query(
-                "SELECT photo_id FROM photo_owners WHERE user_id = $1 AND photo_id < $2 ORDER BY photo_id DESC LIMIT $3",
-            )
-            .bind(user_id)
-            .bind(before.as_str())
-            .bind(size + 1)
-            .fetch_all(self.feed.db().pool())
-            .await
-        }
-        .map_err(ApiError::internal)?;
-        let mut photos = Vec::with_capacity(rows.len());
-        for row in rows {
-            let id: String = row.try_get(0).map_err(ApiError::internal)?;
-            // A photo deleted between the two reads is simply not listed.
-            if let Some(photo) = self.feed.get(&id).await? {
-                photos.push(photo);
-            }
-        }
+            let snapshot = self.view.snapshot();
+            let page = snapshot.scope(user_id, before, usize::try_from(size + 1).unwrap_or(usize::MAX), true);
+            page.unwrap_or_default().into_iter().cloned().collect()
+        };
         Ok(request::finish_page(photos, size, |p: &Photo| &p.id))
     }
 
     async fn list(&self, request: ListPhotosRequest) -> Result<ListPhotosResponse, ApiError> {
         let user_id = request::parse_id("user_id", &request.user_id)?.to_string();
         let size = request::page_size(request.page_size, 50, 1000)?;
-        let owner = reads::owner(self, &user_id, reads::Mode::of((&request).into())?).await?;
-        let (photos, next_page_token) = self.photos_of(&user_id, size, &request.page_token).await?;
+        let mode = reads::Mode::of((&request).into())?;
+        let fresh = matches!(mode, reads::Mode::Fresh);
+        let owner = reads::owner(self, &user_id, mode).await?;
+        let (photos, next_page_token) = self.photos_of(&user_id, size, &request.page_token, fresh).await?;
         Ok(ListPhotosResponse {
             photos,
             user: Some(owner.user),

@@ -141,32 +141,36 @@ pub(crate) async fn owner(photos: &PhotosService, user_id: &str, mode: Mode) -> 
         options.wait_timeout,
     )
     .await?;
-    let users_state = photos.users_copy.state();
-    let Some((user, _)) = photos.users_copy.get(user_id).await? else {
+    // Each part from one snapshot of its copy: the user at one revision of
+    // the users copy, the contract at one revision of the contracts copy.
+    let users = photos.users_copy.snapshot();
+    let Some((user, _)) = users.get(user_id) else {
         return miss(photos, user_id).await;
     };
+    let user = user.clone();
+    let user_freshness = photos.users_copy.freshness_of(&users);
     if user.contract_id.is_empty() {
         return Ok(Owner {
             user,
             contract: None,
-            user_freshness: users_state.freshness(),
+            user_freshness,
             contract_freshness: None,
         });
     }
-    let contracts_state = photos.contracts_copy.state();
-    match photos.contracts_copy.get(&user.contract_id).await? {
+    let contracts = photos.contracts_copy.snapshot();
+    match contracts.get(&user.contract_id) {
         Some((contract, _)) => Ok(Owner {
+            contract: Some(contract.clone()),
+            contract_freshness: Some(photos.contracts_copy.freshness_of(&contracts)),
             user,
-            contract: Some(contract),
-            user_freshness: users_state.freshness(),
-            contract_freshness: Some(contracts_state.freshness()),
+            user_freshness,
         }),
         None => {
             // The contract has not arrived yet: ask for it (through Users).
             let fetched = miss(photos, user_id).await?;
             Ok(Owner {
                 user,
-                user_freshness: users_state.freshness(),
+                user_freshness,
                 ..fetched
             })
         }

@@ -69,13 +69,13 @@ pub(crate) async fn read(
     id: &str,
     read: ContractRead,
 ) -> Result<(Contract, Freshness), ApiError> {
-    let from_copy = async || -> Result<Option<(Contract, Freshness)>, ApiError> {
-        let state = copy.state();
-        Ok(copy.get(id).await?.map(|(contract, _)| (contract, state.freshness())))
+    let from_copy = || -> Option<(Contract, Freshness)> {
+        let snapshot = copy.snapshot();
+        let (contract, _) = snapshot.get(id)?;
+        Some((contract.clone(), copy.freshness_of(&snapshot)))
     };
     match read {
         ContractRead::Cache => from_copy()
-            .await?
             .ok_or_else(|| ApiError::Unavailable(format!("contract {id} is not in the local copy of contracts"))),
         ContractRead::Upstream => {
             let contract = upstream.get(id).await?;
@@ -87,7 +87,7 @@ pub(crate) async fn read(
                 let revision = contract.revision;
                 Ok((contract, upstream_freshness(revision)))
             }
-            Err(err @ (ApiError::Unavailable(_) | ApiError::DeadlineExceeded(_))) => match from_copy().await? {
+            Err(err @ (ApiError::Unavailable(_) | ApiError::DeadlineExceeded(_))) => match from_copy() {
                 Some(found) => {
                     tracing::debug!(contract = id, %err, "contracts unreachable; answering from the local copy");
                     Ok(found)

@@ -1,0 +1,161 @@
+//! [`Cache::follow`]: the one task that consumes a watch stream into the
+//! copy, and reconnects it.
+
+use std::sync::Arc;
+
+use futures_util::{FutureExt, StreamExt};
+use lightbox_changefeed::{Change, Frame, feed::Entity, watch::WatchStream};
+
+use crate::{Cache, Source, Stop};
+
+impl<T: Entity> Cache<T> {
+    /// Follows `source` into the copy until the future is dropped: connect
+    /// from the cursor, apply, reconnect with backoff when the stream fails,
+    /// ends or falls silent. Run it in its own task.
+    pub async fn follow(&self, source: impl Source<T>) {
+        let options = &self.inner.options;
+        let mut backoff = options.backoff_min;
+        loop {
+            let cursor = self.state().applied_revision;
+            match source.watch(cursor).await {
+                Ok(stream) => {
+                    self.set_connected(true);
+                    let progressed = self.consume(stream).await;
+                    self.set_connected(false);
+                    if progressed {
+                        backoff = options.backoff_min;
+                    }
+                }
+                Err(status) => {
+                    tracing::debug!(cache = self.inner.name, code = ?status.code(), message = status.message(), "cannot open the watch");
+                }
+            }
+            if self.state().held.is_some() {
+                // Reconnecting now would download the same snapshot to hold it
+                // back again: wait for the operator (or try again much later).
+                tokio::select! {
+                    _ = self.inner.released.notified() => {}
+                    _ = tokio::time::sleep(options.backoff_max * 6) => {}
+                }
+            }
+            // Jitter: a fleet of caches restarted together does not reconnect in step.
+            let pause = backoff.mul_f64(0.5 + fastrand::f64() * 0.5);
+            tokio::time::sleep(pause).await;
+            backoff = (backoff * 2).min(options.backoff_max);
+        }
+    }
+
+    /// Consumes one stream until it fails, ends or falls silent. Returns
+    /// whether anything was applied (to reset the backoff).
+    async fn consume(&self, mut stream: WatchStream<T>) -> bool {
+        let name = self.inner.name;
+        let options = &self.inner.options;
+        let mut progressed = false;
+        // Between a snapshot's begin and end: the entities it holds, and
+        // whether a reset announced it (the copy is replaced either way).
+        let mut snapshot: Option<Vec<Arc<Change<T>>>> = None;
+        // Whether the snapshot coming was announced by a reset: then it
+        // replaces the copy even if the copy is ahead of it.
+        let mut reset = false;
+        loop {
+            let next = match tokio::time::timeout(options.idle_timeout, stream.next()).await {
+                Ok(Some(Ok(frame))) => frame,
+                Ok(Some(Err(status))) => {
+                    tracing::info!(cache = name, code = ?status.code(), message = status.message(), "watch stream ended; resuming");
+                    return progressed;
+                }
+                Ok(None) => {
+                    tracing::info!(cache = name, "watch stream closed; resuming");
+                    return progressed;
+                }
+                Err(_) => {
+                    tracing::warn!(cache = name, idle = ?options.idle_timeout, "watch stream silent (no progress frames); reconnecting");
+                    return progressed;
+                }
+            };
+            let result = match next {
+                Frame::Reset { reason, .. } => {
+                    tracing::warn!(cache = name, %reason, "upstream reset: the copy will be replaced by a snapshot");
+                    reset = true;
+                    Ok(())
+                }
+                Frame::SnapshotBegin { .. } => {
+                    snapshot = Some(Vec::new());
+                    Ok(())
+                }
+                Frame::Change(change) if snapshot.is_some() => {
+                    if let Some(entities) = snapshot.as_mut() {
+                        entities.push(change);
+                    }
+                    Ok(())
+                }
+                Frame::SnapshotEnd { revision } => {
+                    let entities = snapshot.take().unwrap_or_default();
+                    let applied = self
+                        .apply_snapshot(entities, revision, std::mem::take(&mut reset))
+                        .await;
+                    if applied.is_ok() {
+                        self.caught_up(revision);
+                    }
+                    applied
+                }
+                Frame::Change(change) => {
+                    // Take whatever else is already waiting: one transaction per
+                    // batch. A progress frame right behind it is applied after it.
+                    let mut batch = vec![change];
+                    let mut trailing = None;
+                    while batch.len() < options.batch_max {
+                        match stream.next().now_or_never() {
+                            Some(Some(Ok(Frame::Change(change)))) => batch.push(change),
+                            Some(Some(Ok(other))) => {
+                                trailing = Some(other);
+                                break;
+                            }
+                            // Nothing more ready; a failure shows on the next read.
+                            _ => break,
+                        }
+                    }
+                    let drained = trailing.is_none() && batch.len() < options.batch_max;
+                    match self.apply_batch(&batch).await {
+                        Err(stop) => Err(stop),
+                        Ok(()) => match trailing {
+                            Some(Frame::Progress { revision }) => {
+                                let advanced = self.advance_to(revision).await;
+                                if advanced.is_ok() {
+                                    self.caught_up(revision);
+                                }
+                                advanced
+                            }
+                            Some(other) => {
+                                tracing::warn!(cache = name, frame = ?std::mem::discriminant(&other), "unexpected frame among live changes; resuming");
+                                return progressed;
+                            }
+                            None => {
+                                if drained {
+                                    // Everything the stream had sent is applied.
+                                    self.caught_up(self.state().applied_revision);
+                                }
+                                Ok(())
+                            }
+                        },
+                    }
+                }
+                Frame::Progress { revision } => {
+                    let advanced = self.advance_to(revision).await;
+                    if advanced.is_ok() {
+                        self.caught_up(revision);
+                    }
+                    advanced
+                }
+            };
+            match result {
+                Ok(()) => progressed = true,
+                Err(Stop::Held) => return progressed,
+                Err(Stop::Storage(err)) => {
+                    tracing::error!(cache = name, %err, "cannot write the copy; resuming from its cursor");
+                    return progressed;
+                }
+            }
+        }
+    }
+}
