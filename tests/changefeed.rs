@@ -27,6 +27,9 @@ conformance!(
     pull_listing_follows_the_same_revisions_and_compaction_rule,
     closing_the_feed_ends_streams_with_the_resume_revision,
     one_tail_serves_every_watcher,
+    a_resume_says_at_once_that_it_is_current,
+    a_watch_from_now_starts_at_the_head_with_no_snapshot_or_replay,
+    watches_from_now_opened_under_concurrent_writers_miss_nothing,
 );
 
 const FEED: &str = "things";
@@ -111,6 +114,14 @@ async fn change(stream: &mut WatchStream<User>) -> Arc<Change<User>> {
     match frame(stream).await {
         Frame::Change(change) => change,
         other => panic!("expected a change, got {other:?}"),
+    }
+}
+
+/// The progress frame a replay ends with: the stream is current at `revision`.
+async fn caught_up(stream: &mut WatchStream<User>, revision: i64) {
+    match frame(stream).await {
+        Frame::Progress { revision: at } => assert_eq!(at, revision, "the replay reached the head"),
+        other => panic!("expected progress at {revision} after the replay, got {other:?}"),
     }
 }
 
@@ -209,6 +220,7 @@ async fn resume_replays_exactly_the_changes_after_the_revision(db: TestDb) {
     for expected in 6..=10 {
         assert_eq!(change(&mut stream).await.revision, expected);
     }
+    caught_up(&mut stream, 10).await;
     let live = put(&feed, "e9", "live").await;
     assert_eq!(
         change(&mut stream).await.revision,
@@ -437,8 +449,10 @@ async fn a_slow_watcher_is_dropped_without_slowing_writers_or_others(db: TestDb)
     // Both are live; then the reader keeps up in its own task and the
     // stalled one reads nothing.
     put(&feed, "seed", "1").await;
-    assert_eq!(change(&mut stalled).await.revision, 2);
-    assert_eq!(change(&mut reader).await.revision, 2);
+    for stream in [&mut stalled, &mut reader] {
+        assert_eq!(change(stream).await.revision, 2);
+        caught_up(stream, 2).await;
+    }
     let writes = (buffer * 20) as i64;
     let (seen_tx, mut seen) = tokio::sync::watch::channel(2i64);
     let reading = tokio::spawn(async move {
@@ -636,6 +650,7 @@ async fn scoped_resume_replays_only_the_scope(db: TestDb) {
             replayed.push(seen(&change(&mut stream).await));
         }
         assert_eq!(replayed, expected, "alice's changes after {since}, and only those");
+        caught_up(&mut stream, committed(&feed).await).await;
         // Then live, with nothing repeated or skipped.
         let name = format!("live after {since}");
         put_in(&feed, "bob", "b9", "live").await;
@@ -674,6 +689,7 @@ async fn scoped_resume_from_trimmed_history_gets_the_scope_delta_or_a_scoped_res
         delta.push(seen(&change(&mut stream).await));
     }
     assert_eq!(delta, expected);
+    caught_up(&mut stream, head).await;
     let live = put_in(&feed, "alice", "a0", "back").await;
     put_in(&feed, "bob", "b1", "back").await;
     assert_eq!(
@@ -847,4 +863,105 @@ async fn a_transaction_begin_cancelled_in_flight_leaves_no_transaction_open(db: 
         let _ = tokio::time::timeout(moment, feed.db().begin_write()).await;
         put(&feed, "a", &i.to_string()).await;
     }
+}
+
+/// A resume (N > 0) that has replayed everything up to the head says so at
+/// once with a progress frame at the head, filtered or not, with or without
+/// anything to replay: the progress interval here is an hour.
+async fn a_resume_says_at_once_that_it_is_current(db: TestDb) {
+    let feed = open(&db, options()).await;
+    for name in ["1", "2", "3"] {
+        put(&feed, "a", name).await;
+    }
+    let mut stream = feed.watch(1, Vec::new());
+    assert_eq!(change(&mut stream).await.revision, 2);
+    assert_eq!(change(&mut stream).await.revision, 3);
+    caught_up(&mut stream, 3).await;
+    // Nothing to replay: the progress frame comes first.
+    let mut current = feed.watch(3, Vec::new());
+    caught_up(&mut current, 3).await;
+    // Filtered: the progress frame goes past the changes filtered out.
+    let mut elsewhere = feed.watch(1, vec!["b".to_owned()]);
+    caught_up(&mut elsewhere, 3).await;
+    // Then live, nothing repeated.
+    let live = put(&feed, "b", "1").await;
+    for stream in [&mut stream, &mut current, &mut elsewhere] {
+        assert_eq!(change(stream).await.revision, live);
+    }
+    // A snapshot ends with its own frame, and no progress frame follows.
+    let mut snapshot = feed.watch(0, Vec::new());
+    assert!(matches!(frame(&mut snapshot).await, Frame::SnapshotBegin { revision } if revision == live));
+    assert_eq!(change(&mut snapshot).await.entity_id, "a");
+    assert_eq!(change(&mut snapshot).await.entity_id, "b");
+    assert!(matches!(frame(&mut snapshot).await, Frame::SnapshotEnd { revision } if revision == live));
+    let next = put(&feed, "c", "1").await;
+    assert_eq!(change(&mut snapshot).await.revision, next);
+}
+
+/// `since_revision = -1`: no snapshot and no replay, a progress frame at the
+/// head first, then exactly the changes after it; filters apply. Other
+/// negative revisions are refused.
+async fn a_watch_from_now_starts_at_the_head_with_no_snapshot_or_replay(db: TestDb) {
+    let feed = open(&db, options()).await;
+    put(&feed, "a", "1").await;
+    let head = put(&feed, "b", "1").await;
+    // "Now" is what the feed has fanned out (its tail publishes each commit
+    // a moment after it): a later commit comes as a live change.
+    lightbox_testkit::eventually("the feed fans out its last commit", || async {
+        (feed.head() == head).then_some(())
+    })
+    .await;
+    let mut all = feed.watch(lightbox_changefeed::watch::FROM_NOW, Vec::new());
+    let mut only_b = feed.watch(lightbox_changefeed::watch::FROM_NOW, vec!["b".to_owned()]);
+    for stream in [&mut all, &mut only_b] {
+        assert!(
+            matches!(frame(stream).await, Frame::Progress { revision } if revision == head),
+            "the first frame is the head"
+        );
+    }
+    let a = put(&feed, "a", "2").await;
+    let b = put(&feed, "b", "2").await;
+    assert_eq!(change(&mut all).await.revision, a);
+    assert_eq!(change(&mut all).await.revision, b);
+    assert_eq!(change(&mut only_b).await.revision, b);
+    let (since, _) = lightbox_changefeed::messages::watch_args(-1, ("ids", Vec::new()), None)
+        .unwrap_or_else(|err| panic!("-1 is a watch's \"from now\": {err}"));
+    assert_eq!(since, lightbox_changefeed::watch::FROM_NOW);
+    let refused = lightbox_changefeed::messages::watch_args(-2, ("ids", Vec::new()), None);
+    assert!(
+        matches!(&refused, Err(lightbox_api::ApiError::InvalidArgument(m)) if m.contains("-2")),
+        "{refused:?}"
+    );
+}
+
+/// A watch from now reads the head in the same step as it subscribes to the
+/// ring: opened while writers commit, each one's first change after its
+/// progress frame is exactly the next revision (a gap would end the stream
+/// with "missed revisions").
+async fn watches_from_now_opened_under_concurrent_writers_miss_nothing(db: TestDb) {
+    const WRITES: i64 = 200;
+    let feed = open(&db, options()).await;
+    let writer = {
+        let feed = feed.clone();
+        tokio::spawn(async move {
+            for i in 0..WRITES {
+                put(&feed, &format!("k{}", i % 5), &i.to_string()).await;
+            }
+        })
+    };
+    let mut opened = 0;
+    while !writer.is_finished() || opened == 0 {
+        let mut stream = feed.watch(lightbox_changefeed::watch::FROM_NOW, Vec::new());
+        opened += 1;
+        let head = match frame(&mut stream).await {
+            Frame::Progress { revision } => revision,
+            other => panic!("expected progress first, got {other:?}"),
+        };
+        if head < WRITES {
+            assert_eq!(change(&mut stream).await.revision, head + 1, "opened at {head}");
+        }
+        tokio::task::yield_now().await;
+    }
+    writer.await.unwrap_or_else(|err| panic!("writer: {err}"));
+    assert!(opened > 1, "watches were opened while the writer wrote");
 }

@@ -304,7 +304,9 @@ async fn a_phone_signs_in_lists_creates_and_follows_its_photos(db: TestDb) {
     let list = eventually("the list reports its copies as disconnected", || async {
         let (status, list) = phone.get("/v1/users/me/photos").await;
         assert_eq!(status, StatusCode::OK, "{list}");
-        (list["contractFreshness"]["streamState"] != "STREAM_STATE_CONNECTED").then_some(list)
+        // `streamState` is a message (`{"connected": …, "sinceTime": …}`):
+        // compared with a string, this never waited for anything.
+        (list["contractFreshness"]["streamState"]["connected"] != true).then_some(list)
     })
     .await;
     assert_eq!(list["photos"][0]["id"], photo_id.as_str());

@@ -158,6 +158,7 @@ fn cases() -> Vec<(&'static str, &'static str, Vec<u8>)> {
                 kind: ChangeKind::Delete as i32,
                 photo_id: "p4".into(),
                 photo: None,
+                user_id: user().id,
             }
             .encode_to_vec(),
         ),
@@ -180,6 +181,7 @@ fn cases() -> Vec<(&'static str, &'static str, Vec<u8>)> {
                 kind: ChangeKind::Upsert as i32,
                 contract_id: contract().id,
                 contract: Some(contract()),
+                holder_user_id: user().id,
             }
             .encode_to_vec(),
         ),

@@ -85,11 +85,28 @@ pub fn finish_page<T>(mut items: Vec<T>, size: i64, key: impl Fn(&T) -> &str) ->
     (items, token)
 }
 
-/// Checks a `since_revision` (watch or change listing).
+/// Checks a change listing's `since_revision`: 0 (the current state) or a
+/// revision to list after; negative values are refused.
 pub fn since_revision(value: i64) -> Result<i64, ApiError> {
     if value < 0 {
         return Err(ApiError::InvalidArgument(format!(
             "since_revision must not be negative (got {value})"
+        )));
+    }
+    Ok(value)
+}
+
+/// A watch's `since_revision` that means "from now": no snapshot, no
+/// replay, the changes committed from the current revision on.
+pub const WATCH_FROM_NOW: i64 = -1;
+
+/// Checks a watch's `since_revision`: [`WATCH_FROM_NOW`] (-1), 0 (a
+/// snapshot first) or a revision to resume after; other negative values are
+/// refused.
+pub fn watch_since_revision(value: i64) -> Result<i64, ApiError> {
+    if value < WATCH_FROM_NOW {
+        return Err(ApiError::InvalidArgument(format!(
+            "since_revision must be -1 (from now), 0 (a snapshot first) or a revision to resume after (got {value})"
         )));
     }
     Ok(value)
@@ -210,6 +227,17 @@ mod tests {
         assert!(matches!(parse_id("id", ""), Err(ApiError::InvalidArgument(m)) if m == "id is required"));
         assert!(matches!(parse_id("id", "nope"), Err(ApiError::InvalidArgument(m)) if m.contains("not a valid id")));
         assert!(parse_id("id", &new_id()).is_ok());
+    }
+
+    #[test]
+    fn watches_may_start_from_now_and_listings_may_not() {
+        assert_eq!(watch_since_revision(WATCH_FROM_NOW).ok(), Some(-1));
+        assert_eq!(watch_since_revision(0).ok(), Some(0));
+        assert_eq!(watch_since_revision(7).ok(), Some(7));
+        assert!(
+            matches!(watch_since_revision(-2), Err(ApiError::InvalidArgument(m)) if m.contains("-1 (from now)") && m.contains("-2"))
+        );
+        assert!(matches!(since_revision(-1), Err(ApiError::InvalidArgument(m)) if m.contains("negative")));
     }
 
     #[test]

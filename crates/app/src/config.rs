@@ -209,6 +209,12 @@ pub struct ServeArgs {
     #[arg(long, env = "LIGHTBOX_GATEWAY_HEARTBEAT", value_parser = humantime::parse_duration, default_value = "15s")]
     pub gateway_heartbeat: Duration,
 
+    /// Updates the gateway queues for one event stream; a phone that falls
+    /// this far behind is ended with an `end` event and resumes with
+    /// `Last-Event-ID`.
+    #[arg(long, env = "LIGHTBOX_GATEWAY_PHONE_QUEUE", default_value_t = 256)]
+    pub gateway_phone_queue: usize,
+
     /// Do not load demo data on first start (`dev` only).
     #[arg(long, env = "LIGHTBOX_NO_DEMO")]
     pub no_demo: bool,

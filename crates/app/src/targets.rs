@@ -3,11 +3,11 @@
 //! alone (microservices mode) or beside the others (monolithic mode);
 //! components always reach each other over real gRPC.
 
-use std::{convert::Infallible, fmt, net::SocketAddr, path::PathBuf, str::FromStr, time::Duration};
+use std::{convert::Infallible, fmt, net::SocketAddr, path::PathBuf, str::FromStr, sync::Arc, time::Duration};
 
 use anyhow::Context;
 use lightbox_cache::{CacheOptions, sources};
-use lightbox_changefeed::{Db, Feed, FeedOptions, Retention};
+use lightbox_changefeed::{Db, Feed, FeedOptions, FeedStats, Retention};
 use lightbox_gateway::{AuthConfig, Gateway, GatewayOptions, Upstreams};
 use lightbox_photos::PhotosOptions;
 use lightbox_server::{Faults, ServerOptions, Shutdown, ShutdownTrigger};
@@ -134,6 +134,9 @@ impl Settings {
                 max_concurrent_requests: args.gateway_max_requests,
                 max_event_streams: args.gateway_max_event_streams,
                 heartbeat: args.gateway_heartbeat,
+                phone_queue: args.gateway_phone_queue,
+                // Three progress intervals without a word: the stream is dead.
+                upstream_idle_timeout: args.progress_interval * 3,
                 ..GatewayOptions::new(auth(args, dev)?)
             },
             contract_timeout: args.contract_timeout,
@@ -210,11 +213,20 @@ pub struct Component {
     pub addr: SocketAddr,
     /// Its fault switches (also reachable over its admin service).
     pub faults: Faults,
+    /// Reads its changefeed's counters (watch streams, head); `None` for
+    /// the gateway, which keeps no data.
+    feed_stats: Option<Arc<dyn Fn() -> FeedStats + Send + Sync>>,
     stop: ShutdownTrigger,
     task: JoinHandle<anyhow::Result<()>>,
 }
 
 impl Component {
+    /// Its changefeed's counters now (how many watch streams it serves, its
+    /// head); `None` for the gateway.
+    pub fn feed_stats(&self) -> Option<FeedStats> {
+        self.feed_stats.as_ref().map(|stats| stats())
+    }
+
     /// Asks the component to shut down gracefully and waits until it has.
     pub async fn stop(self) -> anyhow::Result<()> {
         self.stop.trigger();
@@ -338,6 +350,7 @@ fn start_gateway(settings: &Settings, listener: TcpListener) -> anyhow::Result<C
         target: Target::Gateway,
         addr,
         faults: Faults::new(),
+        feed_stats: None,
         stop,
         task,
     })
@@ -370,6 +383,10 @@ where
     let faults = Faults::new();
     let addr = listener.local_addr().context("the listener has no local address")?;
     options.service_name = target.name().to_owned();
+    let feed_stats: Arc<dyn Fn() -> FeedStats + Send + Sync> = {
+        let feed = feed.clone();
+        Arc::new(move || feed.stats())
+    };
     let task = {
         let faults = faults.clone();
         tokio::spawn(async move {
@@ -397,6 +414,7 @@ where
         target,
         addr,
         faults,
+        feed_stats: Some(feed_stats),
         stop,
         task,
     })

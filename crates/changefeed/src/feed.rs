@@ -24,8 +24,10 @@ pub struct Change<T> {
     pub entity_id: String,
     /// The scope the entity belongs to (its owner's id, see
     /// [`WriteTx::put_scoped`]; empty for none). A deletion carries the
-    /// scope of the entity it deleted. The API's watch messages do not carry
-    /// it: a change read back from a watch stream has the empty scope.
+    /// scope of the entity it deleted. The API's watch messages carry it
+    /// where the entity has an owner (`ContractChange.holder_user_id`,
+    /// `PhotoChange.user_id`), and it is read back from them; a change read
+    /// back from a watch of users has the empty scope.
     pub scope: String,
     /// The entity after the change; `None` for a deletion.
     pub entity: Option<T>,

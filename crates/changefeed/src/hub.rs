@@ -68,14 +68,23 @@ impl<T> Hub<T> {
         self.wake.notify_one();
     }
 
-    /// A receiver of the ring, and the ring's generation.
-    pub(crate) fn subscribe(&self) -> (broadcast::Receiver<Arc<Change<T>>>, u64) {
-        let sender = match self.sender.read() {
+    /// A receiver of the ring, the ring's generation, and the head: the
+    /// receiver gets exactly the changes after that head (in that
+    /// generation).
+    pub(crate) fn subscribe(&self) -> (broadcast::Receiver<Arc<Change<T>>>, u64, i64) {
+        // The write lock: `restart` replaces the ring under it, and `publish`
+        // sends and moves the head under the read lock, so no publish is
+        // half done (sent but not yet counted in the head) while the three
+        // are read. Held for three loads, once per watch.
+        let sender = match self.sender.write() {
             Ok(sender) => sender,
             Err(poisoned) => poisoned.into_inner(),
         };
-        // Read under the lock `restart` writes under: the pair is consistent.
-        (sender.subscribe(), self.generation.load(Ordering::SeqCst))
+        (
+            sender.subscribe(),
+            self.generation.load(Ordering::SeqCst),
+            self.head.load(Ordering::SeqCst),
+        )
     }
 
     /// The ring's generation now.
@@ -91,7 +100,7 @@ impl<T> Hub<T> {
         };
         // An error only means nobody is watching right now.
         let _ = sender.send(change);
-        drop(sender);
+        // Under the lock still: see `subscribe`.
         self.head.store(revision, Ordering::SeqCst);
     }
 

@@ -17,9 +17,11 @@
 //! - [`view`]: [`View`], a feed's own state in memory, kept current by a
 //!   watch of it: reads that touch no database.
 //! - [`messages`]: conversions to the API's watch and listing messages.
-//! - [`watch`]: the watch stream: snapshot then live, resume, consolidated
-//!   deltas for compacted history, reset, progress, slow-consumer handling
-//!   and filters ([`WatchFilter`]: ids and/or a scope).
+//! - [`watch`]: the watch stream: snapshot then live, resume (then progress
+//!   at once: the client is current), from now (no snapshot, no replay),
+//!   consolidated deltas for compacted history, reset, progress,
+//!   slow-consumer handling and filters ([`WatchFilter`]: ids and/or a
+//!   scope).
 //!
 //! # Guarantees
 //!

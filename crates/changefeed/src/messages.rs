@@ -1,6 +1,12 @@
 //! Conversions between feed values and the API's watch and listing messages,
 //! one set per watchable entity (users, contracts, photos), written once as
 //! a macro because the three APIs have the same shape with other names.
+//!
+//! A change's scope (its owner: see [`crate::WriteTx::put_scoped`]) is on
+//! the wire where the entity has one (`ContractChange.holder_user_id`,
+//! `PhotoChange.user_id`), deletions included, so a client can route a
+//! change to its owner without the entity; read back, it becomes the
+//! change's scope again.
 
 use lightbox_api::{contracts, feed as frames, photos, users};
 
@@ -19,7 +25,15 @@ fn kind<T>(change: &Change<T>) -> frames::ChangeKind {
 }
 
 macro_rules! feed_messages {
-    ($entity:ty, $change:ident { $id:ident, $field:ident }, $watch:ident, $event:path, $list:ident) => {
+    // The scope read back from a change message: its scope field, if the
+    // message has one.
+    (@scope $change:ident) => {
+        String::new()
+    };
+    (@scope $change:ident, $scope:ident) => {
+        $change.$scope
+    };
+    ($entity:ty, $change:ident { $id:ident, $field:ident $(, scope: $scope:ident)? }, $watch:ident, $event:path, $list:ident) => {
         impl From<&Change<$entity>> for $change {
             fn from(change: &Change<$entity>) -> Self {
                 $change {
@@ -27,6 +41,7 @@ macro_rules! feed_messages {
                     kind: kind(change) as i32,
                     $id: change.entity_id.clone(),
                     $field: change.entity.clone(),
+                    $($scope: change.scope.clone(),)?
                 }
             }
         }
@@ -67,9 +82,9 @@ macro_rules! feed_messages {
                         };
                         Frame::Change(std::sync::Arc::new(Change {
                             revision: change.revision,
+                            // Empty if the message carries no scope.
+                            scope: feed_messages!(@scope change $(, $scope)?),
                             entity_id: change.$id,
-                            // Not on the wire: the watcher chose it, if any.
-                            scope: String::new(),
                             entity,
                         }))
                     }
@@ -118,7 +133,11 @@ use users::{ListUserChangesResponse, UserChange, WatchUsersResponse};
 
 feed_messages!(
     contracts::Contract,
-    ContractChange { contract_id, contract },
+    ContractChange {
+        contract_id,
+        contract,
+        scope: holder_user_id
+    },
     WatchContractsResponse,
     contracts::watch_contracts_response::Event,
     ListContractChangesResponse
@@ -127,7 +146,11 @@ use contracts::{ContractChange, ListContractChangesResponse, WatchContractsRespo
 
 feed_messages!(
     photos::Photo,
-    PhotoChange { photo_id, photo },
+    PhotoChange {
+        photo_id,
+        photo,
+        scope: user_id
+    },
     WatchPhotosResponse,
     photos::watch_photos_response::Event,
     ListPhotoChangesResponse
@@ -170,7 +193,7 @@ pub fn watch_args(
     ids: (&str, Vec<String>),
     scope: Option<(&str, &str)>,
 ) -> Result<(i64, WatchFilter), lightbox_api::ApiError> {
-    let since = lightbox_api::request::since_revision(since_revision)?;
+    let since = lightbox_api::request::watch_since_revision(since_revision)?;
     let (ids_field, ids) = ids;
     if ids.len() > crate::watch::MAX_WATCH_IDS {
         return Err(lightbox_api::ApiError::InvalidArgument(format!(

@@ -5,6 +5,20 @@
 //! the ring's copies of what it already read are skipped by revision: no gap
 //! and no duplicate between the snapshot (or replay) and the live changes.
 //!
+//! Where a stream starts ([`Feed::watch`]'s `since_revision`):
+//!
+//! - `0`: a snapshot at one revision R (`SnapshotBegin`, the entities,
+//!   `SnapshotEnd{R}`), then the changes after R;
+//! - `N > 0`: a replay of the changes after N (or their consolidated delta,
+//!   or a reset and a snapshot), then at once `Progress{head}`: the replay
+//!   reached the head, so a resuming client knows it is current without
+//!   waiting a progress interval; then live;
+//! - [`FROM_NOW`] (`-1`): no snapshot and no replay: `Progress{head}` first,
+//!   with the head read in the same step as the subscription to the ring
+//!   (the ring then holds exactly the changes after it), then live. For a
+//!   client that has its state from elsewhere (the gateway's one shared
+//!   stream per upstream, whose phones each catch up on their own).
+//!
 //! The stream is lazy: it reads the ring only when the transport asks for
 //! the next frame, so a client that stops reading holds no growing buffer;
 //! once it is a whole ring behind, its stream ends with `RESOURCE_EXHAUSTED`
@@ -37,6 +51,9 @@ pub type MappedStream<R> = Pin<Box<dyn Stream<Item = Result<R, Status>> + Send +
 pub fn mapped<T: Entity, R: From<Frame<T>> + Send + 'static>(stream: WatchStream<T>) -> MappedStream<R> {
     Box::pin(futures_util::StreamExt::map(stream, |item| item.map(R::from)))
 }
+
+/// The `since_revision` of a watch from now: see the module docs.
+pub const FROM_NOW: i64 = lightbox_api::request::WATCH_FROM_NOW;
 
 /// The most ids one watch may filter on.
 pub const MAX_WATCH_IDS: usize = 1000;
@@ -92,10 +109,12 @@ impl From<Vec<String>> for WatchFilter {
 }
 
 impl<T: Entity> Feed<T> {
-    /// Watches the feed from `since_revision` (0: snapshot first), for the
-    /// changes that pass `filter` only (a [`WatchFilter`], or a `Vec` of
-    /// ids; empty: every change). The caller validates the arguments
-    /// (non-negative revision, at most [`MAX_WATCH_IDS`] ids).
+    /// Watches the feed from `since_revision` (0: snapshot first; N > 0:
+    /// after revision N; [`FROM_NOW`]: from the current revision, see the
+    /// module docs), for the changes that pass `filter` only (a
+    /// [`WatchFilter`], or a `Vec` of ids; empty: every change). The caller
+    /// validates the arguments (a revision of at least [`FROM_NOW`], at most
+    /// [`MAX_WATCH_IDS`] ids).
     pub fn watch(&self, since_revision: i64, filter: impl Into<WatchFilter>) -> WatchStream<T> {
         let filter = filter.into();
         let period = self.inner.shared.options.progress_interval;
@@ -107,23 +126,28 @@ impl<T: Entity> Feed<T> {
             .watchers
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         // Subscribe first: see the module docs.
-        let (ring, generation) = self.inner.shared.hub.subscribe();
+        let (ring, generation, head) = self.inner.shared.hub.subscribe();
+        let from_now = since_revision == FROM_NOW;
         let watcher = Watcher {
             ring,
             generation,
             feed: self.clone(),
-            cursor: since_revision,
+            cursor: if from_now { head } else { since_revision },
             ids: if filter.ids.is_empty() {
                 None
             } else {
                 Some(filter.ids.into_iter().collect())
             },
             scope: filter.scope,
-            pending: VecDeque::new(),
-            phase: if since_revision == 0 {
-                Phase::Snapshot
+            pending: if from_now {
+                VecDeque::from([Frame::Progress { revision: head }])
             } else {
-                Phase::CatchUp
+                VecDeque::new()
+            },
+            phase: match since_revision {
+                0 => Phase::Snapshot,
+                FROM_NOW => Phase::Live,
+                _ => Phase::CatchUp,
             },
             progress,
             sent_since_tick: false,
@@ -257,8 +281,10 @@ impl<T: Entity> Watcher<T> {
                     }
                 }
                 if last_page {
-                    // A short page holds everything up to the head it was read at.
+                    // A short page holds everything up to the head it was
+                    // read at: say so at once (the client is current).
                     self.cursor = self.cursor.max(head);
+                    self.pending.push_back(Frame::Progress { revision: self.cursor });
                     self.phase = Phase::Live;
                 }
                 Ok(())

@@ -1,8 +1,8 @@
-//! Live updates for the signed-in user as Server-Sent Events.
-//!
-//! One SSE stream merges three upstream watches, each filtered to the user:
-//! `WatchUsers` (their user), `WatchContracts` (the contracts they hold) and
-//! `WatchPhotos` (their photos). Events:
+//! Live updates for the signed-in user as Server-Sent Events: the HTTP side
+//! of the events stream (its route, auth, cursor and events). The updates
+//! come from the fan-out (`fanout`): the gateway follows each
+//! upstream (users, contracts, photos) once, and each phone gets the
+//! changes of its user through one bounded queue. Events:
 //!
 //! - `user`, `contract`, `photo`: a change, as the proto3 JSON of the
 //!   upstream's `UserChange` / `ContractChange` / `PhotoChange`;
@@ -12,7 +12,11 @@
 //!   it follows, and anything of that source not in it no longer exists;
 //! - `upstream`: a source's watch was lost or is back
 //!   (`{"source": "users", "connected": false, "message": "..."}`); the
-//!   gateway reconnects by itself, with backoff, from where it was.
+//!   gateway reconnects by itself, with backoff, from where it was;
+//! - `end`: the gateway ends the stream (the phone fell a whole queue
+//!   behind, or the gateway lost its place in a source), after every event
+//!   already queued: `{"reason": "...", "resume": true}`; the client
+//!   reconnects with its `Last-Event-ID` and loses nothing.
 //!
 //! Every event's `id` is a cursor `U.C.P`: the users, contracts and photos
 //! revisions the client has everything up to (0 for a source still in its
@@ -20,8 +24,17 @@
 //! source after its revision and loses nothing; with no `Last-Event-ID` it
 //! gets a snapshot of each source first. Idle streams carry a heartbeat
 //! comment, so proxies and phones keep the connection open.
+//!
+//! # Layout
+//!
+//! - here: the handler, [`Cursor`], and the stream that turns the phone's
+//!   queue into events;
+//! - `join`: a phone's catch-up per source, until it joins;
+//! - `fanout`: the shared streams and the index by user;
+//! - `phone`: a phone's queue, and how its stream is ended;
+//! - `upstream`: the three sources and their watch calls.
 
-use std::{convert::Infallible, fmt, sync::Arc, time::Duration};
+use std::{convert::Infallible, fmt, sync::Arc};
 
 use axum::{
     extract::{Path, State},
@@ -29,65 +42,17 @@ use axum::{
 };
 use futures_util::{Stream, StreamExt};
 use http::HeaderMap;
-use prost_reflect::{DynamicMessage, MethodDescriptor};
-use serde_json::{Value, json};
-use tokio::{sync::mpsc, task::JoinHandle};
-use tokio_stream::wrappers::ReceiverStream;
-use tonic::{Status, transport::Channel};
+use serde_json::json;
+use tokio::{sync::OwnedSemaphorePermit, task::JoinHandle};
 
-use crate::{Gateway, codec::DynamicCodec, error::HttpError, json as proto_json};
-
-/// One upstream watch of the events stream.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Source {
-    Users,
-    Contracts,
-    Photos,
-}
-
-impl Source {
-    const ALL: [Source; 3] = [Source::Users, Source::Contracts, Source::Photos];
-
-    fn index(self) -> usize {
-        self as usize
-    }
-
-    /// The name in `synced`, `reset` and `upstream` events.
-    fn name(self) -> &'static str {
-        match self {
-            Source::Users => "users",
-            Source::Contracts => "contracts",
-            Source::Photos => "photos",
-        }
-    }
-
-    /// The event name of a change.
-    fn change_event(self) -> &'static str {
-        match self {
-            Source::Users => "user",
-            Source::Contracts => "contract",
-            Source::Photos => "photo",
-        }
-    }
-
-    /// The watch method, as `package.Service/Method`.
-    pub(crate) fn method(self) -> &'static str {
-        match self {
-            Source::Users => "lightbox.users.v1.UsersService.WatchUsers",
-            Source::Contracts => "lightbox.contracts.v1.ContractsService.WatchContracts",
-            Source::Photos => "lightbox.photos.v1.PhotosService.WatchPhotos",
-        }
-    }
-
-    /// The watch request's filter to `user_id`, in proto3 JSON.
-    fn filter(self, user_id: &str) -> Value {
-        match self {
-            Source::Users => json!({ "userIds": [user_id] }),
-            Source::Contracts => json!({ "holderUserId": user_id }),
-            Source::Photos => json!({ "userId": user_id }),
-        }
-    }
-}
+use crate::{
+    Gateway,
+    error::HttpError,
+    fanout::Fan,
+    join::CatchUp,
+    phone::{Inbox, Next, Phone},
+    upstream::Source,
+};
 
 /// Where a client is in each source: the `id` of every event.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -121,20 +86,55 @@ impl fmt::Display for Cursor {
     }
 }
 
-/// What a source's task tells the stream: its new resume revision, and the
-/// event to send, if any (progress moves the cursor silently).
-struct Update {
-    source: Source,
-    position: i64,
-    event: Option<(&'static str, Value)>,
+/// A phone's place in the fan-out, for the life of its events stream: on
+/// drop (the client went away, or the stream ended), its catch-up tasks
+/// stop and it leaves every index.
+struct Membership {
+    fans: Vec<Arc<Fan>>,
+    phone: Arc<Phone>,
+    tasks: Vec<JoinHandle<()>>,
+    _permit: OwnedSemaphorePermit,
 }
 
-/// Aborts the source tasks when the client goes away.
-struct Tasks(Vec<JoinHandle<()>>);
-
-impl Drop for Tasks {
+impl Drop for Membership {
     fn drop(&mut self) {
-        self.0.iter().for_each(JoinHandle::abort);
+        self.tasks.iter().for_each(JoinHandle::abort);
+        for fan in &self.fans {
+            fan.leave(&self.phone);
+        }
+    }
+}
+
+/// The events stream's state: the phone's queue and its cursor.
+struct Reader {
+    inbox: Inbox,
+    cursor: Cursor,
+    _membership: Membership,
+}
+
+impl Reader {
+    /// The next event to send; `None` once the stream is over.
+    async fn next(&mut self) -> Option<Event> {
+        loop {
+            match self.inbox.next().await? {
+                Next::Update(update) => {
+                    self.cursor.set(update.source, update.position);
+                    if let Some((name, data)) = update.event {
+                        return Some(Event::default().event(name).id(self.cursor.to_string()).data(&*data));
+                    }
+                }
+                Next::End(reason) => {
+                    tracing::info!(%reason, cursor = %self.cursor, "events stream ended by the gateway");
+                    let data = json!({ "reason": reason, "resume": true });
+                    return Some(
+                        Event::default()
+                            .event("end")
+                            .id(self.cursor.to_string())
+                            .data(data.to_string()),
+                    );
+                }
+            }
+        }
     }
 }
 
@@ -149,7 +149,7 @@ pub(crate) async fn handler(
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, HttpError> {
     let subject = gateway.options.auth.authenticate(&headers)?;
     let user_id = crate::authorize(&subject, &user_id)?;
-    let mut cursor = match headers.get("last-event-id") {
+    let cursor = match headers.get("last-event-id") {
         Some(value) => Cursor::parse(
             value
                 .to_str()
@@ -168,181 +168,45 @@ pub(crate) async fn handler(
         )
     })?;
 
-    let (tx, rx) = mpsc::channel(256);
-    let mut tasks = Vec::new();
-    for source in Source::ALL {
-        let method = gateway
-            .method(source.method())
-            .ok_or_else(|| HttpError::new(tonic::Code::Internal, format!("{} is not described", source.method())))?;
-        let channel = gateway
-            .channel(&method)
-            .ok_or_else(|| HttpError::new(tonic::Code::Internal, format!("no upstream for {}", source.method())))?;
-        let leg = Leg {
-            source,
-            method,
-            channel,
-            filter: source.filter(&user_id),
-            tx: tx.clone(),
-        };
-        tasks.push(tokio::spawn(leg.run(cursor.get(source))));
-    }
-    drop(tx);
+    let fanout = &gateway.fanout;
+    fanout.start();
+    let (phone, inbox) = Phone::new(user_id.clone(), gateway.options.phone_queue);
+    let fans: Vec<Arc<Fan>> = Source::ALL
+        .iter()
+        .map(|source| Arc::clone(fanout.fan(*source)))
+        .collect();
+    let tasks = Source::ALL
+        .iter()
+        .zip(&fans)
+        .map(|(source, fan)| {
+            let catch_up = CatchUp::new(
+                Arc::clone(fan),
+                fanout.upstream(*source).clone(),
+                Arc::clone(&phone),
+                cursor.get(*source),
+            );
+            tokio::spawn(catch_up.run())
+        })
+        .collect();
     tracing::info!(user_id, %cursor, "events stream opened");
 
-    let guard = (Tasks(tasks), permit);
+    let reader = Reader {
+        inbox,
+        cursor,
+        _membership: Membership {
+            fans,
+            phone,
+            tasks,
+            _permit: permit,
+        },
+    };
     let shutdown = gateway.shutdown.clone();
-    let stream = ReceiverStream::new(rx)
-        .filter_map(move |update: Update| {
-            let _alive = &guard;
-            cursor.set(update.source, update.position);
-            let event = update.event.map(|(name, data)| {
-                Ok(Event::default()
-                    .event(name)
-                    .id(cursor.to_string())
-                    .data(data.to_string()))
-            });
-            std::future::ready(event)
-        })
-        .take_until(async move { shutdown.wait().await });
+    let stream = futures_util::stream::unfold(reader, |mut reader| async move {
+        let event = reader.next().await?;
+        Some((Ok(event), reader))
+    })
+    .take_until(async move { shutdown.wait().await });
     Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(gateway.options.heartbeat).text("heartbeat")))
-}
-
-/// One source's watch, kept open for the life of the events stream.
-struct Leg {
-    source: Source,
-    method: MethodDescriptor,
-    channel: Channel,
-    filter: Value,
-    tx: mpsc::Sender<Update>,
-}
-
-impl Leg {
-    /// Watches from `since`, reconnecting with backoff and resuming after
-    /// the last revision delivered, until the client goes away.
-    async fn run(self, mut since: i64) {
-        let mut delay = Duration::from_millis(100);
-        let mut connected = None;
-        loop {
-            let lost = match self.watch(&mut since, &mut connected).await {
-                Ok(()) => "the upstream ended the watch".to_owned(),
-                Err(status) if status.code() == tonic::Code::Cancelled && self.tx.is_closed() => return,
-                Err(status) => status.message().to_owned(),
-            };
-            if self.tx.is_closed() {
-                return;
-            }
-            if connected != Some(false) {
-                connected = Some(false);
-                let data = json!({ "source": self.source.name(), "connected": false, "message": lost });
-                if !self.send(since, Some(("upstream", data))).await {
-                    return;
-                }
-            } else {
-                delay = (delay * 2).min(Duration::from_secs(5));
-            }
-            let jitter = Duration::from_millis(fastrand::u64(0..=delay.as_millis() as u64 / 2));
-            tokio::time::sleep(delay + jitter).await;
-        }
-    }
-
-    /// Sends an update; false once the client has gone.
-    async fn send(&self, position: i64, event: Option<(&'static str, Value)>) -> bool {
-        let update = Update {
-            source: self.source,
-            position,
-            event,
-        };
-        self.tx.send(update).await.is_ok()
-    }
-
-    /// One watch call, until it fails or ends.
-    async fn watch(&self, since: &mut i64, connected: &mut Option<bool>) -> Result<(), Status> {
-        let mut request = self.filter.clone();
-        if let Value::Object(fields) = &mut request {
-            fields.insert("sinceRevision".into(), Value::String(since.to_string()));
-        }
-        let request = proto_json::from_json_value(self.method.input(), request, "")
-            .map_err(|e| Status::internal(format!("the watch request does not build: {e}")))?;
-        let mut grpc = crate::ready(self.channel.clone(), self.source.name()).await?;
-        let path = crate::routes::grpc_path(&self.method).map_err(Status::internal)?;
-        let mut stream = grpc
-            .server_streaming(
-                tonic::Request::new(request),
-                path,
-                DynamicCodec::new(self.method.output()),
-            )
-            .await?
-            .into_inner();
-        let mut in_snapshot = false;
-        while let Some(frame) = stream.message().await? {
-            if *connected != Some(true) {
-                *connected = Some(true);
-                let data = json!({ "source": self.source.name(), "connected": true });
-                if !self.send(*since, Some(("upstream", data))).await {
-                    return Ok(());
-                }
-            }
-            let event = self.frame(&frame, since, &mut in_snapshot)?;
-            if !self.send(*since, event).await {
-                return Ok(());
-            }
-        }
-        Ok(())
-    }
-
-    /// Reads one watch frame: moves `since` and says what to send.
-    fn frame(
-        &self,
-        frame: &DynamicMessage,
-        since: &mut i64,
-        in_snapshot: &mut bool,
-    ) -> Result<Option<(&'static str, Value)>, Status> {
-        let part = |name: &str| {
-            frame
-                .has_field_by_name(name)
-                .then(|| frame.get_field_by_name(name))
-                .flatten()
-                .and_then(|v| v.as_message().cloned())
-        };
-        let revision = |message: &DynamicMessage| {
-            message
-                .get_field_by_name("revision")
-                .and_then(|v| v.as_i64())
-                .unwrap_or_default()
-        };
-        let to_json =
-            |message: &DynamicMessage| proto_json::to_json(message).map_err(|e| Status::internal(e.to_string()));
-        let source = self.source.name();
-        if let Some(change) = part("change") {
-            if !*in_snapshot {
-                *since = revision(&change);
-            }
-            Ok(Some((self.source.change_event(), to_json(&change)?)))
-        } else if part("snapshot_begin").is_some() {
-            *in_snapshot = true;
-            *since = 0;
-            Ok(None)
-        } else if let Some(end) = part("snapshot_end") {
-            *in_snapshot = false;
-            *since = revision(&end);
-            let data = json!({ "source": source, "revision": since.to_string() });
-            Ok(Some(("synced", data)))
-        } else if let Some(progress) = part("progress") {
-            if !*in_snapshot {
-                *since = revision(&progress);
-            }
-            Ok(None)
-        } else if let Some(reset) = part("reset") {
-            *since = 0;
-            let mut data = to_json(&reset)?;
-            if let Value::Object(fields) = &mut data {
-                fields.insert("source".into(), Value::String(source.into()));
-            }
-            Ok(Some(("reset", data)))
-        } else {
-            Ok(None)
-        }
-    }
 }
 
 #[cfg(test)]

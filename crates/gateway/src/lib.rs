@@ -22,15 +22,39 @@
 //! `GET /v1/users/{user_id}/events` streams live updates as Server-Sent
 //! Events ([`events`]); `GET /openapi.json` describes every route
 //! ([`openapi`]), generated from the same table.
+//!
+//! # How the events streams are fed
+//!
+//! The gateway follows each upstream (users, contracts, photos) once, with
+//! one unfiltered watch opened with the first events stream, and fans each
+//! change out to the phones of the user it concerns through an index by
+//! user id (`fanout`): a change costs work in proportion to the phones it
+//! concerns, its JSON written once for all of them. A new phone catches up
+//! on its own watch filtered to its user (`join`), then joins the shared
+//! stream without loss or duplicate and holds no upstream stream at all. A
+//! phone that stops reading is ended (an `end` event, then it resumes with
+//! `Last-Event-ID`) rather than slowing the others.
+//!
+//! # Layout
+//!
+//! - [`auth`], [`routes`], `transcode`, [`json`], `codec`, [`error`]: the
+//!   request path above;
+//! - [`events`]: the SSE route; `join`, `fanout`, `phone`, `upstream`: what
+//!   feeds it;
+//! - [`openapi`]: the document.
 
 pub mod auth;
 mod codec;
 pub mod error;
 pub mod events;
+mod fanout;
+mod join;
 pub mod json;
 pub mod openapi;
+mod phone;
 pub mod routes;
 mod transcode;
+mod upstream;
 
 use std::{collections::HashMap, net::SocketAddr, sync::Arc, time::Duration};
 
@@ -70,6 +94,14 @@ pub struct GatewayOptions {
     pub max_event_streams: usize,
     /// The heartbeat comment interval of idle event streams.
     pub heartbeat: Duration,
+    /// Updates queued for one event stream: a stream this far behind (the
+    /// phone stopped reading) is ended, and the phone resumes with
+    /// `Last-Event-ID`. At least 1.
+    pub phone_queue: usize,
+    /// How long one of the gateway's shared upstream watches may stay
+    /// silent before it is taken for dead and reopened (from where it
+    /// was): a few of the upstreams' progress intervals.
+    pub upstream_idle_timeout: Duration,
 }
 
 impl GatewayOptions {
@@ -82,6 +114,8 @@ impl GatewayOptions {
             max_concurrent_requests: 1024,
             max_event_streams: 10_000,
             heartbeat: Duration::from_secs(15),
+            phone_queue: 256,
+            upstream_idle_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -100,11 +134,13 @@ pub struct Upstreams {
 /// The gateway's state, shared by every request.
 pub struct Gateway {
     options: GatewayOptions,
-    pool: DescriptorPool,
     routes: Vec<Route>,
     channels: HashMap<String, Channel>,
     requests: Arc<Semaphore>,
     streams: Arc<Semaphore>,
+    /// The shared upstream watches and their phones; its followers stop at
+    /// `shutdown`, or when the gateway is dropped.
+    fanout: fanout::Fanout,
     openapi: serde_json::Value,
     shutdown: Shutdown,
 }
@@ -132,11 +168,26 @@ impl Gateway {
             }
         }
         let openapi = openapi::document(&routes);
+        if options.phone_queue == 0 {
+            return Err("the event streams' queue (phone_queue) must hold at least 1 update".into());
+        }
+        let watch = |source: upstream::Source| {
+            let method =
+                find_method(&pool, source.method()).ok_or_else(|| format!("{} is not described", source.method()))?;
+            let channel = channels
+                .get(method.parent_service().full_name())
+                .cloned()
+                .ok_or_else(|| format!("no upstream for {}", source.method()))?;
+            upstream::Upstream::new(source, method, channel)
+        };
+        let [users, contracts, photos] = upstream::Source::ALL;
+        let upstreams = [watch(users)?, watch(contracts)?, watch(photos)?];
+        let fanout = fanout::Fanout::new(upstreams, options.upstream_idle_timeout, shutdown.clone());
         Ok(Gateway {
             requests: Arc::new(Semaphore::new(options.max_concurrent_requests)),
             streams: Arc::new(Semaphore::new(options.max_event_streams)),
+            fanout,
             options,
-            pool,
             routes,
             channels,
             openapi,
@@ -165,17 +216,17 @@ impl Gateway {
             .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
     }
 
-    fn method(&self, full_name: &str) -> Option<MethodDescriptor> {
-        let (service, method) = full_name.rsplit_once('.')?;
-        self.pool
-            .get_service_by_name(service)?
-            .methods()
-            .find(|m| m.name() == method)
-    }
-
     fn channel(&self, method: &MethodDescriptor) -> Option<Channel> {
         self.channels.get(method.parent_service().full_name()).cloned()
     }
+}
+
+/// The method `package.Service.Method` of `pool`.
+fn find_method(pool: &DescriptorPool, full_name: &str) -> Option<MethodDescriptor> {
+    let (service, method) = full_name.rsplit_once('.')?;
+    pool.get_service_by_name(service)?
+        .methods()
+        .find(|m| m.name() == method)
 }
 
 /// The descriptors of every Lightbox proto, with the HTTP annotations.

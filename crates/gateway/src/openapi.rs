@@ -144,9 +144,11 @@ fn events_operation() -> Value {
         "summary": "Live updates of the signed-in user's user, contracts and photos, as Server-Sent Events.",
         "description": "Events: `user`, `contract`, `photo` (the upstream's UserChange, ContractChange or \
             PhotoChange in proto3 JSON), `synced` (a source's snapshot is complete), `reset` (a source could \
-            not resume; its snapshot follows) and `upstream` (a source's watch was lost or is back). Each \
-            event's id is a cursor `U.C.P`; reconnect with `Last-Event-ID` to resume without loss. Idle \
-            streams carry a `heartbeat` comment.",
+            not resume; its snapshot follows), `upstream` (a source's watch was lost or is back) and `end` \
+            (the gateway ends the stream, after every event already sent, with `{\"reason\": ..., \
+            \"resume\": true}`: the client fell too far behind, or the gateway lost its place; reconnect \
+            with `Last-Event-ID`). Each event's id is a cursor `U.C.P`; reconnect with `Last-Event-ID` to \
+            resume without loss. Idle streams carry a `heartbeat` comment.",
         "parameters": [
             {
                 "name": "user_id",

@@ -28,7 +28,7 @@ use lightbox_api::{
 };
 use lightbox_app::{Component, Settings, Target};
 use lightbox_cache::CacheOptions;
-use lightbox_changefeed::{Backend, Db, FeedOptions};
+use lightbox_changefeed::{Backend, Db, FeedOptions, FeedStats};
 use lightbox_gateway::{AuthConfig, GatewayOptions, auth};
 use lightbox_photos::PhotosOptions;
 use lightbox_server::Faults;
@@ -259,6 +259,9 @@ impl Stack {
             gateway: GatewayOptions {
                 request_timeout: Duration::from_secs(5),
                 heartbeat: Duration::from_millis(500),
+                // Generous: a busy test machine may hold a frame back a while,
+                // and a needless reconnect tells every phone about it.
+                upstream_idle_timeout: (feed.progress_interval * 10).max(Duration::from_secs(2)),
                 ..GatewayOptions::new(
                     AuthConfig::new(auth::DEFAULT_ISSUER, auth::DEFAULT_AUDIENCE).with_hs256_secret(TEST_JWT_SECRET),
                 )
@@ -346,6 +349,16 @@ impl Stack {
     /// A photos client.
     pub async fn photos_client(&self) -> PhotosServiceClient<Channel> {
         PhotosServiceClient::new(channel(self.addr(Target::Photos)).await)
+    }
+
+    /// The changefeed counters of a running service (`Users`, `Contracts`
+    /// or `Photos`): how many watch streams it serves, its head.
+    pub fn feed_stats(&self, target: Target) -> FeedStats {
+        match self.components.get(&target).map(Component::feed_stats) {
+            Some(Some(stats)) => stats,
+            Some(None) => panic!("{target} has no changefeed"),
+            None => panic!("{target} is not running"),
+        }
     }
 
     /// The database of `target`.

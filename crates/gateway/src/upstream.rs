@@ -1,0 +1,230 @@
+//! The upstream watches behind the events stream: the three sources, how
+//! one watch call is opened (filtered to a user for a phone's catch-up, or
+//! unfiltered for the fan-out's shared stream), and its frames as the
+//! gateway reads them.
+
+use std::sync::Arc;
+
+use http::uri::PathAndQuery;
+use prost_reflect::{DynamicMessage, MethodDescriptor};
+use serde_json::{Value, json};
+use tonic::{Status, Streaming, transport::Channel};
+
+use crate::{codec::DynamicCodec, json as proto_json};
+
+/// One upstream of the events stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Source {
+    Users,
+    Contracts,
+    Photos,
+}
+
+impl Source {
+    pub(crate) const ALL: [Source; 3] = [Source::Users, Source::Contracts, Source::Photos];
+
+    /// Its place in a cursor, and in per-source arrays.
+    pub(crate) fn index(self) -> usize {
+        self as usize
+    }
+
+    /// The name in `synced`, `reset` and `upstream` events.
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Source::Users => "users",
+            Source::Contracts => "contracts",
+            Source::Photos => "photos",
+        }
+    }
+
+    /// The event name of a change.
+    pub(crate) fn change_event(self) -> &'static str {
+        match self {
+            Source::Users => "user",
+            Source::Contracts => "contract",
+            Source::Photos => "photo",
+        }
+    }
+
+    /// The watch method, as `package.Service.Method`.
+    pub(crate) fn method(self) -> &'static str {
+        match self {
+            Source::Users => "lightbox.users.v1.UsersService.WatchUsers",
+            Source::Contracts => "lightbox.contracts.v1.ContractsService.WatchContracts",
+            Source::Photos => "lightbox.photos.v1.PhotosService.WatchPhotos",
+        }
+    }
+
+    /// The watch request's filter to `user_id`, in proto3 JSON.
+    fn filter(self, user_id: &str) -> Value {
+        match self {
+            Source::Users => json!({ "userIds": [user_id] }),
+            Source::Contracts => json!({ "holderUserId": user_id }),
+            Source::Photos => json!({ "userId": user_id }),
+        }
+    }
+
+    /// The field of a change that names the user it concerns: the user
+    /// itself, a contract's holder, a photo's owner (on deletions too).
+    fn owner_field(self) -> &'static str {
+        match self {
+            Source::Users | Source::Photos => "user_id",
+            Source::Contracts => "holder_user_id",
+        }
+    }
+}
+
+/// A frame of a watch, as the gateway reads it.
+pub(crate) enum Frame {
+    /// A change (of a snapshot, a replay or live) concerning `owner`; its
+    /// JSON is written by [`Frame::json`] only for a change someone gets.
+    Change {
+        revision: i64,
+        owner: String,
+        change: DynamicMessage,
+    },
+    /// A snapshot starts.
+    SnapshotBegin,
+    /// The snapshot at `revision` is complete.
+    SnapshotEnd { revision: i64 },
+    /// Every change up to `revision` was delivered.
+    Progress { revision: i64 },
+    /// The watch could not resume; a snapshot follows. `data` is the
+    /// `reset` event's data.
+    Reset { data: Arc<str> },
+}
+
+impl Frame {
+    /// A change's proto3 JSON, written once and shared by every phone that
+    /// gets it.
+    pub(crate) fn json(change: &DynamicMessage) -> Result<Arc<str>, Status> {
+        let value =
+            proto_json::to_json(change).map_err(|e| Status::internal(format!("a change does not encode: {e}")))?;
+        Ok(data(&value))
+    }
+}
+
+/// An event's data, written once.
+pub(crate) fn data(value: &Value) -> Arc<str> {
+    Arc::from(value.to_string())
+}
+
+/// How to call one source's watch.
+#[derive(Clone)]
+pub(crate) struct Upstream {
+    source: Source,
+    method: MethodDescriptor,
+    path: PathAndQuery,
+    channel: Channel,
+}
+
+impl Upstream {
+    /// The watch of `source`, described by `method`, on `channel`.
+    pub(crate) fn new(source: Source, method: MethodDescriptor, channel: Channel) -> Result<Upstream, String> {
+        let path = crate::routes::grpc_path(&method)?;
+        Ok(Upstream {
+            source,
+            method,
+            path,
+            channel,
+        })
+    }
+
+    /// Which source.
+    pub(crate) fn source(&self) -> Source {
+        self.source
+    }
+
+    /// Opens a watch from `since`, of `user_id`'s changes only if given.
+    pub(crate) async fn watch(&self, since: i64, user_id: Option<&str>) -> Result<Watch, Status> {
+        let mut request = match user_id {
+            Some(user_id) => self.source.filter(user_id),
+            None => json!({}),
+        };
+        if let Value::Object(fields) = &mut request {
+            fields.insert("sinceRevision".into(), Value::String(since.to_string()));
+        }
+        let request = proto_json::from_json_value(self.method.input(), request, "")
+            .map_err(|e| Status::internal(format!("the watch request does not build: {e}")))?;
+        let mut grpc = crate::ready(self.channel.clone(), self.source.name()).await?;
+        let stream = grpc
+            .server_streaming(
+                tonic::Request::new(request),
+                self.path.clone(),
+                DynamicCodec::new(self.method.output()),
+            )
+            .await?
+            .into_inner();
+        Ok(Watch {
+            source: self.source,
+            stream,
+        })
+    }
+}
+
+/// One open watch call. Dropping it cancels the call upstream.
+pub(crate) struct Watch {
+    source: Source,
+    stream: Streaming<DynamicMessage>,
+}
+
+impl Watch {
+    /// The next frame; `None` once the upstream ended the watch. Frames
+    /// of kinds this gateway does not know are skipped. Cancel-safe:
+    /// nothing is lost if the future is dropped.
+    pub(crate) async fn next(&mut self) -> Result<Option<Frame>, Status> {
+        loop {
+            let Some(frame) = self.stream.message().await? else {
+                return Ok(None);
+            };
+            if let Some(frame) = self.read(&frame)? {
+                return Ok(Some(frame));
+            }
+        }
+    }
+
+    fn read(&self, frame: &DynamicMessage) -> Result<Option<Frame>, Status> {
+        let part = |name: &str| {
+            frame
+                .has_field_by_name(name)
+                .then(|| frame.get_field_by_name(name))
+                .flatten()
+                .and_then(|v| v.as_message().cloned())
+        };
+        let revision = |message: &DynamicMessage| {
+            message
+                .get_field_by_name("revision")
+                .and_then(|v| v.as_i64())
+                .unwrap_or_default()
+        };
+        Ok(Some(if let Some(change) = part("change") {
+            let owner = change
+                .get_field_by_name(self.source.owner_field())
+                .and_then(|v| v.as_str().map(str::to_owned))
+                .unwrap_or_default();
+            Frame::Change {
+                revision: revision(&change),
+                owner,
+                change,
+            }
+        } else if part("snapshot_begin").is_some() {
+            Frame::SnapshotBegin
+        } else if let Some(end) = part("snapshot_end") {
+            Frame::SnapshotEnd {
+                revision: revision(&end),
+            }
+        } else if let Some(progress) = part("progress") {
+            Frame::Progress {
+                revision: revision(&progress),
+            }
+        } else if let Some(reset) = part("reset") {
+            let mut value = proto_json::to_json(&reset).map_err(Status::internal)?;
+            if let Value::Object(fields) = &mut value {
+                fields.insert("source".into(), Value::String(self.source.name().into()));
+            }
+            Frame::Reset { data: data(&value) }
+        } else {
+            return Ok(None);
+        }))
+    }
+}
