@@ -248,17 +248,47 @@ async fn grpcurl_lists_describes_calls_and_watches_without_proto_files() {
     let dir = tempfile::tempdir().unwrap_or_else(|err| panic!("{err}"));
     let dev = start_dev(dir.path()).await;
     let (users, contracts) = (dev.users.to_string(), dev.contracts.to_string());
-    for addr in [&users, &contracts] {
-        let listed = run_grpcurl(&["-plaintext", addr, "list"]).await;
-        for service in [
-            "grpc.health.v1.Health",
-            "lightbox.admin.v1.FaultService",
+    // Each port lists what it serves, and nothing else.
+    for (addr, own, other) in [
+        (
+            &users,
             "lightbox.users.v1.UsersService",
+            "lightbox.contracts.v1.ContractsService/GetContract",
+        ),
+        (
+            &contracts,
             "lightbox.contracts.v1.ContractsService",
-        ] {
-            assert!(listed.contains(service), "{addr}: {listed}");
-        }
+            "lightbox.users.v1.UsersService/GetUser",
+        ),
+    ] {
+        let listed = run_grpcurl(&["-plaintext", addr, "list"]).await;
+        let listed: Vec<&str> = listed.lines().collect();
+        let expected = [
+            "grpc.health.v1.Health",
+            "grpc.reflection.v1.ServerReflection",
+            "grpc.reflection.v1alpha.ServerReflection",
+            "lightbox.admin.v1.FaultService",
+            own,
+        ];
+        assert_eq!(listed, expected, "{addr}");
+        // A call to another service says where it is not, and what is here.
+        let refused = run_grpcurl(&["-plaintext", "-d", "{}", addr, other]).await;
+        assert!(refused.contains("Unimplemented"), "{addr}: {refused}");
     }
+    let refused = run_grpcurl(&[
+        "-plaintext",
+        "-d",
+        "{}",
+        &users,
+        "lightbox.photos.v1.PhotosService/ListPhotos",
+    ])
+    .await;
+    assert!(refused.contains("Unimplemented"), "{refused}");
+    assert!(
+        refused.contains("lightbox.photos.v1.PhotosService is not served on this port")
+            && refused.contains("lightbox.users.v1.UsersService"),
+        "{refused}"
+    );
     let described = run_grpcurl(&["-plaintext", &users, "describe", "lightbox.users.v1.UsersService"]).await;
     assert!(described.contains("rpc WatchUsers"), "{described}");
     assert!(

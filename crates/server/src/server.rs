@@ -20,6 +20,31 @@ use crate::{
     shutdown::Shutdown,
 };
 
+/// The services every server serves besides its own.
+const SHARED_SERVICES: &[&str] = &[
+    "grpc.health.v1.Health",
+    "grpc.reflection.v1.ServerReflection",
+    "grpc.reflection.v1alpha.ServerReflection",
+    "lightbox.admin.v1.FaultService",
+];
+
+/// The answer to a call of a service this port does not serve:
+/// `UNIMPLEMENTED`, naming what it does serve (tonic's own says nothing).
+fn not_served(
+    served: &[String],
+) -> impl Fn(http::Uri) -> std::future::Ready<http::Response<tonic::body::Body>> + Clone + Send + Sync + 'static {
+    let served = served.join(", ");
+    move |uri: http::Uri| {
+        let path = uri.path().trim_start_matches('/');
+        let service = path.split_once('/').map_or(path, |(service, _)| service);
+        let status = tonic::Status::unimplemented(format!(
+            "{service} is not served on this port, which serves {served}; \
+             each Lightbox service has its own port (see `grpcurl -plaintext HOST:PORT list`)"
+        ));
+        std::future::ready(status.into_http())
+    }
+}
+
 /// How long `serve` waits, after cutting the connections left at the drain
 /// deadline, for their tasks to notice. Cutting is immediate (their next
 /// read fails); this only bounds the bookkeeping.
@@ -145,10 +170,20 @@ pub async fn serve(
         health.set_service_status(health_name, ServingStatus::Serving).await;
     }
 
+    // What this port serves, and only that, is what reflection lists (every
+    // schema stays resolvable: a message may come from any file).
+    let served: Vec<String> = health_services
+        .iter()
+        .map(|s| (*s).to_owned())
+        .chain(SHARED_SERVICES.iter().map(|s| (*s).to_owned()))
+        .collect();
     let reflection = || {
-        tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(lightbox_api::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        served.iter().fold(
+            tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(lightbox_api::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET),
+            |builder, name| builder.with_service_name(name),
+        )
     };
     let reflection_v1 = reflection()
         .build_v1()?
@@ -189,13 +224,15 @@ pub async fn serve(
         }
     };
 
-    let mut builder = Server::builder().layer(FaultLayer::new(faults).with_service_name(name));
-    let server = builder
-        .add_routes(routes)
+    let routes = routes
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(admin)
+        .add_service(admin);
+    let routes = Routes::from(routes.into_axum_router().fallback(not_served(&served)));
+    let mut builder = Server::builder().layer(FaultLayer::new(faults).with_service_name(name));
+    let server = builder
+        .add_routes(routes)
         .serve_with_incoming_shutdown(incoming, signal);
     let mut server = std::pin::pin!(server);
 

@@ -307,11 +307,16 @@ async fn reflection_v1alpha_and_v1_list_services_and_describe_them() {
     use tonic_reflection::pb::{v1, v1alpha};
 
     let h = start(Duration::from_secs(1)).await;
-    let wanted = [
-        "lightbox.admin.v1.FaultService",
-        "lightbox.users.v1.UsersService",
+    // Exactly what this port serves: its own service and the shared ones,
+    // not every service whose schema it knows.
+    let mut wanted = [
         "grpc.health.v1.Health",
+        "grpc.reflection.v1.ServerReflection",
+        "grpc.reflection.v1alpha.ServerReflection",
+        "lightbox.admin.v1.FaultService",
+        "test.Echo",
     ];
+    wanted.sort_unstable();
 
     // v1alpha: the only one grpcurl 1.8.6 speaks.
     let mut client = v1alpha::server_reflection_client::ServerReflectionClient::new(h.channel.clone());
@@ -345,10 +350,9 @@ async fn reflection_v1alpha_and_v1_list_services_and_describe_them() {
     let Some(v1alpha::server_reflection_response::MessageResponse::ListServicesResponse(list)) = listed else {
         panic!("expected a service list, got {listed:?}");
     };
-    let names: Vec<&str> = list.service.iter().map(|s| s.name.as_str()).collect();
-    for name in wanted {
-        assert!(names.contains(&name), "{name} missing from {names:?}");
-    }
+    let mut names: Vec<&str> = list.service.iter().map(|s| s.name.as_str()).collect();
+    names.sort_unstable();
+    assert_eq!(names, wanted);
     let described = responses
         .message()
         .await
@@ -381,11 +385,27 @@ async fn reflection_v1alpha_and_v1_list_services_and_describe_them() {
     let Some(v1::server_reflection_response::MessageResponse::ListServicesResponse(list)) = listed else {
         panic!("expected a service list, got {listed:?}");
     };
-    let names: Vec<&str> = list.service.iter().map(|s| s.name.as_str()).collect();
-    for name in wanted {
-        assert!(names.contains(&name), "{name} missing from {names:?}");
-    }
+    let mut names: Vec<&str> = list.service.iter().map(|s| s.name.as_str()).collect();
+    names.sort_unstable();
+    assert_eq!(names, wanted);
 
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn a_service_not_served_here_is_unimplemented_naming_what_is() {
+    let h = start(Duration::from_secs(1)).await;
+    let mut users = lightbox_api::users::users_service_client::UsersServiceClient::new(h.channel.clone());
+    let status = users
+        .get_user(lightbox_api::users::GetUserRequest::default())
+        .await
+        .expect_err("UsersService is not served here");
+    assert_eq!(status.code(), tonic::Code::Unimplemented);
+    for words in ["lightbox.users.v1.UsersService is not served on this port", "test.Echo"] {
+        assert!(status.message().contains(words), "{words:?} in {:?}", status.message());
+    }
+    // The port's own services still answer.
+    assert!(echo_unary(&h.channel).await.is_ok());
     h.stop().await;
 }
 
