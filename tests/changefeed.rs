@@ -19,6 +19,7 @@ conformance!(
     past_the_tombstone_horizon_comes_a_reset_and_a_snapshot,
     a_revision_ahead_of_the_server_gets_a_reset,
     idle_streams_carry_progress_past_filtered_changes,
+    an_idle_stream_gets_progress_every_interval,
     a_slow_watcher_is_dropped_without_slowing_writers_or_others,
     id_filters_apply_to_snapshot_and_live,
     scope_filters_apply_to_snapshot_live_and_deletions,
@@ -430,6 +431,43 @@ async fn idle_streams_carry_progress_past_filtered_changes(db: TestDb) {
             Frame::Progress { .. } => continue,
             other => panic!("expected only progress, got {other:?}"),
         }
+    }
+}
+
+/// One progress frame per interval on an idle stream, not one every other
+/// interval (a progress frame is not "something sent" for the next tick): a
+/// copy fed by it is never more than about one interval old.
+async fn an_idle_stream_gets_progress_every_interval(db: TestDb) {
+    let interval = Duration::from_millis(300);
+    let feed = open(
+        &db,
+        FeedOptions {
+            progress_interval: interval,
+            ..options()
+        },
+    )
+    .await;
+    // No writes at all: every frame of this stream is a progress frame.
+    let mut stream = feed.watch(-1, Vec::new());
+    assert!(
+        matches!(frame(&mut stream).await, Frame::Progress { .. }),
+        "from now starts with progress"
+    );
+    let mut previous = tokio::time::Instant::now();
+    let mut gaps = Vec::new();
+    for _ in 0..4 {
+        assert!(matches!(frame(&mut stream).await, Frame::Progress { .. }));
+        let now = tokio::time::Instant::now();
+        gaps.push(now - previous);
+        previous = now;
+    }
+    // Every gap but the first (which starts mid-interval) is one interval; two
+    // would mean every other tick was skipped. Generous for a loaded machine.
+    for gap in &gaps[1..] {
+        assert!(
+            *gap < interval * 3 / 2,
+            "progress every interval ({interval:?}), got gaps {gaps:?}"
+        );
     }
 }
 

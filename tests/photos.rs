@@ -31,6 +31,7 @@ conformance!(
     cached_reads_survive_upstreams_down_stopped_and_a_photos_restart,
     the_copies_equal_the_upstreams_after_restarts_and_drops,
     reads_wait_for_their_own_writes_or_fail_fast,
+    a_tight_max_staleness_on_a_quiet_stream_is_confirmed_with_the_upstream,
     the_quota_holds_from_the_cached_contract,
     another_users_photo_is_not_found_and_stays,
     watch_photos_follows_one_user,
@@ -314,6 +315,82 @@ async fn the_copies_equal_the_upstreams_after_restarts_and_drops(db: TestDb) {
     })
     .await;
     assert_eq!(users.len(), 4);
+    stack.stop().await;
+}
+
+/// Progress frames come every 10 s here, so a quiet copy is seconds old: a
+/// read asking for 200 ms is served once the upstream confirms the copy is
+/// at its head (the copy's age then resets), and refused only when that
+/// cannot be confirmed.
+async fn a_tight_max_staleness_on_a_quiet_stream_is_confirmed_with_the_upstream(db: TestDb) {
+    let quiet = FeedOptions {
+        progress_interval: Duration::from_secs(10),
+        ..feed_options()
+    };
+    let stack = Stack::start(db, quiet).await;
+    let (user, contract) = customer(&stack, "quiet@example.com", "10").await;
+    photos_caught_up(&stack, &user, user.revision, contract.revision).await;
+    let tight = ListPhotosRequest {
+        max_staleness: Some(pbjson_types::Duration::from(Duration::from_millis(200))),
+        ..list(&user)
+    };
+    // Let the copies go quiet for longer than asked.
+    eventually("the users copy to be older than 200 ms", || async {
+        let answer = list_photos(&stack, list(&user)).await.ok()?;
+        let age = answer.user_freshness.and_then(|f| f.age)?;
+        (age.seconds > 0 || age.nanos > 300_000_000).then_some(())
+    })
+    .await;
+    for _ in 0..3 {
+        let answer = list_photos(&stack, tight.clone())
+            .await
+            .unwrap_or_else(|s| panic!("a current, quiet copy is confirmed, not refused: {s:?}"));
+        let age = answer.user_freshness.and_then(|f| f.age).unwrap_or_default();
+        assert!(
+            age.seconds == 0 && age.nanos < 200_000_000,
+            "confirmed just now: {age:?}"
+        );
+    }
+    // Quiet again, then a write: a read asking for 200 ms must see it (the
+    // copy either has it, and heard it just now, or is older than 200 ms,
+    // and the upstream says there is a change to wait for).
+    eventually("the users copy to be older than 200 ms again", || async {
+        let answer = list_photos(&stack, list(&user)).await.ok()?;
+        let age = answer.user_freshness.and_then(|f| f.age)?;
+        (age.seconds > 0 || age.nanos > 300_000_000).then_some(())
+    })
+    .await;
+    let mut users = stack.users_client().await;
+    users
+        .update_user(UpdateUserRequest {
+            user: Some(User {
+                display_name: "Quiet".into(),
+                ..user.clone()
+            }),
+            update_mask: None,
+            expected_revision: 0,
+        })
+        .await
+        .unwrap_or_else(|s| panic!("{s:?}"));
+    let answer = list_photos(&stack, tight.clone())
+        .await
+        .unwrap_or_else(|s| panic!("{s:?}"));
+    assert_eq!(answer.user.map(|u| u.display_name), Some("Quiet".into()));
+    // With Users down, nothing can confirm the copy: refused, and soon.
+    stack
+        .faults(Target::Users)
+        .set(FaultSpec {
+            down: true,
+            ..FaultSpec::default()
+        })
+        .unwrap_or_else(|e| panic!("{e}"));
+    let refused = eventually("an unconfirmable copy to be refused", || async {
+        list_photos(&stack, tight.clone()).await.err()
+    })
+    .await;
+    assert_eq!(refused.code(), Code::Unavailable);
+    assert!(refused.message().contains("could not confirm"), "{}", refused.message());
+    stack.faults(Target::Users).clear();
     stack.stop().await;
 }
 

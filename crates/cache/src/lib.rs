@@ -305,6 +305,29 @@ impl<T: Entity> Cache<T> {
         matches!(tokio::time::timeout(timeout, state.wait_for(fresh)).await, Ok(Ok(_)))
     }
 
+    /// Whether the copy has heard from its upstream within `max_age`.
+    pub fn is_fresh(&self, max_age: Duration) -> bool {
+        let state = self.inner.state.borrow();
+        state
+            .last_heard
+            .and_then(|heard| SystemTime::now().duration_since(heard).ok())
+            .is_some_and(|age| age <= max_age)
+    }
+
+    /// The upstream said, just now, that its latest revision is `head`: if
+    /// the copy has applied it, the copy is current as of now (its age
+    /// resets, as with a progress frame) and this answers true. This is how a
+    /// read with a tight `max_staleness` is served on a quiet stream, the way
+    /// Kubernetes' consistent reads from its watch cache ask for a progress
+    /// notification instead of refusing.
+    pub fn confirm_current(&self, head: i64) -> bool {
+        if self.state().applied_revision < head {
+            return false;
+        }
+        self.caught_up(head);
+        true
+    }
+
     /// Lets the next snapshot or batch the guard rail would hold back be
     /// applied (an operator's decision that the mass deletion is real).
     pub fn release_guard(&self) {

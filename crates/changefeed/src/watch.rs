@@ -227,9 +227,13 @@ impl<T: Entity> Watcher<T> {
                 Phase::Snapshot => self.snapshot(None).await,
                 Phase::CatchUp => self.catch_up().await,
                 Phase::Live => match self.live().await {
+                    // A progress frame does not count as "sent" for the next
+                    // tick: an idle stream gets one every interval, not every
+                    // other one (and a copy's age stays within one interval).
+                    Ok(Some(frame @ Frame::Progress { .. })) => return Some(Ok(frame)),
                     Ok(Some(frame)) => {
-                        self.pending.push_back(frame);
-                        Ok(())
+                        self.sent_since_tick = true;
+                        return Some(Ok(frame));
                     }
                     Ok(None) => Ok(()),
                     Err(status) => Err(status),

@@ -30,7 +30,7 @@ use std::{
 
 use lightbox_api::{
     ApiError,
-    contracts::Contract,
+    contracts::{Contract, contracts_service_client::ContractsServiceClient},
     photos::{
         CreatePhotoRequest, CreatePhotoResponse, DeletePhotoRequest, DeletePhotoResponse, GetPhotoRequest,
         GetPhotoResponse, GetProfileRequest, GetProfileResponse, ListPhotoChangesRequest, ListPhotoChangesResponse,
@@ -98,8 +98,8 @@ pub struct PhotosService {
     users_channel: Channel,
     contracts_channel: Channel,
     options: PhotosOptions,
-    /// Calls made to the users service (for the benchmark's "upstream calls
-    /// per request").
+    /// Calls made to the upstreams (for the benchmark's "upstream calls per
+    /// request").
     upstream_calls: Arc<AtomicU64>,
 }
 
@@ -155,7 +155,7 @@ impl PhotosService {
         &self.contracts_copy
     }
 
-    /// Calls made to the users service so far.
+    /// Calls made to the upstreams so far.
     pub fn upstream_calls(&self) -> u64 {
         self.upstream_calls.load(Ordering::Relaxed)
     }
@@ -165,6 +165,11 @@ impl PhotosService {
         PhotosServiceServer::new(self)
             .max_decoding_message_size(max_message_bytes)
             .max_encoding_message_size(max_message_bytes)
+    }
+
+    fn contracts_client(&self) -> ContractsServiceClient<Channel> {
+        self.upstream_calls.fetch_add(1, Ordering::Relaxed);
+        ContractsServiceClient::new(self.contracts_channel.clone())
     }
 
     fn users_client(&self) -> UsersServiceClient<Channel> {

@@ -10,9 +10,10 @@ use std::time::Duration;
 use lightbox_api::{
     ApiError, call_upstream,
     contracts::Contract,
+    contracts::ListContractChangesRequest,
     feed::Freshness,
     photos::{Consistency, GetProfileRequest, ListPhotosRequest},
-    users::{ContractRead, GetUserRequest, User},
+    users::{ContractRead, GetUserRequest, ListUserChangesRequest, User},
 };
 use lightbox_cache::{Cache, upstream_freshness};
 use lightbox_changefeed::feed::Entity;
@@ -126,16 +127,18 @@ pub(crate) async fn owner(photos: &PhotosService, user_id: &str, mode: Mode) -> 
         return synchronous(photos, user_id, options.fresh_timeout, ContractRead::Upstream).await;
     };
     ready(
+        photos,
+        Part::Users,
         &photos.users_copy,
-        "users",
         min_users_revision,
         max_staleness,
         options.wait_timeout,
     )
     .await?;
     ready(
+        photos,
+        Part::Contracts,
         &photos.contracts_copy,
-        "contracts",
         min_contracts_revision,
         max_staleness,
         options.wait_timeout,
@@ -221,15 +224,33 @@ async fn synchronous(
     })
 }
 
+/// Which copy a read waits for.
+#[derive(Clone, Copy)]
+enum Part {
+    Users,
+    Contracts,
+}
+
+impl Part {
+    fn name(self) -> &'static str {
+        match self {
+            Part::Users => "users",
+            Part::Contracts => "contracts",
+        }
+    }
+}
+
 /// Waits briefly for a copy to satisfy a read (read-your-writes, staleness),
 /// or fails fast saying what it waited for.
 async fn ready<T: Entity>(
+    photos: &PhotosService,
+    part: Part,
     copy: &Cache<T>,
-    name: &str,
     min_revision: i64,
     max_staleness: Option<Duration>,
     wait: Duration,
 ) -> Result<(), ApiError> {
+    let name = part.name();
     if min_revision > 0 && !copy.wait_for(min_revision, wait).await {
         let state = copy.state();
         return Err(ApiError::Unavailable(format!(
@@ -240,17 +261,92 @@ async fn ready<T: Entity>(
             if state.connected { "connected" } else { "disconnected" },
         )));
     }
-    if let Some(max) = max_staleness
-        && !copy.wait_fresh(max, wait).await
-    {
-        let state = copy.state();
-        return Err(ApiError::Unavailable(format!(
-            "the local copy of {name} is {} ms old, more than max_staleness {} ms (stream {}); \
-                 retry, or read with consistency FRESH",
-            state.age().as_millis(),
-            max.as_millis(),
-            if state.connected { "connected" } else { "disconnected" },
-        )));
+    let Some(max) = max_staleness else {
+        return Ok(());
+    };
+    if copy.is_fresh(max) {
+        return Ok(());
     }
-    Ok(())
+    // Older than asked, yet maybe current: a quiet stream only hears from
+    // its upstream once per progress interval. Ask the upstream for its head
+    // and, once the copy has it, the copy is current as of now.
+    let deadline = tokio::time::Instant::now() + wait;
+    if copy.state().connected {
+        match confirm(photos, part, copy, deadline).await {
+            Ok(true) => return Ok(()),
+            Ok(false) => {}
+            Err(err) => tracing::debug!(copy = name, %err, "cannot confirm the copy is current"),
+        }
+    }
+    let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+    if copy.wait_fresh(max, left).await {
+        return Ok(());
+    }
+    let state = copy.state();
+    Err(ApiError::Unavailable(format!(
+        "the local copy of {name} is {} ms old, more than max_staleness {} ms, and its upstream could not \
+         confirm it is current within {} ms (stream {}); retry, or read with consistency FRESH",
+        state.age().as_millis(),
+        max.as_millis(),
+        wait.as_millis(),
+        if state.connected { "connected" } else { "disconnected" },
+    )))
+}
+
+/// Asks the upstream for its latest revision (the changes after the copy's
+/// cursor, one at most: nothing, when the copy is current) and waits, until
+/// `deadline`, for the copy to reach it. Whether the copy is then confirmed
+/// current.
+async fn confirm<T: Entity>(
+    photos: &PhotosService,
+    part: Part,
+    copy: &Cache<T>,
+    deadline: tokio::time::Instant,
+) -> Result<bool, ApiError> {
+    loop {
+        let cursor = copy.state().applied_revision;
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        if cursor <= 0 || left.is_zero() {
+            // From 0, a listing is of the state, not the head.
+            return Ok(false);
+        }
+        let (changes, next, reset) = match part {
+            Part::Users => {
+                let request = ListUserChangesRequest {
+                    since_revision: cursor,
+                    page_size: 1,
+                    page_token: String::new(),
+                };
+                let mut client = photos.users_client();
+                let page = call_upstream("users", left, client.list_user_changes(request)).await?;
+                let last = page.changes.last().map(|c| c.revision);
+                (last, page.next_since_revision, page.reset.is_some())
+            }
+            Part::Contracts => {
+                let request = ListContractChangesRequest {
+                    since_revision: cursor,
+                    page_size: 1,
+                    page_token: String::new(),
+                };
+                let mut client = photos.contracts_client();
+                let page = call_upstream("contracts", left, client.list_contract_changes(request)).await?;
+                let last = page.changes.last().map(|c| c.revision);
+                (last, page.next_since_revision, page.reset.is_some())
+            }
+        };
+        if reset {
+            return Ok(false);
+        }
+        match changes {
+            // Nothing after the cursor: the upstream's head is where the copy is.
+            None => return Ok(copy.confirm_current(next.max(cursor))),
+            // Behind by at least that change: let the stream bring it, then ask again.
+            Some(revision) => {
+                let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                if !copy.wait_for(revision, left).await {
+                    return Ok(false);
+                }
+            }
+        }
+    }
 }
