@@ -1,7 +1,7 @@
 //! The seed's three problems in numbers, side by side in one run: `ListPhotos`
 //! answered the event-driven way (`CACHED`, from Photos' local copies) and
-//! the synchronous way (`FRESH`, Photos → Users → Contracts), with 0, 5 and
-//! 20 ms of latency injected on each upstream; the calls each request makes
+//! the synchronous way (`FRESH`, Photos → Users → Contracts), with 0, 5, 20
+//! and 100 ms of latency injected on each upstream; the calls each request makes
 //! to the upstreams; the share answered with both upstreams down; and how
 //! soon an upstream write can be read back from
 //! Photos (write acknowledged → `ListPhotos` with `min_users_revision`
@@ -53,7 +53,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         "| latency injected per upstream | mode | p50 | p99 | upstream calls per request | FRESH p99 / CACHED p99 |"
     );
     println!("|---:|---|---:|---:|---:|---:|");
-    for latency_ms in [0u64, 5, 20] {
+    for latency_ms in [0u64, 5, 20, 100] {
         let latency = FaultSpec {
             latency: Duration::from_millis(latency_ms),
             ..FaultSpec::default()
