@@ -1,7 +1,7 @@
 //! `lightbox`: the one binary. Parses the command line and hands over to
-//! [`lightbox_app::run`]; exits 0 on success, otherwise prints a one-line
-//! error and exits 1, 2 for usage errors (from clap), or the code the
-//! command-line tools give the kind of failure.
+//! [`lightbox_app::run`]; exits 0 on success, 2 for usage errors (from
+//! clap), otherwise prints a one-line error and exits with the code of its
+//! kind (see `lightbox_app::tools::Kind`; 1 for any other failure).
 
 use std::process::ExitCode;
 
@@ -20,12 +20,8 @@ async fn main() -> ExitCode {
     match lightbox_app::run(cli, VERSION).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            eprintln!("error: {err:#}");
-            // The tools say what kind of failure it was (see `lightbox_app::tools::Failure`).
-            match err.downcast_ref::<lightbox_app::tools::Failure>() {
-                Some(failure) => ExitCode::from(failure.exit_code),
-                None => ExitCode::FAILURE,
-            }
+            eprintln!("error: {}", lightbox_app::error_line(&err));
+            ExitCode::from(lightbox_app::exit_code(&err))
         }
     }
 }

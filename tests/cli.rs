@@ -4,6 +4,10 @@
 //! back; SIGTERM shuts down cleanly; a restart keeps the data and does not
 //! load the demo twice.
 //!
+//! The tools say where they tried and what to do next, exit with the code
+//! of the kind of failure, and write the gateway's JSON; the servers log a
+//! fault change naming themselves, and a refused request once.
+//!
 //! grpcurl tests are skipped with a notice when grpcurl is not installed,
 //! unless `LIGHTBOX_REQUIRE_GRPCURL=1` (set by CI) makes that a failure.
 
@@ -12,9 +16,13 @@ use std::{
     net::SocketAddr,
     path::Path,
     process::{Output, Stdio},
+    sync::{Arc, Mutex},
 };
 
-use lightbox_api::users::{ContractRead, GetUserRequest, users_service_client::UsersServiceClient};
+use lightbox_api::{
+    contracts::{WatchContractsRequest, contracts_service_client::ContractsServiceClient},
+    users::{ContractRead, GetUserRequest, users_service_client::UsersServiceClient},
+};
 use lightbox_testkit::{DEADLINE, channel};
 use tokio::{
     io::{AsyncBufReadExt, BufReader},
@@ -30,9 +38,12 @@ struct Dev {
     child: Child,
     users: SocketAddr,
     contracts: SocketAddr,
+    photos: SocketAddr,
     gateway: SocketAddr,
     /// The demo token the banner prints.
     token: String,
+    /// Its log lines so far (at `info`), when started by [`start_dev_logged`].
+    log: Option<Arc<Mutex<Vec<String>>>>,
 }
 
 async fn start_dev(data_dir: &Path) -> Dev {
@@ -40,6 +51,15 @@ async fn start_dev(data_dir: &Path) -> Dev {
 }
 
 async fn start_dev_with(data_dir: &Path, extra: &[&str]) -> Dev {
+    spawn_dev(data_dir, extra, false).await
+}
+
+/// `lightbox dev` whose log (stderr, at `info`) the test reads.
+async fn start_dev_logged(data_dir: &Path) -> Dev {
+    spawn_dev(data_dir, &[], true).await
+}
+
+async fn spawn_dev(data_dir: &Path, extra: &[&str], logged: bool) -> Dev {
     let mut child = Command::new(BIN)
         .args([
             "dev",
@@ -55,17 +75,28 @@ async fn start_dev_with(data_dir: &Path, extra: &[&str]) -> Dev {
         ])
         .arg(data_dir)
         .args(extra)
-        .env("RUST_LOG", "warn")
+        .env("RUST_LOG", if logged { "info" } else { "warn" })
         .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
+        .stderr(if logged { Stdio::piped() } else { Stdio::inherit() })
         .kill_on_drop(true)
         .spawn()
         .unwrap_or_else(|err| panic!("cannot run {BIN}: {err}"));
+    let log = child.stderr.take().map(|stderr| {
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let lines = Arc::clone(&log);
+        tokio::spawn(async move {
+            let mut stderr = BufReader::new(stderr).lines();
+            while let Ok(Some(line)) = stderr.next_line().await {
+                lines.lock().unwrap_or_else(|e| e.into_inner()).push(line);
+            }
+        });
+        log
+    });
     let stdout = child.stdout.take().unwrap_or_else(|| panic!("no stdout"));
     let mut lines = BufReader::new(stdout).lines();
-    let (mut users, mut contracts, mut gateway, mut token) = (None, None, None, None);
+    let (mut users, mut contracts, mut photos, mut gateway, mut token) = (None, None, None, None, None);
     let banner = async {
-        while users.is_none() || contracts.is_none() || gateway.is_none() || token.is_none() {
+        while users.is_none() || contracts.is_none() || photos.is_none() || gateway.is_none() || token.is_none() {
             let line = match lines.next_line().await {
                 Ok(Some(line)) => line,
                 other => panic!("lightbox dev ended before printing its addresses: {other:?}"),
@@ -78,6 +109,7 @@ async fn start_dev_with(data_dir: &Path, extra: &[&str]) -> Dev {
             match name {
                 "users" => users = addr,
                 "contracts" => contracts = addr,
+                "photos" => photos = addr,
                 "gateway" => gateway = url.strip_prefix("http://").and_then(|a| a.parse().ok()),
                 "export" => token = url.strip_prefix("TOKEN=").map(str::to_owned),
                 _ => {}
@@ -89,19 +121,48 @@ async fn start_dev_with(data_dir: &Path, extra: &[&str]) -> Dev {
         .unwrap_or_else(|_| panic!("no banner within {DEADLINE:?}"));
     // Keep draining stdout so the child never blocks on a full pipe.
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    match (users, contracts, gateway, token) {
-        (Some(users), Some(contracts), Some(gateway), Some(token)) => Dev {
+    match (users, contracts, photos, gateway, token) {
+        (Some(users), Some(contracts), Some(photos), Some(gateway), Some(token)) => Dev {
             child,
             users,
             contracts,
+            photos,
             gateway,
             token,
+            log,
         },
         _ => panic!("banner without addresses"),
     }
 }
 
 impl Dev {
+    /// The log lines so far.
+    fn log(&self) -> Vec<String> {
+        let log = self
+            .log
+            .as_ref()
+            .unwrap_or_else(|| panic!("not started by start_dev_logged"));
+        log.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Waits (within the deadline) for a log line containing `needle`, and
+    /// answers every line so far.
+    async fn log_until(&self, needle: &str) -> Vec<String> {
+        let waited = tokio::time::timeout(DEADLINE, async {
+            loop {
+                let log = self.log();
+                if log.iter().any(|line| line.contains(needle)) {
+                    return log;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+        });
+        match waited.await {
+            Ok(log) => log,
+            Err(_) => panic!("no log line with {needle:?} within {DEADLINE:?}: {:#?}", self.log()),
+        }
+    }
+
     /// SIGTERM, then the exit status within the deadline.
     async fn terminate(mut self) -> std::process::ExitStatus {
         let pid = self.child.id().unwrap_or_else(|| panic!("already exited"));
@@ -180,16 +241,31 @@ async fn dev_serves_demo_data_and_fault_takes_contracts_down_and_back() {
     assert_eq!(String::from_utf8_lossy(&cleared.stdout).trim(), "contracts: no fault");
     assert!(get_ada(dev.users).await.is_ok());
 
-    // Bad usage is an error exit with one clear line, not a panic.
+    // An invalid value is an invalid argument (4), in one line naming the
+    // server, its address and what to do; nothing changes.
     let bad = lightbox(&["fault", "contracts", "--addr", &contracts, "--error-rate", "7"]).await;
-    assert_eq!(bad.status.code(), Some(1));
+    assert_eq!(bad.status.code(), Some(4), "{bad:?}");
     let stderr = String::from_utf8_lossy(&bad.stderr);
+    assert_eq!(
+        stderr.trim(),
+        format!(
+            "error: the contracts service at http://{contracts} answered INVALID_ARGUMENT: \
+             error_rate must be a number from 0 to 1, got 7; nothing was changed; see `lightbox fault --help`"
+        )
+    );
+    let shown = lightbox(&["fault", "contracts", "--addr", &contracts]).await;
+    assert_eq!(String::from_utf8_lossy(&shown.stdout).trim(), "contracts: no fault");
+    // Unreachable is 7; a server faults cannot be injected into is bad usage (2).
+    let unreachable = lightbox(&["fault", "users", "--addr", "127.0.0.1:1", "--down"]).await;
+    assert_eq!(unreachable.status.code(), Some(7), "{unreachable:?}");
+    let gateway = dev.gateway.to_string();
+    let not_grpc = lightbox(&["fault", "gateway", "--addr", &gateway, "--down"]).await;
+    assert_eq!(not_grpc.status.code(), Some(2), "{not_grpc:?}");
+    let stderr = String::from_utf8_lossy(&not_grpc.stderr);
     assert!(
-        stderr.starts_with("error:") && stderr.contains("refused: error_rate must be"),
+        stderr.contains("[possible values: users, contracts, photos]"),
         "{stderr}"
     );
-    let unreachable = lightbox(&["fault", "users", "--addr", "127.0.0.1:1", "--down"]).await;
-    assert_eq!(unreachable.status.code(), Some(1));
 
     assert!(dev.terminate().await.success(), "graceful shutdown exits 0");
 
@@ -397,11 +473,13 @@ async fn the_tools_print_tables_or_json_and_exit_with_the_kind_of_failure() {
     ])
     .await;
     assert_eq!(code, Some(0), "{err}");
+    // The response message, in the proto3 JSON mapping, on one line.
+    assert_eq!(out.lines().count(), 1, "{out}");
     let created: serde_json::Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
-    let id = created["id"].as_str().unwrap_or_default().to_owned();
-    assert_eq!(created["displayName"], "Zoe");
+    let id = created["user"]["id"].as_str().unwrap_or_default().to_owned();
+    assert_eq!(created["user"]["displayName"], "Zoe");
     assert_eq!(
-        created["revision"], "4",
+        created["user"]["revision"], "4",
         "int64 as a string, per the proto3 JSON mapping"
     );
 
@@ -428,13 +506,42 @@ async fn the_tools_print_tables_or_json_and_exit_with_the_kind_of_failure() {
     .await;
     assert_eq!(code, Some(0));
     let contract: serde_json::Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
-    assert_eq!(contract["plan"], "PLAN_PREMIUM");
+    assert_eq!(contract["contract"]["plan"], "PLAN_PREMIUM");
+    let contract_id = contract["contract"]["id"].as_str().unwrap_or_default().to_owned();
+    let (code, _, err) = tool(&["users", "update", &id, "--contract-id", &contract_id, "--addr", &users]).await;
+    assert_eq!(code, Some(0), "{err}");
+    // Zoe's contract allows one photo: the first is taken (once Photos
+    // knows her), the second refused.
+    let photos = dev.photos.to_string();
+    let photo = ["photos", "create", "--user", &id, "--size", "10", "--addr", &photos];
+    lightbox_testkit::eventually("Photos to take Zoe's first photo", || async {
+        (tool(&photo).await.0 == Some(0)).then_some(())
+    })
+    .await;
 
-    // Exit codes by kind of failure, with one line on stderr.
+    // Exit codes by kind of failure, with one line on stderr naming the
+    // service and the address tried, and the next step.
     let unknown = "00000000-0000-7000-8000-00000000dead";
-    let cases: [(&[&str], i32); 4] = [
-        (&["users", "get", unknown, "--addr", &users], 3),
-        (&["users", "get", "not-an-id", "--addr", &users], 4),
+    let at = |addr: &str, service: &str| format!("error: the {service} service at http://{addr} answered ");
+    let cases: [(&[&str], i32, String, &str); 7] = [
+        (
+            &["users", "get", unknown, "--addr", &users],
+            3,
+            at(&users, "users") + "NOT_FOUND: ",
+            "; check the id; `lightbox users list` lists the users",
+        ),
+        (
+            &["users", "get", "not-an-id", "--addr", &users],
+            4,
+            at(&users, "users") + "INVALID_ARGUMENT: ",
+            "; nothing was changed; see `lightbox users --help`",
+        ),
+        (
+            &["users", "update", &id, "--addr", &users],
+            4,
+            "error: nothing to update: give --name".into(),
+            "(see `lightbox users update --help`)",
+        ),
         (
             &[
                 "users",
@@ -448,17 +555,40 @@ async fn the_tools_print_tables_or_json_and_exit_with_the_kind_of_failure() {
                 &users,
             ],
             5,
+            at(&users, "users") + "ABORTED: ",
+            "`lightbox users get ID` shows the current revision, to pass as --expected-revision",
         ),
-        (&["users", "get", &id, "--addr", "127.0.0.1:1"], 7),
+        (
+            &photo,
+            6,
+            at(&photos, "photos") + "RESOURCE_EXHAUSTED: photo quota",
+            "; nothing was changed; `lightbox contracts list --holder USER_ID` shows the owner's contract",
+        ),
+        (
+            &["users", "get", &id, "--addr", "127.0.0.1:1"],
+            7,
+            "error: cannot reach the users service at http://127.0.0.1:1 (connection refused); ".into(),
+            "; is it running? Start everything with `lightbox dev`, or pass --addr HOST:PORT",
+        ),
+        (
+            &["users", "get", &id, "--addr", "127.0.0.1"],
+            2,
+            "error: invalid value '127.0.0.1' for '--addr <HOST:PORT>'".into(),
+            "",
+        ),
     ];
-    for (args, expected) in cases {
+    for (args, expected, starts, ends) in cases {
         let (code, _, err) = tool(args).await;
         assert_eq!(code, Some(expected), "{args:?}: {err}");
-        assert!(err.starts_with("error:") && err.trim().lines().count() == 1, "{err}");
+        let first = err.lines().next().unwrap_or_default();
+        assert!(first.starts_with(&starts) && first.ends_with(ends), "{args:?}: {err}");
+        if expected != 2 {
+            assert_eq!(err.trim().lines().count(), 1, "{err}");
+        }
     }
     // Nothing changed by the refused update.
     let (_, out, _) = tool(&["users", "get", &id, "--json", "--addr", &users]).await;
-    assert!(out.contains("\"displayName\": \"Zoe\""), "{out}");
+    assert!(out.contains(r#""displayName":"Zoe""#), "{out}");
     assert!(dev.terminate().await.success());
 }
 
@@ -506,7 +636,7 @@ async fn watch_streams_changes_and_resumes_after_the_server_restarts() {
             (code == Some(0)).then(|| {
                 let value: serde_json::Value =
                     serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out} {err}"));
-                value["id"].as_str().unwrap_or_default().to_owned()
+                value["contract"]["id"].as_str().unwrap_or_default().to_owned()
             })
         }
     };
@@ -618,4 +748,254 @@ async fn dev_prints_a_token_the_gateway_takes_and_token_prints_one_alone() {
     assert_eq!(profile["user"]["id"], bob, "the token's subject is the user asked for");
     let status = dev.terminate().await;
     assert!(status.success(), "{status:?}");
+}
+
+/// A port nothing listens on (bound, then released).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .unwrap_or_else(|err| panic!("{err}"))
+        .port()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_tool_with_nothing_listening_names_the_address_and_exits_7() {
+    let addr = format!("127.0.0.1:{}", free_port());
+    let id = ADA;
+    let commands: Vec<(&str, Vec<&str>)> = vec![
+        ("users", vec!["users", "list"]),
+        ("users", vec!["users", "get", id]),
+        (
+            "users",
+            vec!["users", "create", "--name", "N", "--email", "n@example.com"],
+        ),
+        ("users", vec!["users", "update", id, "--name", "N"]),
+        ("users", vec!["users", "delete", id]),
+        ("users", vec!["users", "list", "--json"]),
+        ("contracts", vec!["contracts", "list"]),
+        ("contracts", vec!["contracts", "get", id]),
+        (
+            "contracts",
+            vec!["contracts", "create", "--holder", id, "--plan", "free"],
+        ),
+        ("contracts", vec!["contracts", "update", id, "--plan", "free"]),
+        ("contracts", vec!["contracts", "delete", id]),
+        ("photos", vec!["photos", "list", "--user", id]),
+        ("photos", vec!["photos", "get", id]),
+        ("photos", vec!["photos", "create", "--user", id, "--size", "1"]),
+        ("photos", vec!["photos", "delete", id]),
+        ("users", vec!["watch", "users"]),
+        ("contracts", vec!["watch", "contracts", "--json"]),
+        ("photos", vec!["watch", "photos", "--since", "3"]),
+        ("users", vec!["fault", "users"]),
+        ("contracts", vec!["fault", "contracts", "--down"]),
+        ("photos", vec!["fault", "photos", "--clear"]),
+    ];
+    for (service, mut args) in commands {
+        args.extend(["--addr", &addr]);
+        let (code, out, err) = tool(&args).await;
+        assert_eq!(code, Some(7), "{args:?}: {err}");
+        assert_eq!(out, "", "{args:?}");
+        assert_eq!(
+            err,
+            format!(
+                "error: cannot reach the {service} service at http://{addr} (connection refused); \
+                 is it running? Start everything with `lightbox dev`, or pass --addr HOST:PORT\n"
+            ),
+            "{args:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn bad_usage_exits_2_before_calling_anything() {
+    let cases: [&[&str]; 5] = [
+        &["fault", "gateway", "--down"],
+        &["fault", "all"],
+        &["fault", "users", "--addr", "not an address"],
+        &["users", "list", "--addr", "127.0.0.1"],
+        &["watch", "everything"],
+    ];
+    for args in cases {
+        let (code, _, err) = tool(args).await;
+        assert_eq!(code, Some(2), "{args:?}: {err}");
+        assert!(err.starts_with("error: invalid value"), "{args:?}: {err}");
+    }
+}
+
+/// The proto3 JSON of `message` (named `full_name`), as the gateway's
+/// json module writes it.
+fn gateway_json<M: prost::Message>(full_name: &str, message: &M) -> String {
+    let pool = lightbox_gateway::descriptors().unwrap_or_else(|err| panic!("{err}"));
+    let value =
+        lightbox_gateway::json::message_to_json(&pool, full_name, message).unwrap_or_else(|err| panic!("{err}"));
+    serde_json::to_string(&value).unwrap_or_else(|err| panic!("{err}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_is_what_the_gateway_writes_byte_for_byte() {
+    let dir = tempfile::tempdir().unwrap_or_else(|err| panic!("{err}"));
+    let dev = start_dev(dir.path()).await;
+    let (users, contracts, photos) = (dev.users.to_string(), dev.contracts.to_string(), dev.photos.to_string());
+
+    // A photo: the CLI's line is the gateway's body for the same call.
+    let http = reqwest::Client::new();
+    let get = |path: String| {
+        let request = http
+            .get(format!("http://{}{path}", dev.gateway))
+            .bearer_auth(&dev.token);
+        async move {
+            let response = request.send().await.unwrap_or_else(|err| panic!("{err}"));
+            assert_eq!(response.status(), reqwest::StatusCode::OK, "{path}");
+            response.text().await.unwrap_or_else(|err| panic!("{err}"))
+        }
+    };
+    let listed: serde_json::Value =
+        serde_json::from_str(&get("/v1/users/me/photos".into()).await).unwrap_or_else(|err| panic!("{err}"));
+    let photo_id = listed["photos"][0]["id"].as_str().unwrap_or_default().to_owned();
+    let body = get(format!("/v1/users/me/photos/{photo_id}")).await;
+    let (code, out, err) = tool(&["photos", "get", &photo_id, "--json", "--addr", &photos]).await;
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(out, format!("{body}\n"), "the gateway's bytes, and a newline");
+    let photo: serde_json::Value = serde_json::from_str(&out).unwrap_or_else(|err| panic!("{err}: {out}"));
+    assert!(
+        photo["photo"]["createTime"].as_str().is_some_and(|t| t.ends_with('Z')),
+        "{out}"
+    );
+    assert!(photo["photo"]["sizeBytes"].is_string(), "int64 as a string: {out}");
+    assert_eq!(
+        photo["photo"]["takenTime"],
+        serde_json::Value::Null,
+        "unset messages written: {out}"
+    );
+
+    // A user: the CLI's line is the gateway's json module on the message
+    // fetched over gRPC.
+    let (code, out, err) = tool(&["users", "get", ADA, "--json", "--addr", &users]).await;
+    assert_eq!(code, Some(0), "{err}");
+    let mut client = UsersServiceClient::new(channel(dev.users).await);
+    let fetched = client
+        .get_user(GetUserRequest {
+            id: ADA.into(),
+            include_contract: false,
+            contract_read: 0,
+        })
+        .await
+        .unwrap_or_else(|status| panic!("{status:?}"))
+        .into_inner();
+    assert_eq!(
+        out.trim_end(),
+        gateway_json("lightbox.users.v1.GetUserResponse", &fetched)
+    );
+    let user: serde_json::Value = serde_json::from_str(&out).unwrap_or_else(|err| panic!("{err}: {out}"));
+    assert_eq!(user["user"]["revision"], "1");
+    assert_eq!(user["user"]["status"], "USER_STATUS_ACTIVE", "enums by name");
+
+    // A watch: each line is the gateway's JSON of the frame, snapshot and
+    // all, and `--id` takes several ids after one flag, as the README writes it.
+    let [c1, c2, _] = lightbox_app::demo::CONTRACT_IDS;
+    let mut watcher = Command::new(BIN)
+        .args([
+            "watch",
+            "contracts",
+            "--since",
+            "0",
+            "--id",
+            c1,
+            c2,
+            "--json",
+            "--addr",
+            &contracts,
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap_or_else(|err| panic!("{err}"));
+    let mut out = BufReader::new(watcher.stdout.take().unwrap_or_else(|| panic!("no stdout"))).lines();
+    let mut seen = Vec::new();
+    tokio::time::timeout(DEADLINE, async {
+        while let Ok(Some(line)) = out.next_line().await {
+            let end = line.contains("snapshotEnd");
+            seen.push(line);
+            if end {
+                return;
+            }
+        }
+        panic!("the watcher stopped before the snapshot's end: {seen:?}");
+    })
+    .await
+    .unwrap_or_else(|_| panic!("no snapshotEnd within {DEADLINE:?}"));
+    let _ = watcher.kill().await;
+
+    let mut client = ContractsServiceClient::new(channel(dev.contracts).await);
+    let mut stream = client
+        .watch_contracts(WatchContractsRequest {
+            since_revision: 0,
+            contract_ids: vec![c1.into(), c2.into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap_or_else(|status| panic!("{status:?}"))
+        .into_inner();
+    let mut expected = Vec::new();
+    while expected.len() < seen.len() {
+        let frame = tokio::time::timeout(DEADLINE, stream.message())
+            .await
+            .unwrap_or_else(|_| panic!("no frame within {DEADLINE:?}"))
+            .unwrap_or_else(|status| panic!("{status:?}"))
+            .unwrap_or_else(|| panic!("the stream ended"));
+        expected.push(gateway_json("lightbox.contracts.v1.WatchContractsResponse", &frame));
+    }
+    assert_eq!(seen, expected);
+    assert_eq!(seen.len(), 4, "begin, the two contracts asked for, end: {seen:?}");
+    assert!(seen[1].contains(c1) && seen[2].contains(c2), "{seen:?}");
+    assert!(
+        seen[1].starts_with(r#"{"change":{"#) && seen[1].contains(r#""kind":"CHANGE_KIND_UPSERT""#),
+        "{seen:?}"
+    );
+    assert!(dev.terminate().await.success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fault_changes_name_their_server_and_a_refused_request_is_one_warning() {
+    let dir = tempfile::tempdir().unwrap_or_else(|err| panic!("{err}"));
+    let dev = start_dev_logged(dir.path()).await;
+    let photos = dev.photos.to_string();
+
+    let down = lightbox(&["fault", "photos", "--addr", &photos, "--down"]).await;
+    assert!(down.status.success(), "{down:?}");
+    dev.log_until("fault injection on photos: down (was: no fault)").await;
+
+    // The phone's request is refused upstream: a 503, logged once, as a
+    // warning naming the request and why.
+    let http = reqwest::Client::new();
+    let refused = |request_id: &'static str| {
+        let request = http
+            .get(format!("http://{}/v1/users/me/photos", dev.gateway))
+            .bearer_auth(&dev.token)
+            .header("x-request-id", request_id);
+        async move {
+            let response = request.send().await.unwrap_or_else(|err| panic!("{err}"));
+            assert_eq!(response.status(), reqwest::StatusCode::SERVICE_UNAVAILABLE);
+        }
+    };
+    refused("refused-once").await;
+    // Every line about the first request is written before its answer, so
+    // before the second request starts: once the second's line is there,
+    // the first's are all in.
+    refused("marker").await;
+    let log = dev.log_until("request_id=marker").await;
+    let lines: Vec<&String> = log.iter().filter(|line| line.contains("refused-once")).collect();
+    assert_eq!(lines.len(), 1, "{log:#?}");
+    assert!(
+        lines[0].contains(" WARN ") && lines[0].contains("photos is down (fault injection)"),
+        "{lines:?}"
+    );
+    assert!(!log.iter().any(|line| line.contains("ERROR")), "{log:#?}");
+
+    let cleared = lightbox(&["fault", "photos", "--addr", &photos, "--clear"]).await;
+    assert!(cleared.status.success(), "{cleared:?}");
+    dev.log_until("fault injection on photos: no fault (was: down)").await;
+    assert!(dev.terminate().await.success());
 }

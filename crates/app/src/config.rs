@@ -1,11 +1,13 @@
 //! The command line: one `Cli` with every setting, from flags or the
-//! environment, each documented (this is what `--help` prints).
+//! environment, each documented (this is what `--help` prints). The
+//! servers' settings are here ([`ServeArgs`]); each tool's arguments live
+//! beside the tool, in [`crate::tools`].
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::targets::Target;
+use crate::{target::Target, tools};
 
 /// Lightbox: event-driven gRPC services that keep answering when their
 /// upstreams are slow or down.
@@ -40,44 +42,21 @@ pub enum Command {
     /// per process, typically on PostgreSQL).
     Serve(ServeArgs),
     /// Injects faults into a running server: latency, errors, or down.
-    Fault(FaultArgs),
+    Fault(tools::fault::FaultArgs),
     /// The back office: create, read, update, delete users.
-    Users(crate::tools::UsersArgs),
+    Users(tools::users::UsersArgs),
     /// The support app: create, read, update, delete contracts.
-    Contracts(crate::tools::ContractsArgs),
+    Contracts(tools::contracts::ContractsArgs),
     /// Photos: upload records, list, delete.
-    Photos(crate::tools::PhotosArgs),
+    Photos(tools::photos::PhotosArgs),
     /// Streams changes as they happen, resuming by itself after drops.
-    Watch(crate::tools::WatchArgs),
+    Watch(tools::watch::WatchArgs),
     /// Prints a development token for a user (the token alone, for
     /// scripts), signed with the development key unless `--jwt-secret` is
     /// given.
-    Token(TokenArgs),
+    Token(tools::token::TokenArgs),
     /// Prints the gateway's OpenAPI document (generated from the protos).
     Openapi,
-}
-
-/// Arguments of `lightbox token`.
-#[derive(Debug, Clone, Args)]
-pub struct TokenArgs {
-    /// The user the token is for (its subject).
-    pub user_id: String,
-
-    /// How long the token is valid.
-    #[arg(long, value_parser = humantime::parse_duration, default_value = "24h")]
-    pub ttl: Duration,
-
-    /// The HS256 key to sign with (default: the development key).
-    #[arg(long, env = "LIGHTBOX_JWT_SECRET", hide_env_values = true)]
-    pub jwt_secret: Option<String>,
-
-    /// The token's issuer.
-    #[arg(long, env = "LIGHTBOX_JWT_ISSUER", default_value = lightbox_gateway::auth::DEFAULT_ISSUER)]
-    pub jwt_issuer: String,
-
-    /// The token's audience.
-    #[arg(long, env = "LIGHTBOX_JWT_AUDIENCE", default_value = lightbox_gateway::auth::DEFAULT_AUDIENCE)]
-    pub jwt_audience: String,
 }
 
 /// Settings of the servers.
@@ -218,31 +197,4 @@ pub struct ServeArgs {
     /// Do not load demo data on first start (`dev` only).
     #[arg(long, env = "LIGHTBOX_NO_DEMO")]
     pub no_demo: bool,
-}
-
-/// Arguments of `lightbox fault`.
-#[derive(Debug, Clone, Args)]
-pub struct FaultArgs {
-    /// The server to act on.
-    pub target: Target,
-
-    /// Its address (default: the component's local default port).
-    #[arg(long)]
-    pub addr: Option<String>,
-
-    /// Latency to add to every call, e.g. `200ms`.
-    #[arg(long, value_parser = humantime::parse_duration, group = "fault")]
-    pub latency: Option<Duration>,
-
-    /// Share of calls to fail with UNAVAILABLE, from 0 to 1.
-    #[arg(long, group = "fault")]
-    pub error_rate: Option<f64>,
-
-    /// Refuse every call, and end the streams in progress.
-    #[arg(long, group = "fault")]
-    pub down: bool,
-
-    /// Remove every fault.
-    #[arg(long, group = "fault")]
-    pub clear: bool,
 }

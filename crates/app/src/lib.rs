@@ -3,21 +3,28 @@
 //!
 //! # Layout
 //!
-//! - [`config`]: the command line ([`Cli`]), flags and environment.
-//! - [`targets`]: [`Target`] (the components), [`Settings`], and
-//!   [`start`](targets::start), which brings one component up on a bound
-//!   listener and returns a [`Component`] handle to stop it.
+//! - [`target`]: [`Target`], the components by name (what `--target` and
+//!   the startup code share).
+//! - [`config`]: the command line ([`Cli`]), flags and environment; the
+//!   servers' settings ([`ServeArgs`]).
+//! - [`targets`]: [`Settings`] and [`start`](targets::start), which brings
+//!   one component up on a bound listener and returns a [`Component`]
+//!   handle to stop it.
 //! - [`demo`]: the demo users, contracts and photos `lightbox dev` loads.
-//! - `fault` (private): `lightbox fault`, the client of the admin service.
 //! - [`tools`]: the command-line tools (`users`, `contracts`, `photos`,
-//!   `watch`): tables or JSON, exit codes by failure kind.
+//!   `watch`, `fault`, `token`), one module each: tables or JSON, one-line
+//!   errors, exit codes by failure kind.
 //! - `telemetry` (private): logs.
 //!
-//! [`run`] is what the `lightbox` binary calls.
+//! Dependencies inside flow one way: `target` ← `config` ← `targets`;
+//! `tools` needs none of them.
+//!
+//! [`run`] is what the `lightbox` binary calls; [`error_line`] and
+//! [`exit_code`] say how it failed.
 
 pub mod config;
 pub mod demo;
-mod fault;
+pub mod target;
 pub mod targets;
 mod telemetry;
 pub mod tools;
@@ -29,7 +36,9 @@ use lightbox_server::Shutdown;
 
 pub use config::{Cli, Command, ServeArgs};
 pub use lightbox_server::ServerOptions;
-pub use targets::{Component, Settings, Target};
+pub use target::Target;
+pub use targets::{Component, Settings};
+pub use tools::{error_line, exit_code};
 
 /// Runs the command the command line asks for. `version` is the binary's
 /// (with the git revision it was built from), for the dev banner.
@@ -45,32 +54,14 @@ pub async fn run(cli: Cli, version: &str) -> anyhow::Result<()> {
         }
         Some(Command::Dev(args)) => serve(args, Some(version)).await,
         Some(Command::Serve(args)) => serve(args, None).await,
-        Some(Command::Fault(args)) => fault::run(args).await,
-        Some(Command::Users(args)) => tools::users(args).await,
-        Some(Command::Contracts(args)) => tools::contracts(args).await,
-        Some(Command::Photos(args)) => tools::photos(args).await,
-        Some(Command::Watch(args)) => tools::watch(args).await,
-        Some(Command::Token(args)) => token(&args),
+        Some(Command::Fault(args)) => tools::fault::run(args).await,
+        Some(Command::Users(args)) => tools::users::run(args).await,
+        Some(Command::Contracts(args)) => tools::contracts::run(args).await,
+        Some(Command::Photos(args)) => tools::photos::run(args).await,
+        Some(Command::Watch(args)) => tools::watch::run(args).await,
+        Some(Command::Token(args)) => tools::token::run(&args),
         Some(Command::Openapi) => openapi(),
     }
-}
-
-/// `lightbox token USER_ID`: the token alone on stdout.
-fn token(args: &config::TokenArgs) -> anyhow::Result<()> {
-    let secret = args
-        .jwt_secret
-        .as_deref()
-        .unwrap_or(lightbox_gateway::auth::DEVELOPMENT_SECRET);
-    let token = lightbox_gateway::auth::hs256_token(
-        secret.as_bytes(),
-        &args.jwt_issuer,
-        &args.jwt_audience,
-        &args.user_id,
-        args.ttl,
-    )
-    .map_err(anyhow::Error::msg)?;
-    println!("{token}");
-    Ok(())
 }
 
 /// `lightbox openapi`: the gateway's OpenAPI document.

@@ -3,7 +3,7 @@
 //! alone (microservices mode) or beside the others (monolithic mode);
 //! components always reach each other over real gRPC.
 
-use std::{convert::Infallible, fmt, net::SocketAddr, path::PathBuf, str::FromStr, sync::Arc, time::Duration};
+use std::{convert::Infallible, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::Context;
 use lightbox_cache::{CacheOptions, sources};
@@ -23,61 +23,7 @@ use tonic::{
     service::Routes,
 };
 
-use crate::config::ServeArgs;
-
-/// A component of Lightbox.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Target {
-    /// The users service (IS 1).
-    Users,
-    /// The contracts service (IS 2).
-    Contracts,
-    /// The photos service, with its local copies of users and contracts.
-    Photos,
-    /// The mobile gateway (HTTP/JSON).
-    Gateway,
-    /// Every component.
-    All,
-}
-
-impl Target {
-    /// Every component `All` stands for, in start order (upstreams first).
-    pub const COMPONENTS: [Target; 4] = [Target::Contracts, Target::Users, Target::Photos, Target::Gateway];
-
-    /// The component's name, as written on the command line.
-    pub fn name(self) -> &'static str {
-        match self {
-            Target::Users => "users",
-            Target::Contracts => "contracts",
-            Target::Photos => "photos",
-            Target::Gateway => "gateway",
-            Target::All => "all",
-        }
-    }
-}
-
-impl fmt::Display for Target {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
-    }
-}
-
-impl FromStr for Target {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Target, String> {
-        match s.trim().to_ascii_lowercase().as_str() {
-            "users" => Ok(Target::Users),
-            "contracts" => Ok(Target::Contracts),
-            "photos" => Ok(Target::Photos),
-            "gateway" => Ok(Target::Gateway),
-            "all" => Ok(Target::All),
-            other => Err(format!(
-                "unknown target {other:?}: expected users, contracts, photos, gateway or all"
-            )),
-        }
-    }
-}
+use crate::{config::ServeArgs, target::Target};
 
 /// Everything a component needs to start, resolved from the command line
 /// (or built directly by tests).

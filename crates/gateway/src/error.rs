@@ -1,6 +1,13 @@
 //! Errors as the gateway answers them: the HTTP status grpc-gateway maps the
 //! gRPC code to, and a JSON body `{"code", "message", "details"}` (the
 //! shape of `google.rpc.Status`, as grpc-gateway writes it).
+//!
+//! Every error answer passes through [`HttpError::into_response`], so that
+//! is where a failed request is logged, once, in the request's span: an
+//! `INTERNAL` (a bug, or an upstream's bug) at ERROR; an expected server-side
+//! failure (an upstream `UNAVAILABLE` or too slow, the gateway at its
+//! limits) at WARN; a client's mistake (4xx) not at all. The HTTP trace
+//! layer logs no status of its own (see `Gateway::router`).
 
 use axum::{
     Json,
@@ -8,6 +15,7 @@ use axum::{
 };
 use http::{HeaderValue, StatusCode, header};
 use tonic::Code;
+use tracing::Level;
 
 /// An error answer of the gateway.
 #[derive(Debug, Clone)]
@@ -72,6 +80,16 @@ impl HttpError {
     }
 }
 
+/// The level a failed request with `code` (answered with `status`) is
+/// logged at; `None`: not logged (the client's mistake, told in the answer).
+fn log_level(code: Code, status: StatusCode) -> Option<Level> {
+    match code {
+        Code::Internal | Code::Unknown | Code::DataLoss => Some(Level::ERROR),
+        _ if status.is_server_error() => Some(Level::WARN),
+        _ => None,
+    }
+}
+
 impl From<tonic::Status> for HttpError {
     fn from(status: tonic::Status) -> HttpError {
         HttpError::new(status.code(), status.message())
@@ -80,15 +98,47 @@ impl From<tonic::Status> for HttpError {
 
 impl IntoResponse for HttpError {
     fn into_response(self) -> Response {
+        let status = self.status();
+        match log_level(self.code, status) {
+            Some(Level::ERROR) => {
+                tracing::error!(code = ?self.code, status = status.as_u16(), error = %self.message, "request failed");
+            }
+            Some(_) => {
+                tracing::warn!(code = ?self.code, status = status.as_u16(), error = %self.message, "request failed")
+            }
+            None => {}
+        }
         let body = serde_json::json!({
             "code": self.code as i32,
             "message": self.message,
             "details": [],
         });
-        let mut response = (self.status(), Json(body)).into_response();
+        let mut response = (status, Json(body)).into_response();
         for (name, value) in self.headers {
             response.headers_mut().insert(name, value);
         }
         response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn internal_errors_are_errors_expected_refusals_warnings_and_client_mistakes_silent() {
+        let level = |error: HttpError| log_level(error.code, error.status());
+        assert_eq!(level(HttpError::new(Code::Internal, "bug")), Some(Level::ERROR));
+        assert_eq!(level(HttpError::new(Code::Unknown, "?")), Some(Level::ERROR));
+        assert_eq!(
+            level(HttpError::new(Code::Unavailable, "photos is down")),
+            Some(Level::WARN)
+        );
+        assert_eq!(level(HttpError::new(Code::DeadlineExceeded, "slow")), Some(Level::WARN));
+        assert_eq!(level(HttpError::new(Code::NotFound, "no route")), None);
+        assert_eq!(level(HttpError::unauthenticated("no token")), None);
+        assert_eq!(level(HttpError::invalid("bad body")), None);
+        let not_allowed = HttpError::new(Code::Unimplemented, "POST").with_status(StatusCode::METHOD_NOT_ALLOWED);
+        assert_eq!(level(not_allowed), None);
     }
 }

@@ -10,7 +10,8 @@
 //! refused, so a typo is a 400 rather than a silently ignored field.
 
 use prost_reflect::{
-    DeserializeOptions, DynamicMessage, FieldDescriptor, Kind, MessageDescriptor, ReflectMessage, SerializeOptions,
+    DescriptorPool, DeserializeOptions, DynamicMessage, FieldDescriptor, Kind, MessageDescriptor, ReflectMessage,
+    SerializeOptions,
 };
 use serde_json::Value;
 
@@ -22,6 +23,24 @@ pub fn to_json(message: &DynamicMessage) -> Result<Value, String> {
         .map_err(|e| format!("{} does not map to JSON: {e}", message.descriptor().full_name()))?;
     emit_unpopulated_messages(&message.descriptor(), &mut value);
     Ok(value)
+}
+
+/// Writes a generated (prost) message in the proto3 JSON mapping, by the
+/// gateway's own path: encoded, read back as a [`DynamicMessage`] of the
+/// message `full_name` in `pool` (see [`crate::descriptors`]), and written by
+/// [`to_json`]. For clients of the services (the command-line tools) that
+/// must write exactly what the gateway writes for the same message.
+pub fn message_to_json<M: prost::Message>(
+    pool: &DescriptorPool,
+    full_name: &str,
+    message: &M,
+) -> Result<Value, String> {
+    let desc = pool
+        .get_message_by_name(full_name)
+        .ok_or_else(|| format!("{full_name} is not in the descriptors"))?;
+    let dynamic = DynamicMessage::decode(desc, message.encode_to_vec().as_slice())
+        .map_err(|e| format!("the message does not decode as {full_name}: {e}"))?;
+    to_json(&dynamic)
 }
 
 /// Whether `message` is a well-known type with its own JSON form (a string
@@ -144,6 +163,30 @@ mod tests {
             Value::Null,
             "unset messages are null, as EmitUnpopulated writes"
         );
+    }
+
+    #[test]
+    fn a_generated_message_is_written_as_its_dynamic_twin() {
+        let mut photo = lightbox_api::photos::Photo {
+            id: "p1".into(),
+            size_bytes: 1_234_567_890_123,
+            create_time: Some(Default::default()),
+            ..Default::default()
+        };
+        if let Some(created) = photo.create_time.as_mut() {
+            created.seconds = 1_700_000_000;
+            created.nanos = 120_000_000;
+        }
+        let json = message_to_json(&pool(), "lightbox.photos.v1.Photo", &photo).expect("maps to JSON");
+        let mut dynamic = DynamicMessage::new(photo_desc());
+        dynamic
+            .transcode_from(&photo)
+            .expect("a Photo decodes as lightbox.photos.v1.Photo");
+        assert_eq!(json, to_json(&dynamic).expect("maps to JSON"));
+        assert_eq!(json["createTime"], "2023-11-14T22:13:20.120Z");
+        assert_eq!(json["sizeBytes"], "1234567890123");
+        let unknown = message_to_json(&pool(), "lightbox.photos.v1.Nope", &photo).expect_err("unknown name");
+        assert!(unknown.contains("lightbox.photos.v1.Nope"), "{unknown}");
     }
 
     #[test]

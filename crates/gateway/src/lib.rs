@@ -70,6 +70,7 @@ use prost_reflect::{DescriptorPool, MethodDescriptor};
 use tokio::{net::TcpListener, sync::Semaphore};
 use tonic::{Code, metadata::MetadataValue, transport::Channel};
 use tower_http::{
+    classify::ServerErrorsFailureClass,
     request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer},
     trace::TraceLayer,
 };
@@ -205,14 +206,27 @@ impl Gateway {
             .fallback(dispatch)
             .with_state(state)
             .layer(PropagateRequestIdLayer::x_request_id())
-            .layer(TraceLayer::new_for_http().make_span_with(|request: &Request| {
-                let id = request
-                    .headers()
-                    .get("x-request-id")
-                    .and_then(|v| v.to_str().ok())
-                    .unwrap_or_default();
-                tracing::info_span!("http", method = %request.method(), path = %request.uri().path(), request_id = %id)
-            }))
+            .layer(
+                TraceLayer::new_for_http()
+                    .make_span_with(|request: &Request| {
+                        let id = request
+                            .headers()
+                            .get("x-request-id")
+                            .and_then(|v| v.to_str().ok())
+                            .unwrap_or_default();
+                        tracing::info_span!("http", method = %request.method(), path = %request.uri().path(), request_id = %id)
+                    })
+                    // An error status was logged once already, at its level,
+                    // where the error was answered (`HttpError`); the
+                    // default would log every 5xx again, as ERROR, even an
+                    // upstream's expected 503. Only a failure no answer
+                    // says (a response body that broke off) is logged here.
+                    .on_failure(|failure: ServerErrorsFailureClass, latency: Duration, _: &tracing::Span| {
+                        if let ServerErrorsFailureClass::Error(error) = failure {
+                            tracing::warn!(%error, ?latency, "response failed");
+                        }
+                    }),
+            )
             .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
     }
 
@@ -304,9 +318,7 @@ async fn dispatch(State(gateway): State<Arc<Gateway>>, request: Request) -> Resp
     match serve_route(&gateway, request).await {
         Ok(response) => response,
         Err(error) => {
-            if error.status().is_server_error() {
-                tracing::warn!(code = ?error.code, message = %error.message, "request failed");
-            }
+            // Logged once, by `HttpError::into_response`.
             let mut response = error.into_response();
             if has_body {
                 response

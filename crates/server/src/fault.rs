@@ -61,6 +61,28 @@ impl FaultSpec {
     }
 }
 
+/// In words, as the logs and `lightbox fault` say it: "no fault", or what is
+/// in force ("down", "latency 200ms, error rate 0.3").
+impl std::fmt::Display for FaultSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut parts = Vec::new();
+        if self.down {
+            parts.push("down".to_owned());
+        }
+        if !self.latency.is_zero() {
+            parts.push(format!("latency {:?}", self.latency));
+        }
+        if self.error_rate > 0.0 {
+            parts.push(format!("error rate {}", self.error_rate));
+        }
+        if parts.is_empty() {
+            f.write_str("no fault")
+        } else {
+            f.write_str(&parts.join(", "))
+        }
+    }
+}
+
 impl From<FaultSpec> for Fault {
     fn from(spec: FaultSpec) -> Fault {
         Fault {
@@ -210,6 +232,22 @@ mod tests {
 
         faults.clear();
         assert_eq!(faults.get(), FaultSpec::default());
+    }
+
+    #[test]
+    fn a_fault_says_itself_in_words() {
+        assert_eq!(FaultSpec::default().to_string(), "no fault");
+        let all = FaultSpec {
+            latency: Duration::from_millis(200),
+            error_rate: 0.3,
+            down: true,
+        };
+        assert_eq!(all.to_string(), "down, latency 200ms, error rate 0.3");
+        let slow = FaultSpec {
+            latency: Duration::from_millis(1500),
+            ..FaultSpec::default()
+        };
+        assert_eq!(slow.to_string(), "latency 1.5s");
     }
 
     #[test]

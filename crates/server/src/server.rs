@@ -193,7 +193,7 @@ pub async fn serve(
         .build_v1alpha()?
         .max_decoding_message_size(limit)
         .max_encoding_message_size(limit);
-    let admin = FaultServiceServer::new(FaultServiceImpl::new(faults.clone()))
+    let admin = FaultServiceServer::new(FaultServiceImpl::new(faults.clone()).with_service_name(name))
         .max_decoding_message_size(limit)
         .max_encoding_message_size(limit);
     let health_service = health_service

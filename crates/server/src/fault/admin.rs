@@ -7,6 +7,8 @@ use lightbox_api::{
         fault_service_server::FaultService,
     },
 };
+use std::sync::Arc;
+
 use tonic::{Request, Response, Status};
 
 use super::{FaultSpec, Faults};
@@ -17,13 +19,33 @@ use super::{FaultSpec, Faults};
 #[derive(Debug, Clone)]
 pub struct FaultServiceImpl {
     faults: Faults,
+    /// The server's short name ("users"), in the log line of every change:
+    /// in monolithic mode several servers log to the same place.
+    service_name: Arc<str>,
 }
 
 impl FaultServiceImpl {
     /// Serves `faults`, which should be the same (a clone) as the one given
-    /// to the [`FaultLayer`](super::FaultLayer).
+    /// to the [`FaultLayer`](super::FaultLayer). Its log lines name the
+    /// server "lightbox" unless [`FaultServiceImpl::with_service_name`] says
+    /// otherwise.
     pub fn new(faults: Faults) -> FaultServiceImpl {
-        FaultServiceImpl { faults }
+        FaultServiceImpl {
+            faults,
+            service_name: Arc::from("lightbox"),
+        }
+    }
+
+    /// Names the server in the log ("fault injection on users: down").
+    pub fn with_service_name(mut self, name: impl Into<String>) -> FaultServiceImpl {
+        self.service_name = Arc::from(name.into());
+        self
+    }
+
+    /// Logs a change of the fault in force, naming the server.
+    fn log_change(&self, before: FaultSpec, after: FaultSpec) {
+        let name = &*self.service_name;
+        tracing::info!(service = %name, "fault injection on {name}: {after} (was: {before})");
     }
 }
 
@@ -40,21 +62,18 @@ impl FaultService for FaultServiceImpl {
             ApiError::InvalidArgument("fault is required (ClearFault removes every fault)".to_owned())
         })?;
         let spec = FaultSpec::try_from(fault)?;
+        let before = self.faults.get();
         self.faults.set(spec).map_err(ApiError::InvalidArgument)?;
-        tracing::info!(
-            latency = ?spec.latency,
-            error_rate = spec.error_rate,
-            down = spec.down,
-            "fault injection changed"
-        );
+        self.log_change(before, spec);
         Ok(Response::new(SetFaultResponse {
             fault: Some(spec.into()),
         }))
     }
 
     async fn clear_fault(&self, _request: Request<ClearFaultRequest>) -> Result<Response<ClearFaultResponse>, Status> {
+        let before = self.faults.get();
         self.faults.clear();
-        tracing::info!("fault injection cleared");
+        self.log_change(before, FaultSpec::default());
         Ok(Response::new(ClearFaultResponse {
             fault: Some(FaultSpec::default().into()),
         }))

@@ -1,0 +1,367 @@
+//! How the tools fail: a [`Failure`] is one line and an exit code
+//! ([`Kind`]). An `Endpoint` is a service at an address; a call that fails
+//! there becomes a [`Failure`] naming both, and the next step, built once
+//! (not from a chain of causes that repeat each other).
+
+use std::time::Duration;
+
+use tonic::{Code, Status, transport::Channel};
+
+use super::Service;
+
+/// What kind of failure a command had; its exit code is what scripts see.
+///
+/// | exit code | meaning |
+/// |---:|---|
+/// | 0 | done |
+/// | 1 | any other failure (internal error, a bug) |
+/// | 2 | bad usage (unknown flag, missing argument, bad value for a flag) |
+/// | 3 | not found |
+/// | 4 | invalid argument |
+/// | 5 | conflict: already exists, stale expected revision, failed precondition |
+/// | 6 | refused: permission denied, quota reached |
+/// | 7 | unavailable or too slow (nothing listening, down, deadline): try again later |
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// Anything else (exit 1).
+    Other,
+    /// Bad usage (exit 2): clap's own, or a flag's value the tool refuses.
+    Usage,
+    /// Not found (exit 3).
+    NotFound,
+    /// Invalid argument (exit 4).
+    Invalid,
+    /// Conflict (exit 5).
+    Conflict,
+    /// Refused (exit 6).
+    Refused,
+    /// Unavailable or too slow (exit 7).
+    Unavailable,
+}
+
+impl Kind {
+    /// The exit code of this kind of failure.
+    pub fn exit_code(self) -> u8 {
+        match self {
+            Kind::Other => 1,
+            Kind::Usage => 2,
+            Kind::NotFound => 3,
+            Kind::Invalid => 4,
+            Kind::Conflict => 5,
+            Kind::Refused => 6,
+            Kind::Unavailable => 7,
+        }
+    }
+
+    /// The kind of a failed call's gRPC code.
+    pub fn of(code: Code) -> Kind {
+        match code {
+            Code::NotFound => Kind::NotFound,
+            Code::InvalidArgument | Code::OutOfRange => Kind::Invalid,
+            Code::AlreadyExists | Code::Aborted | Code::FailedPrecondition => Kind::Conflict,
+            Code::PermissionDenied | Code::ResourceExhausted | Code::Unauthenticated => Kind::Refused,
+            Code::Unavailable | Code::DeadlineExceeded => Kind::Unavailable,
+            _ => Kind::Other,
+        }
+    }
+}
+
+/// A failed command: its one-line message and its [`Kind`].
+#[derive(Debug)]
+pub struct Failure {
+    /// What kind of failure (the exit code).
+    pub kind: Kind,
+    message: String,
+}
+
+impl Failure {
+    /// A failure of `kind`, said by `message` (one line).
+    pub fn new(kind: Kind, message: impl Into<String>) -> Failure {
+        Failure {
+            kind,
+            message: message.into(),
+        }
+    }
+
+    /// The exit code scripts see.
+    pub fn exit_code(&self) -> u8 {
+        self.kind.exit_code()
+    }
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for Failure {}
+
+/// The line the binary prints after `error: `: the error and its causes,
+/// each said once (a cause whose words are already in the line is left
+/// out), on one line.
+pub fn error_line(err: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in err.chain() {
+        let text = cause.to_string();
+        let text = text.trim();
+        if text.is_empty() || line.contains(text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(text);
+    }
+    line.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// The exit code of a failed command: its [`Failure`]'s, or 1.
+pub fn exit_code(err: &anyhow::Error) -> u8 {
+    err.chain()
+        .find_map(|cause| cause.downcast_ref::<Failure>())
+        .map_or(Kind::Other.exit_code(), Failure::exit_code)
+}
+
+/// A service at an address, as a tool reaches it: the channel, and what
+/// to say when a call fails there.
+#[derive(Debug, Clone)]
+pub(crate) struct Endpoint {
+    service: Service,
+    url: String,
+    /// The tool's command group (`users`, `watch`, `fault`, …), for the
+    /// `--help` the next step points to.
+    command: &'static str,
+    channel: Channel,
+}
+
+impl Endpoint {
+    /// `service` at `addr` (a URL from `--addr`), or at its local default
+    /// port. Connects on the first call, so an unreachable service fails
+    /// that call (and says so), not this.
+    pub(crate) fn new(service: Service, addr: Option<&str>, command: &'static str) -> Result<Endpoint, Failure> {
+        let url = addr.unwrap_or(service.default_url()).to_owned();
+        let channel = Channel::from_shared(url.clone())
+            .map_err(|e| Failure::new(Kind::Usage, format!("--addr {url} is not an address: {e}")))?
+            .connect_timeout(Duration::from_secs(5))
+            .connect_lazy();
+        Ok(Endpoint {
+            service,
+            url,
+            command,
+            channel,
+        })
+    }
+
+    /// The channel to call on (cheap to clone).
+    pub(crate) fn channel(&self) -> Channel {
+        self.channel.clone()
+    }
+
+    /// The failure of a call that ended with `status`.
+    pub(crate) fn failed(&self, status: Status) -> anyhow::Error {
+        anyhow::Error::new(Failure::new(Kind::of(status.code()), self.describe(&status, true)))
+    }
+
+    /// What happened to a call that ended with `status`, with the next
+    /// step if `next_step`: one line naming the service and the address.
+    pub(crate) fn describe(&self, status: &Status, next_step: bool) -> String {
+        let (service, url) = (self.service, &self.url);
+        if let Some(reason) = connect_error(status) {
+            let line = format!("cannot reach the {service} service at {url} ({reason})");
+            return match next_step {
+                true => {
+                    format!("{line}; is it running? Start everything with `lightbox dev`, or pass --addr HOST:PORT")
+                }
+                false => line,
+            };
+        }
+        let line = match transport_error(status) {
+            // The call started, then its connection failed.
+            Some(reason) => format!("lost the connection to the {service} service at {url} ({reason})"),
+            None => {
+                let message = status.message().trim();
+                let code = code_name(status.code());
+                match message.is_empty() {
+                    true => format!("the {service} service at {url} answered {code}"),
+                    false => format!("the {service} service at {url} answered {code}: {message}"),
+                }
+            }
+        };
+        match next_step {
+            true => format!("{line}; {}", self.next_step(status)),
+            false => line,
+        }
+    }
+
+    /// What to do about a call that ended with `status`.
+    fn next_step(&self, status: &Status) -> String {
+        let (service, command) = (self.service, self.command);
+        match status.code() {
+            Code::NotFound if service == Service::Photos => {
+                "check the id; `lightbox photos list --user USER_ID` lists a user's photos".to_owned()
+            }
+            Code::NotFound => format!("check the id; `lightbox {service} list` lists the {service}"),
+            Code::InvalidArgument | Code::OutOfRange => {
+                format!("nothing was changed; see `lightbox {command} --help`")
+            }
+            Code::Aborted => format!(
+                "nothing was changed; `lightbox {service} get ID` shows the current revision, \
+                 to pass as --expected-revision"
+            ),
+            Code::AlreadyExists | Code::FailedPrecondition | Code::PermissionDenied | Code::Unauthenticated => {
+                "nothing was changed".to_owned()
+            }
+            Code::ResourceExhausted if service == Service::Photos => {
+                "nothing was changed; `lightbox contracts list --holder USER_ID` shows the owner's contract".to_owned()
+            }
+            Code::ResourceExhausted => "nothing was changed; try again later".to_owned(),
+            Code::Unavailable if status.message().contains("fault injection") => {
+                format!("`lightbox fault {service} --clear` brings it back")
+            }
+            Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled => {
+                format!("try again later (`lightbox fault {service}` shows the faults injected into it)")
+            }
+            Code::Unimplemented => format!(
+                "is {} the {service} service's port? By default users is on 50051, \
+                 contracts on 50052, photos on 50053",
+                self.url
+            ),
+            // tonic's words for an answer that was not gRPC at all.
+            _ if status.message().contains("while receiving response with status") => format!(
+                "{} does not speak gRPC: is it the {service} service's port (not the gateway's)?",
+                self.url
+            ),
+            _ => format!("the {service} service's log says more"),
+        }
+    }
+}
+
+/// Why the connection could not be made, if that is why `status` failed
+/// (tonic marks it with [`tonic::ConnectError`] in the status's causes).
+fn connect_error(status: &Status) -> Option<String> {
+    let mut source = std::error::Error::source(status);
+    while let Some(err) = source {
+        if err.is::<tonic::ConnectError>() {
+            return Some(innermost_reason(err));
+        }
+        source = err.source();
+    }
+    None
+}
+
+/// Why the connection failed, if `status` came from the transport rather
+/// than from the server's answer (the server's answers carry no cause).
+fn transport_error(status: &Status) -> Option<String> {
+    std::error::Error::source(status).map(innermost_reason)
+}
+
+/// The deepest cause of `err`, in words: an I/O error by its kind where
+/// that says it best ("connection refused").
+fn innermost_reason(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut deepest = err;
+    let mut io = None;
+    let mut source = Some(err);
+    while let Some(cause) = source {
+        if let Some(found) = cause.downcast_ref::<std::io::Error>() {
+            io = Some(found);
+        }
+        deepest = cause;
+        source = cause.source();
+    }
+    let io_kind = io.map(std::io::Error::kind);
+    match io_kind {
+        Some(std::io::ErrorKind::ConnectionRefused) => "connection refused".to_owned(),
+        Some(std::io::ErrorKind::ConnectionReset) => "connection reset".to_owned(),
+        Some(std::io::ErrorKind::TimedOut) => "timed out".to_owned(),
+        Some(std::io::ErrorKind::AddrNotAvailable) => "address not available".to_owned(),
+        Some(std::io::ErrorKind::HostUnreachable) => "host unreachable".to_owned(),
+        Some(std::io::ErrorKind::NetworkUnreachable) => "network unreachable".to_owned(),
+        _ => deepest.to_string(),
+    }
+}
+
+/// A gRPC code as the protos and grpcurl spell it (`NOT_FOUND`).
+fn code_name(code: Code) -> &'static str {
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "CANCELLED",
+        Code::Unknown => "UNKNOWN",
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::Aborted => "ABORTED",
+        Code::OutOfRange => "OUT_OF_RANGE",
+        Code::Unimplemented => "UNIMPLEMENTED",
+        Code::Internal => "INTERNAL",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DataLoss => "DATA_LOSS",
+        Code::Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn endpoint(service: Service) -> Endpoint {
+        Endpoint::new(service, Some("http://127.0.0.1:1"), "users").expect("a valid address")
+    }
+
+    #[test]
+    fn exit_codes_follow_the_table() {
+        let cases = [
+            (Code::NotFound, 3),
+            (Code::InvalidArgument, 4),
+            (Code::OutOfRange, 4),
+            (Code::AlreadyExists, 5),
+            (Code::Aborted, 5),
+            (Code::FailedPrecondition, 5),
+            (Code::PermissionDenied, 6),
+            (Code::ResourceExhausted, 6),
+            (Code::Unavailable, 7),
+            (Code::DeadlineExceeded, 7),
+            (Code::Internal, 1),
+            (Code::Unknown, 1),
+        ];
+        for (code, exit) in cases {
+            assert_eq!(Kind::of(code).exit_code(), exit, "{code:?}");
+        }
+        assert_eq!(Kind::Usage.exit_code(), 2);
+    }
+
+    // A channel needs a runtime, even one that never connects.
+    #[tokio::test]
+    async fn an_answer_names_the_service_the_address_the_code_and_the_next_step() {
+        let users = endpoint(Service::Users);
+        let err = users.failed(Status::not_found("no user 42"));
+        assert_eq!(exit_code(&err), 3);
+        assert_eq!(
+            error_line(&err),
+            "the users service at http://127.0.0.1:1 answered NOT_FOUND: no user 42; \
+             check the id; `lightbox users list` lists the users"
+        );
+        let down = users.failed(Status::unavailable("users is down (fault injection)"));
+        assert_eq!(exit_code(&down), 7);
+        assert!(
+            error_line(&down).ends_with("; `lightbox fault users --clear` brings it back"),
+            "{down}"
+        );
+    }
+
+    #[test]
+    fn an_error_line_says_each_cause_once() {
+        let err = anyhow::anyhow!("tcp connect error: connection refused")
+            .context("transport error: tcp connect error: connection refused")
+            .context("cannot reach the users server");
+        assert_eq!(
+            error_line(&err),
+            "cannot reach the users server: transport error: tcp connect error: connection refused"
+        );
+        assert_eq!(exit_code(&err), 1);
+    }
+}
