@@ -12,7 +12,8 @@
 use std::{
     future::Future,
     pin::Pin,
-    task::{Context, Poll, ready},
+    sync::Arc,
+    task::{Context, Poll},
 };
 
 use http::HeaderMap;
@@ -28,30 +29,32 @@ type DownSignal = Pin<Box<dyn Future<Output = bool> + Send>>;
 
 /// A response body that forwards `inner` until the server goes down, then
 /// ends with `grpc-status: 14` (`UNAVAILABLE`) and `message`.
+///
+/// Cheap for unary calls: each poll reads the fault state (a read lock, no
+/// waiter registered), and only a body left waiting for data (a stream)
+/// registers to be woken when the server goes down.
 pub(crate) struct DownAwareBody {
     /// The handler's body; `None` once the call has been ended here, which
     /// drops it at once.
     inner: Option<Body>,
-    /// `None` once it can no longer matter: it resolved `false`, or the inner
-    /// body already sent its own trailers.
+    /// The fault state; `None` once it can no longer matter (the inner body
+    /// sent its own trailers, or every `Faults` handle is gone).
+    changes: Option<watch::Receiver<FaultSpec>>,
+    /// Set the first time the inner body is pending: wakes this body when
+    /// the server goes down while it waits.
     down: Option<DownSignal>,
-    message: String,
+    message: Arc<str>,
 }
 
 impl DownAwareBody {
     /// Wraps `inner`, watching `changes`. A server that is already down when
     /// the body is first polled ends it at once, so a `down` set between the
     /// layer's check and the response is not missed.
-    pub(crate) fn new(inner: Body, mut changes: watch::Receiver<FaultSpec>, message: String) -> DownAwareBody {
-        let down: DownSignal = Box::pin(async move {
-            // `wait_for` checks the current value first, then sleeps until the
-            // sender notifies a change: no timer, no polling. Its error means
-            // every `Faults` handle is gone.
-            changes.wait_for(|spec| spec.down).await.is_ok()
-        });
+    pub(crate) fn new(inner: Body, changes: watch::Receiver<FaultSpec>, message: Arc<str>) -> DownAwareBody {
         DownAwareBody {
             inner: Some(inner),
-            down: Some(down),
+            changes: Some(changes),
+            down: None,
             message,
         }
     }
@@ -61,16 +64,25 @@ impl DownAwareBody {
         // `add_header` percent-encodes the message; it fails only on a
         // message it cannot encode, and then the status alone still ends the
         // call with the right code.
-        if Status::unavailable(self.message.as_str())
-            .add_header(&mut trailers)
-            .is_err()
-        {
+        if Status::unavailable(&*self.message).add_header(&mut trailers).is_err() {
             trailers.insert(
                 http::HeaderName::from_static("grpc-status"),
                 http::HeaderValue::from_static("14"),
             );
         }
         trailers
+    }
+
+    /// Ends the call here: the handler's body is dropped, our trailers go.
+    fn end(&mut self) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+        self.inner = None;
+        self.stop_watching();
+        Poll::Ready(Some(Ok(Frame::trailers(self.down_trailers()))))
+    }
+
+    fn stop_watching(&mut self) {
+        self.changes = None;
+        self.down = None;
     }
 }
 
@@ -81,34 +93,51 @@ impl HttpBody for DownAwareBody {
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
         // `DownAwareBody` is `Unpin` (its fields are boxed), so plain `&mut`.
         let this = &mut *self;
-
-        // The down signal first: a stream with data always ready must still
-        // be cut as soon as the server goes down.
-        if let Some(down) = this.down.as_mut()
-            && let Poll::Ready(is_down) = down.as_mut().poll(cx)
-        {
-            this.down = None;
-            if is_down && this.inner.is_some() {
-                this.inner = None;
-                return Poll::Ready(Some(Ok(Frame::trailers(this.down_trailers()))));
-            }
-        }
-
         let Some(inner) = this.inner.as_mut() else {
             return Poll::Ready(None);
         };
-        let frame = ready!(Pin::new(inner).poll_frame(cx));
-        match &frame {
-            // The handler ended the call itself: nothing more may follow its
-            // trailers, so stop watching.
-            Some(Ok(f)) if f.is_trailers() => this.down = None,
-            Some(Err(_)) | None => {
-                this.down = None;
-                this.inner = None;
-            }
-            Some(Ok(_)) => {}
+        // Down already? Looked at before the data, so that a stream with data
+        // always ready is still cut as soon as the server goes down.
+        if this.changes.as_ref().is_some_and(|changes| changes.borrow().down) {
+            return this.end();
         }
-        Poll::Ready(frame)
+        match Pin::new(inner).poll_frame(cx) {
+            Poll::Ready(frame) => {
+                match &frame {
+                    // The handler ended the call itself: nothing more may
+                    // follow its trailers, so stop watching.
+                    Some(Ok(f)) if f.is_trailers() => this.stop_watching(),
+                    Some(Err(_)) | None => {
+                        this.stop_watching();
+                        this.inner = None;
+                    }
+                    Some(Ok(_)) => {}
+                }
+                Poll::Ready(frame)
+            }
+            Poll::Pending => {
+                // Waiting for data: be woken if the server goes down meanwhile.
+                if this.down.is_none()
+                    && let Some(mut changes) = this.changes.clone()
+                {
+                    // `wait_for` checks the current value first, then sleeps
+                    // until the sender notifies a change: no timer, no
+                    // polling. Its error means every `Faults` handle is gone.
+                    this.down = Some(Box::pin(
+                        async move { changes.wait_for(|spec| spec.down).await.is_ok() },
+                    ));
+                }
+                if let Some(down) = this.down.as_mut()
+                    && let Poll::Ready(is_down) = down.as_mut().poll(cx)
+                {
+                    if is_down {
+                        return this.end();
+                    }
+                    this.stop_watching();
+                }
+                Poll::Pending
+            }
+        }
     }
 
     fn is_end_stream(&self) -> bool {

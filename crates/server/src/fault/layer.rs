@@ -41,9 +41,10 @@ fn is_exempt(path: &str) -> bool {
 #[derive(Debug, Clone)]
 pub struct FaultLayer {
     faults: Faults,
-    /// Shared by every connection's copy of the service; `None` names the
-    /// service from the call's path.
-    service_name: Option<Arc<str>>,
+    /// The refusal of a server that is down, written once and shared by
+    /// every connection's copy of the service; `None` names the service from
+    /// each call's path.
+    down_message: Option<Arc<str>>,
 }
 
 impl FaultLayer {
@@ -53,13 +54,13 @@ impl FaultLayer {
     pub fn new(faults: Faults) -> FaultLayer {
         FaultLayer {
             faults,
-            service_name: None,
+            down_message: None,
         }
     }
 
     /// Names the server in refusals ("users is down (fault injection)").
     pub fn with_service_name(mut self, name: impl Into<String>) -> FaultLayer {
-        self.service_name = Some(Arc::from(name.into()));
+        self.down_message = Some(Arc::from(down_message(&name.into())));
         self
     }
 }
@@ -71,7 +72,7 @@ impl<S> Layer<S> for FaultLayer {
         FaultInjection {
             inner,
             faults: self.faults.clone(),
-            service_name: self.service_name.clone(),
+            down_message: self.down_message.clone(),
         }
     }
 }
@@ -81,7 +82,7 @@ impl<S> Layer<S> for FaultLayer {
 pub struct FaultInjection<S> {
     inner: S,
     faults: Faults,
-    service_name: Option<Arc<str>>,
+    down_message: Option<Arc<str>>,
 }
 
 /// The future of [`FaultInjection`]: boxed, because it may sleep before
@@ -111,9 +112,9 @@ where
             return Box::pin(async move { Ok(response.await?.map(Body::new)) });
         }
 
-        let name = match &self.service_name {
-            Some(name) => name.to_string(),
-            None => service_of(path).to_owned(),
+        let message: Arc<str> = match &self.down_message {
+            Some(message) => Arc::clone(message),
+            None => Arc::from(down_message(service_of(path))),
         };
         let faults = self.faults.clone();
         faults.count_call();
@@ -126,7 +127,7 @@ where
         Box::pin(async move {
             let spec = faults.get();
             if spec.down {
-                return Ok(refuse(down_message(&name)));
+                return Ok(refuse(message.to_string()));
             }
             if !spec.latency.is_zero() {
                 tokio::time::sleep(spec.latency).await;
@@ -135,7 +136,7 @@ where
             // the call waited, and a server that went down must not start it.
             let spec = faults.get();
             if spec.down {
-                return Ok(refuse(down_message(&name)));
+                return Ok(refuse(message.to_string()));
             }
             // `fastrand::f64` is in [0, 1): a rate of 0 never fails, 1 always.
             if spec.error_rate > 0.0 && fastrand::f64() < spec.error_rate {
@@ -147,7 +148,7 @@ where
 
             let response = inner.call(request).await?;
             let changes = faults.subscribe();
-            Ok(response.map(|body| Body::new(DownAwareBody::new(Body::new(body), changes, down_message(&name)))))
+            Ok(response.map(|body| Body::new(DownAwareBody::new(Body::new(body), changes, message))))
         })
     }
 }
