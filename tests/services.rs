@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 
 use lightbox_api::{
     contracts::{
-        Contract, ContractOption, CreateContractRequest, DeleteContractRequest, Plan, UpdateContractRequest,
-        WatchContractsRequest, contracts_service_client::ContractsServiceClient,
+        Contract, ContractOption, CreateContractRequest, DeleteContractRequest, ListContractsRequest, Plan,
+        UpdateContractRequest, WatchContractsRequest, contracts_service_client::ContractsServiceClient,
         watch_contracts_response::Event as ContractEvent,
     },
     users::{
@@ -34,6 +34,7 @@ conformance!(
     watch_over_grpc_is_snapshot_then_live,
     watch_contracts_follows_one_holder,
     contracts_stored_before_scopes_are_found_by_holder,
+    contracts_are_listed_by_holder_in_pages_as_written,
     a_client_that_stops_reading_is_dropped_and_resumes_losslessly,
 );
 
@@ -641,6 +642,85 @@ async fn watch_contracts_follows_one_holder(db: TestDb) {
 /// Contracts stored before scopes existed get their holder's scope from the
 /// contracts service's migration: a watch of their holder finds them, in a
 /// snapshot and in the changelog.
+/// Every page of a holder's contracts, in id order, `size` at a time.
+async fn contracts_of(stack: &Stack, holder: &str, size: i32) -> Vec<String> {
+    let mut contracts = stack.contracts_client().await;
+    let (mut ids, mut token) = (Vec::new(), String::new());
+    loop {
+        let page = contracts
+            .list_contracts(ListContractsRequest {
+                page_size: size,
+                page_token: token,
+                holder_user_id: holder.into(),
+            })
+            .await
+            .unwrap_or_else(|status| panic!("list contracts: {status:?}"))
+            .into_inner();
+        assert!(page.contracts.len() <= size as usize);
+        assert!(page.contracts.iter().all(|c| c.holder_user_id == holder));
+        ids.extend(page.contracts.into_iter().map(|c| c.id));
+        if page.next_page_token.is_empty() {
+            return ids;
+        }
+        token = page.next_page_token;
+    }
+}
+
+/// One query on the holder's scope: pages follow each other, a write is in
+/// the very next listing, a contract given to another holder moves lists,
+/// a deleted one leaves.
+async fn contracts_are_listed_by_holder_in_pages_as_written(db: TestDb) {
+    let stack = Stack::start(db, feed_options()).await;
+    let (ada, bob) = (
+        create_user(&stack, "Ada", "ada@example.com").await,
+        create_user(&stack, "Bob", "bob@example.com").await,
+    );
+    let mut written = Vec::new();
+    for n in 0..7 {
+        written.push(create_contract(&stack, &ada.id, "5").await.id);
+        let mut expected = written.clone();
+        expected.sort();
+        assert_eq!(contracts_of(&stack, &ada.id, 3).await, expected, "after contract {n}");
+    }
+    create_contract(&stack, &bob.id, "5").await;
+    let mut contracts = stack.contracts_client().await;
+    let moved = contracts
+        .get_contract(lightbox_api::contracts::GetContractRequest { id: written[0].clone() })
+        .await
+        .unwrap_or_else(|status| panic!("{status:?}"))
+        .into_inner()
+        .contract
+        .unwrap_or_default();
+    contracts
+        .update_contract(UpdateContractRequest {
+            contract: Some(Contract {
+                holder_user_id: bob.id.clone(),
+                ..moved
+            }),
+            update_mask: None,
+            expected_revision: 0,
+        })
+        .await
+        .unwrap_or_else(|status| panic!("{status:?}"));
+    contracts
+        .delete_contract(DeleteContractRequest {
+            id: written[1].clone(),
+            expected_revision: 0,
+        })
+        .await
+        .unwrap_or_else(|status| panic!("{status:?}"));
+    let mut left: Vec<String> = written[2..].to_vec();
+    left.sort();
+    assert_eq!(contracts_of(&stack, &ada.id, 2).await, left);
+    let bobs = contracts_of(&stack, &bob.id, 10).await;
+    assert_eq!(bobs.len(), 2);
+    assert!(
+        bobs.contains(&written[0]),
+        "the moved contract is listed under its new holder"
+    );
+    stack.stop().await;
+}
+
 async fn contracts_stored_before_scopes_are_found_by_holder(db: TestDb) {
     const ADA: &str = "00000000-0000-7000-8000-00000000000a";
     const BOB: &str = "00000000-0000-7000-8000-00000000000b";
