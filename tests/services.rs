@@ -231,6 +231,60 @@ async fn listing_pages_with_opaque_tokens(db: TestDb) {
         token = page.next_page_token;
     }
     assert_eq!(seen, created, "every user once, in id order");
+
+    // A token is good for its own listing only: another RPC's, or the same
+    // RPC's with another filter, or a forged one, is refused, not answered
+    // with a page of something else.
+    let users_token = users
+        .list_users(ListUsersRequest {
+            page_size: 1,
+            page_token: String::new(),
+        })
+        .await
+        .unwrap_or_else(|status| panic!("{status:?}"))
+        .into_inner()
+        .next_page_token;
+    let (ada, bob) = (created[0].clone(), created[1].clone());
+    for holder in [&ada, &ada] {
+        create_contract(&stack, holder, "5").await;
+    }
+    let mut contracts = stack.contracts_client().await;
+    let adas_token = contracts
+        .list_contracts(ListContractsRequest {
+            page_size: 1,
+            page_token: String::new(),
+            holder_user_id: ada.clone(),
+        })
+        .await
+        .unwrap_or_else(|status| panic!("{status:?}"))
+        .into_inner()
+        .next_page_token;
+    assert!(!adas_token.is_empty());
+    for (token, holder, what) in [
+        (users_token.clone(), ada.clone(), "a ListUsers token"),
+        (adas_token.clone(), bob.clone(), "Ada's token for Bob's contracts"),
+        (adas_token.clone(), String::new(), "a holder's token for all contracts"),
+        ("lb2.6869".to_owned(), ada.clone(), "a forged token"),
+    ] {
+        let refused = contracts
+            .list_contracts(ListContractsRequest {
+                page_size: 1,
+                page_token: token,
+                holder_user_id: holder,
+            })
+            .await;
+        assert!(
+            matches!(&refused, Err(s) if s.code() == Code::InvalidArgument && s.message().contains("page_token")),
+            "{what}: {refused:?}"
+        );
+    }
+    let refused = users
+        .list_users(ListUsersRequest {
+            page_size: 1,
+            page_token: adas_token,
+        })
+        .await;
+    expect_status(refused, Code::InvalidArgument, "another listing");
     stack.stop().await;
 }
 

@@ -40,26 +40,41 @@ pub fn page_size(value: i32, default: i64, max: i64) -> Result<i64, ApiError> {
     }
 }
 
-const TOKEN_PREFIX: &str = "lb1.";
+const TOKEN_PREFIX: &str = "lb2.";
 
-/// Encodes the position after which the next page starts as an opaque token.
-pub fn encode_page_token(after: &str) -> String {
-    let mut token = String::with_capacity(TOKEN_PREFIX.len() + after.len() * 2);
+/// The most bytes a page token may carry (its listing and its position).
+const TOKEN_MAX_BYTES: usize = 512;
+
+/// Encodes the position after which the next page of `listing` starts as an
+/// opaque token. `listing` names the RPC and its filter (`"ListPhotos
+/// user_id=…"`): a token is good for that listing only, so one passed to
+/// another RPC, or with another filter, is refused instead of answering a
+/// page of something else.
+pub fn encode_page_token(listing: &str, after: &str) -> String {
+    let raw = format!("{listing}\n{after}");
+    let mut token = String::with_capacity(TOKEN_PREFIX.len() + raw.len() * 2);
     token.push_str(TOKEN_PREFIX);
-    for byte in after.as_bytes() {
+    for byte in raw.as_bytes() {
         token.push_str(&format!("{byte:02x}"));
     }
     token
 }
 
-/// Decodes a token made by [`encode_page_token`]; empty means the first page.
-pub fn decode_page_token(token: &str) -> Result<String, ApiError> {
+/// Decodes a token made by [`encode_page_token`] for `listing`; empty means
+/// the first page.
+pub fn decode_page_token(listing: &str, token: &str) -> Result<String, ApiError> {
     if token.is_empty() {
         return Ok(String::new());
     }
-    let invalid = || ApiError::InvalidArgument("page_token is not a token this service issued".into());
+    let invalid = || {
+        ApiError::InvalidArgument(
+            "page_token is not a token this service issued; pass the next_page_token of the previous page, \
+             or none for the first page"
+                .into(),
+        )
+    };
     let hex = token.strip_prefix(TOKEN_PREFIX).ok_or_else(invalid)?;
-    if hex.len() % 2 != 0 || hex.len() > 512 {
+    if hex.len() % 2 != 0 || hex.len() > TOKEN_MAX_BYTES * 2 {
         return Err(invalid());
     }
     let bytes = (0..hex.len())
@@ -67,20 +82,28 @@ pub fn decode_page_token(token: &str) -> Result<String, ApiError> {
         .map(|i| u8::from_str_radix(hex.get(i..i + 2).unwrap_or("zz"), 16))
         .collect::<Result<Vec<u8>, _>>()
         .map_err(|_| invalid())?;
-    String::from_utf8(bytes).map_err(|_| invalid())
+    let raw = String::from_utf8(bytes).map_err(|_| invalid())?;
+    let (issued_for, after) = raw.split_once('\n').ok_or_else(invalid)?;
+    if issued_for != listing {
+        return Err(ApiError::InvalidArgument(format!(
+            "page_token was issued for another listing ({issued_for}), not this one ({listing}); \
+             keep the same request fields from page to page, or start again without a token"
+        )));
+    }
+    Ok(after.to_owned())
 }
 
 /// Cuts a page read with one item more than `size` (to learn whether more
-/// follow) to `size`, and makes the token of the next page from the last
-/// item's key (empty on the last page).
-pub fn finish_page<T>(mut items: Vec<T>, size: i64, key: impl Fn(&T) -> &str) -> (Vec<T>, String) {
+/// follow) to `size`, and makes the token of the next page of `listing`
+/// from the last item's `key`.
+pub fn finish_page<T>(mut items: Vec<T>, size: i64, listing: &str, key: impl Fn(&T) -> &str) -> (Vec<T>, String) {
     if items.len() as i64 <= size {
         return (items, String::new());
     }
     items.truncate(size as usize);
     let token = items
         .last()
-        .map(|item| encode_page_token(key(item)))
+        .map(|item| encode_page_token(listing, key(item)))
         .unwrap_or_default();
     (items, token)
 }
@@ -203,14 +226,24 @@ mod tests {
     use super::*;
 
     #[test]
-    fn page_tokens_round_trip_and_reject_forgeries() {
-        let token = encode_page_token("0190f1d2-aaaa");
-        assert_eq!(decode_page_token(&token).ok().as_deref(), Some("0190f1d2-aaaa"));
-        assert_eq!(decode_page_token("").ok().as_deref(), Some(""));
-        for bad in ["garbage", "lb1.zz", "lb1.abc", "lb1.ff"] {
+    fn page_tokens_round_trip_and_reject_forgeries_and_other_listings() {
+        let listing = "ListPhotos user_id=a";
+        let token = encode_page_token(listing, "0190f1d2-aaaa");
+        assert_eq!(
+            decode_page_token(listing, &token).ok().as_deref(),
+            Some("0190f1d2-aaaa")
+        );
+        assert_eq!(decode_page_token(listing, "").ok().as_deref(), Some(""));
+        for bad in ["garbage", "lb2.zz", "lb2.abc", "lb2.ff", "lb1.61", "lb2.61"] {
             assert!(
-                matches!(decode_page_token(bad), Err(ApiError::InvalidArgument(_))),
+                matches!(decode_page_token(listing, bad), Err(ApiError::InvalidArgument(_))),
                 "{bad}"
+            );
+        }
+        for other in ["ListPhotos user_id=b", "ListUsers"] {
+            assert!(
+                matches!(decode_page_token(other, &token), Err(ApiError::InvalidArgument(m)) if m.contains("another listing")),
+                "{other}"
             );
         }
     }

@@ -188,19 +188,24 @@ impl<T> ChangePage<T> {
 }
 
 /// The position of a state listing: the revision it lists the state at,
-/// and the last entity id listed, as an opaque token.
+/// and the last entity id listed, as an opaque token good for that feed's
+/// state listing only.
 struct StatePage;
 
 impl StatePage {
-    fn encode(at: i64, after: &str) -> String {
-        lightbox_api::request::encode_page_token(&format!("{at}:{after}"))
+    fn listing(feed: &str) -> String {
+        format!("the {feed} changes from since_revision 0")
     }
 
-    fn decode(token: &str) -> Option<(i64, String)> {
+    fn encode(feed: &str, at: i64, after: &str) -> String {
+        lightbox_api::request::encode_page_token(&StatePage::listing(feed), &format!("{at}:{after}"))
+    }
+
+    fn decode(feed: &str, token: &str) -> Option<(i64, String)> {
         if token.is_empty() {
             return None;
         }
-        let raw = lightbox_api::request::decode_page_token(token).ok()?;
+        let raw = lightbox_api::request::decode_page_token(&StatePage::listing(feed), token).ok()?;
         let (at, after) = raw.split_once(':')?;
         Some((at.parse().ok()?, after.to_owned()))
     }
@@ -491,7 +496,7 @@ impl<T: Entity> Feed<T> {
         }
         let mut tx = shared.db.begin_snapshot().await?;
         let state = read_state(&mut tx, shared.name).await?;
-        let (at, after) = match StatePage::decode(page) {
+        let (at, after) = match StatePage::decode(shared.name, page) {
             Some(position) => position,
             None if page.is_empty() => (state.revision, String::new()),
             None => {
@@ -525,7 +530,7 @@ impl<T: Entity> Feed<T> {
             .collect::<Result<Vec<_>, _>>()?;
         let full = changes.len() as i64 >= limit;
         let next_page_token = match changes.last() {
-            Some(last) if full => StatePage::encode(at, &last.entity_id),
+            Some(last) if full => StatePage::encode(shared.name, at, &last.entity_id),
             _ => String::new(),
         };
         Ok(ChangePage {

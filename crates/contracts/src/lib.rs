@@ -135,8 +135,13 @@ impl ContractsService {
 
     async fn list(&self, request: ListContractsRequest) -> Result<ListContractsResponse, ApiError> {
         let size = request::page_size(request.page_size, 50, 1000)?;
-        let after = request::decode_page_token(&request.page_token)?;
-        let contracts = match request::parse_optional_id("holder_user_id", &request.holder_user_id)? {
+        let holder = request::parse_optional_id("holder_user_id", &request.holder_user_id)?;
+        let listing = match holder {
+            Some(holder) => format!("ListContracts holder_user_id={holder}"),
+            None => "ListContracts".to_owned(),
+        };
+        let after = request::decode_page_token(&listing, &request.page_token)?;
+        let contracts = match holder {
             None => self
                 .feed
                 .list(&after, size + 1)
@@ -152,7 +157,7 @@ impl ContractsService {
                     .await?
             }
         };
-        let (contracts, next_page_token) = request::finish_page(contracts, size, |c: &Contract| &c.id);
+        let (contracts, next_page_token) = request::finish_page(contracts, size, &listing, |c: &Contract| &c.id);
         Ok(ListContractsResponse {
             contracts,
             next_page_token,

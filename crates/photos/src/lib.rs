@@ -258,7 +258,8 @@ impl PhotosService {
         token: &str,
         fresh: bool,
     ) -> Result<(Vec<Photo>, String), ApiError> {
-        let before = request::decode_page_token(token)?;
+        let listing = format!("ListPhotos user_id={user_id}");
+        let before = request::decode_page_token(&listing, token)?;
         let before = (!before.is_empty()).then_some(before.as_str());
         let photos = if fresh {
             self.feed.list_scope(user_id, before, size + 1, true).await?
@@ -267,7 +268,7 @@ impl PhotosService {
             let page = snapshot.scope(user_id, before, usize::try_from(size + 1).unwrap_or(usize::MAX), true);
             page.unwrap_or_default().into_iter().cloned().collect()
         };
-        Ok(request::finish_page(photos, size, |p: &Photo| &p.id))
+        Ok(request::finish_page(photos, size, &listing, |p: &Photo| &p.id))
     }
 
     async fn list(&self, request: ListPhotosRequest) -> Result<ListPhotosResponse, ApiError> {

@@ -176,7 +176,7 @@ impl UsersService {
 
     async fn list(&self, request: ListUsersRequest) -> Result<ListUsersResponse, ApiError> {
         let size = request::page_size(request.page_size, 50, 1000)?;
-        let after = request::decode_page_token(&request.page_token)?;
+        let after = request::decode_page_token("ListUsers", &request.page_token)?;
         let users = self
             .feed
             .list(&after, size + 1)
@@ -184,7 +184,7 @@ impl UsersService {
             .into_iter()
             .map(|(_, user)| user)
             .collect();
-        let (users, next_page_token) = request::finish_page(users, size, |user: &User| &user.id);
+        let (users, next_page_token) = request::finish_page(users, size, "ListUsers", |user: &User| &user.id);
         Ok(ListUsersResponse { users, next_page_token })
     }
 }
