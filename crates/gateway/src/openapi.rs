@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use prost_reflect::{FieldDescriptor, Kind, MessageDescriptor};
 use serde_json::{Map, Value, json};
 
-use crate::routes::{BodyRule, Route};
+use crate::routes::{BodyRule, FieldPath, Route, Segment};
 
 /// The document for `routes` plus the events stream.
 pub fn document(routes: &[Route]) -> Value {
@@ -17,7 +17,7 @@ pub fn document(routes: &[Route]) -> Value {
     for route in routes {
         let operation = operation(route, &mut schemas);
         paths
-            .entry(route.template.clone())
+            .entry(openapi_path(route))
             .or_default()
             .insert(route.verb.as_str().to_ascii_lowercase(), operation);
     }
@@ -54,6 +54,34 @@ pub fn document(routes: &[Route]) -> Value {
     })
 }
 
+/// The name of a path variable in the document: its field's own name
+/// (`user_id` for `photo.user_id`), so that one path is written one way
+/// whatever message the route fills (OpenAPI path parameters are plain
+/// names; a dotted one breaks generated clients), unless two variables of
+/// the route would then share it.
+fn parameter_name(route: &Route, variable: &FieldPath) -> String {
+    let leaf = variable.leaf().name();
+    let shared = route.variables().filter(|other| other.leaf().name() == leaf).count() > 1;
+    if shared {
+        variable.proto_name().replace('.', "_")
+    } else {
+        leaf.to_owned()
+    }
+}
+
+/// The route's path as the document writes it: `/v1/users/{user_id}/photos`.
+fn openapi_path(route: &Route) -> String {
+    let segments: Vec<String> = route
+        .segments
+        .iter()
+        .map(|segment| match segment {
+            Segment::Literal(literal) => literal.clone(),
+            Segment::Variable(variable) => format!("{{{}}}", parameter_name(route, variable)),
+        })
+        .collect();
+    format!("/{}", segments.join("/"))
+}
+
 fn operation(route: &Route, schemas: &mut Schemas) -> Value {
     let method = &route.method;
     let mut parameters = Vec::new();
@@ -70,8 +98,13 @@ fn operation(route: &Route, schemas: &mut Schemas) -> Value {
                 fields.insert("example".into(), "me".into());
             }
         }
+        if variable.fields.len() > 1 {
+            description = format!("{description} Fills `{}` of the request.", variable.proto_name())
+                .trim()
+                .to_owned();
+        }
         parameters.push(json!({
-            "name": variable.proto_name(),
+            "name": parameter_name(route, variable),
             "in": "path",
             "required": true,
             "description": description,
@@ -322,6 +355,32 @@ mod tests {
             "comments become descriptions: {photo}"
         );
         assert!(doc["paths"][crate::events::PATH]["get"].is_object());
+        // One path, one spelling: creating and listing photos share theirs,
+        // and every path parameter is a plain name declared by each of its
+        // operations.
+        let photos = &doc["paths"]["/v1/users/{user_id}/photos"];
+        assert!(photos["post"].is_object() && photos["get"].is_object(), "{photos}");
+        for (path, operations) in doc["paths"].as_object().expect("paths") {
+            let names: Vec<&str> = path
+                .split('{')
+                .skip(1)
+                .filter_map(|rest| rest.split('}').next())
+                .collect();
+            for name in &names {
+                assert!(
+                    name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'),
+                    "{path}: {name} is not a plain name"
+                );
+            }
+            for (verb, operation) in operations.as_object().expect("operations") {
+                for name in &names {
+                    let declared = operation["parameters"]
+                        .as_array()
+                        .is_some_and(|ps| ps.iter().any(|p| p["in"] == "path" && p["name"] == *name));
+                    assert!(declared, "{verb} {path} declares {name}");
+                }
+            }
+        }
         // Every reference resolves.
         let text = doc.to_string();
         for reference in text.split("#/components/schemas/").skip(1) {
