@@ -469,6 +469,16 @@ async fn bad_requests_get_400_naming_the_field_and_change_nothing() {
             r#"{"title": "a", "userId": "someone"}"#,
             "photo.userId",
         ),
+        (
+            "one key twice",
+            r#"{"title": "a", "title": "b", "contentType": "image/png"}"#,
+            "`photo.title` is given twice",
+        ),
+        (
+            "one field under both its names",
+            r#"{"title": "a", "contentType": "image/png", "content_type": "image/jpeg"}"#,
+            "`photo.contentType` is given twice",
+        ),
     ] {
         let (status, error) = answer(raw(body).send().await).await;
         assert_eq!(status, StatusCode::BAD_REQUEST, "{what}: {error}");

@@ -86,6 +86,7 @@ fn in_real_oneof(field: &FieldDescriptor) -> bool {
 /// Reads a `desc` message from JSON bytes. Errors name the offending field
 /// as a path from `prefix` (such as `photo.sizeBytes`).
 pub fn from_json_bytes(desc: MessageDescriptor, bytes: &[u8], prefix: &str) -> Result<DynamicMessage, String> {
+    crate::unique::check(&desc, bytes, prefix).map_err(|e| format!("invalid JSON: {e}"))?;
     let mut deserializer = serde_json::Deserializer::from_slice(bytes);
     let message = read(desc, &mut deserializer, prefix)?;
     deserializer

@@ -54,6 +54,7 @@ pub mod openapi;
 mod phone;
 pub mod routes;
 mod transcode;
+mod unique;
 mod upstream;
 
 use std::{collections::HashMap, net::SocketAddr, sync::Arc, time::Duration};
