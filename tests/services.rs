@@ -20,7 +20,7 @@ use lightbox_api::{
 use lightbox_app::Target;
 use lightbox_changefeed::{Backend, FeedOptions};
 use lightbox_server::FaultSpec;
-use lightbox_testkit::{DEADLINE, Stack, TestDb, conformance};
+use lightbox_testkit::{DEADLINE, Stack, TestDb, conformance, eventually};
 use prost::Message;
 use tokio_stream::StreamExt;
 use tonic::Code;
@@ -35,6 +35,7 @@ conformance!(
     watch_contracts_follows_one_holder,
     contracts_stored_before_scopes_are_found_by_holder,
     contracts_are_listed_by_holder_in_pages_as_written,
+    a_users_contract_must_exist_and_be_theirs,
     a_client_that_stops_reading_is_dropped_and_resumes_losslessly,
 );
 
@@ -696,6 +697,112 @@ async fn watch_contracts_follows_one_holder(db: TestDb) {
 /// Contracts stored before scopes existed get their holder's scope from the
 /// contracts service's migration: a watch of their holder finds them, in a
 /// snapshot and in the changelog.
+async fn link(stack: &Stack, user: &User, contract_id: &str) -> Result<User, tonic::Status> {
+    let mut users = stack.users_client().await;
+    users
+        .update_user(UpdateUserRequest {
+            user: Some(User {
+                id: user.id.clone(),
+                contract_id: contract_id.into(),
+                ..User::default()
+            }),
+            update_mask: Some(pbjson_types::FieldMask {
+                paths: vec!["contract_id".into()],
+            }),
+            expected_revision: 0,
+        })
+        .await
+        .map(|r| r.into_inner().user.unwrap_or_default())
+}
+
+/// A user's contract_id is checked when it is set: the contract exists and
+/// is theirs — asked of Contracts, or of Users' copy when Contracts is down
+/// — and a contract option Lightbox reads has a value of its type.
+async fn a_users_contract_must_exist_and_be_theirs(db: TestDb) {
+    let stack = Stack::start(db, feed_options()).await;
+    let (ada, bob) = (
+        create_user(&stack, "Ada", "ada@example.com").await,
+        create_user(&stack, "Bob", "bob@example.com").await,
+    );
+    let adas = create_contract(&stack, &ada.id, "10").await;
+    expect_status(
+        link(&stack, &ada, "00000000-0000-7000-8000-0000000000ff").await,
+        Code::InvalidArgument,
+        "does not exist",
+    );
+    expect_status(
+        link(&stack, &bob, &adas.id).await,
+        Code::FailedPrecondition,
+        "is held by user",
+    );
+    let linked = link(&stack, &ada, &adas.id).await.unwrap_or_else(|s| panic!("{s:?}"));
+    assert_eq!(linked.contract_id, adas.id);
+    expect_status(
+        stack
+            .users_client()
+            .await
+            .create_user(new_user("Eve", "eve@example.com", &adas.id))
+            .await,
+        Code::InvalidArgument,
+        "a new user holds no contract yet",
+    );
+
+    // Contracts down: Users' copy answers for a contract it has, and a
+    // contract it cannot know about is refused as unknowable, not accepted.
+    let bobs = create_contract(&stack, &bob.id, "10").await;
+    link(&stack, &bob, &bobs.id).await.unwrap_or_else(|s| panic!("{s:?}"));
+    eventually("Users' copy to have Bob's contract", || async {
+        let mut users = stack.users_client().await;
+        let request = GetUserRequest {
+            id: bob.id.clone(),
+            include_contract: true,
+            contract_read: ContractRead::Cache as i32,
+        };
+        users.get_user(request).await.ok()
+    })
+    .await;
+    stack
+        .faults(Target::Contracts)
+        .set(FaultSpec {
+            down: true,
+            ..FaultSpec::default()
+        })
+        .unwrap_or_else(|e| panic!("{e}"));
+    expect_status(
+        link(&stack, &ada, &bobs.id).await,
+        Code::FailedPrecondition,
+        "is held by user",
+    );
+    expect_status(
+        link(&stack, &ada, "00000000-0000-7000-8000-0000000000fe").await,
+        Code::Unavailable,
+        "cannot check that contract",
+    );
+    stack.faults(Target::Contracts).clear();
+
+    let mut contracts = stack.contracts_client().await;
+    let refused = contracts
+        .create_contract(CreateContractRequest {
+            contract: Some(Contract {
+                holder_user_id: ada.id.clone(),
+                plan: Plan::Standard as i32,
+                options: vec![ContractOption {
+                    code: "photo_quota".into(),
+                    value: "lots".into(),
+                    enabled: true,
+                }],
+                ..Contract::default()
+            }),
+        })
+        .await;
+    expect_status(
+        refused,
+        Code::InvalidArgument,
+        "\"photo_quota\" must be a non-negative whole number",
+    );
+    stack.stop().await;
+}
+
 /// Every page of a holder's contracts, in id order, `size` at a time.
 async fn contracts_of(stack: &Stack, holder: &str, size: i32) -> Vec<String> {
     let mut contracts = stack.contracts_client().await;

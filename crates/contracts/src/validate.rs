@@ -5,7 +5,7 @@ use std::collections::HashSet;
 
 use lightbox_api::{
     ApiError,
-    contracts::{Contract, ContractStatus, Plan},
+    contracts::{Contract, ContractOption, ContractStatus, Plan},
     request,
 };
 
@@ -114,13 +114,53 @@ fn check(contract: &mut Contract) -> Result<(), ApiError> {
             false,
             256,
         )?;
+        typed(option)?;
     }
+    Ok(())
+}
+
+/// The options whose values Lightbox reads, and what each must be.
+const KNOWN_OPTIONS: &[(&str, OptionType)] = &[("photo_quota", OptionType::Count), ("hd_upload", OptionType::Flag)];
+
+/// What a known option's value must be.
+#[derive(Clone, Copy)]
+enum OptionType {
+    /// A non-negative whole number, such as a quota.
+    Count,
+    /// `true` or `false`.
+    Flag,
+}
+
+/// Refuses a known option whose value is not of its type (an unknown
+/// option's value is free text), so that a contract cannot be stored that
+/// fails later, at an upload. Normalises the value (`" 10 "` → `"10"`).
+fn typed(option: &mut ContractOption) -> Result<(), ApiError> {
+    let Some((_, kind)) = KNOWN_OPTIONS.iter().find(|(code, _)| *code == option.code) else {
+        return Ok(());
+    };
+    let value = option.value.trim();
+    let normal = match kind {
+        OptionType::Count => value.parse::<u64>().ok().map(|n| n.to_string()),
+        OptionType::Flag => match value {
+            "true" | "false" => Some(value.to_owned()),
+            _ => None,
+        },
+    };
+    let expected = match kind {
+        OptionType::Count => "a non-negative whole number, such as \"100\"",
+        OptionType::Flag => "\"true\" or \"false\"",
+    };
+    option.value = normal.ok_or_else(|| {
+        ApiError::InvalidArgument(format!(
+            "contract option {:?} must be {expected} (got {:?})",
+            option.code, option.value
+        ))
+    })?;
     Ok(())
 }
 
 #[cfg(test)]
 mod tests {
-    use lightbox_api::contracts::ContractOption;
 
     use super::*;
 
@@ -131,6 +171,31 @@ mod tests {
             options,
             ..Contract::default()
         })
+    }
+
+    fn valued(code: &str, value: &str) -> ContractOption {
+        ContractOption {
+            value: value.into(),
+            ..option(code)
+        }
+    }
+
+    #[test]
+    fn known_options_are_typed_and_normalised_and_others_are_free_text() {
+        let created = new_contract(
+            contract(
+                Plan::Free,
+                vec![
+                    valued("photo_quota", " 10 "),
+                    valued("hd_upload", "true"),
+                    valued("colour", "teal"),
+                ],
+            ),
+            false,
+        )
+        .unwrap_or_else(|err| panic!("{err}"));
+        let values: Vec<&str> = created.options.iter().map(|o| o.value.as_str()).collect();
+        assert_eq!(values, ["10", "true", "teal"]);
     }
 
     fn option(code: &str) -> ContractOption {
@@ -153,6 +218,18 @@ mod tests {
             (contract(Plan::Unspecified, vec![]), "plan"),
             (contract(Plan::Free, vec![option("Bad Code")]), "not valid"),
             (contract(Plan::Free, vec![option("a"), option("a")]), "twice"),
+            (
+                contract(Plan::Free, vec![valued("photo_quota", "lots")]),
+                "\"photo_quota\" must be a non-negative",
+            ),
+            (
+                contract(Plan::Free, vec![valued("photo_quota", "-1")]),
+                "\"photo_quota\" must be a non-negative",
+            ),
+            (
+                contract(Plan::Free, vec![valued("hd_upload", "yes")]),
+                "\"hd_upload\" must be \"true\" or",
+            ),
         ];
         for (input, needle) in cases {
             let err = new_contract(input, false)

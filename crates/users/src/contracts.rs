@@ -43,8 +43,19 @@ impl ContractsUpstream {
         self.channel.clone()
     }
 
-    /// Gets a contract, within the deadline.
+    /// Gets a contract the user points at, within the deadline.
     pub(crate) async fn get(&self, id: &str) -> Result<Contract, ApiError> {
+        self.find(id).await?.ok_or_else(|| {
+            // The user points at a contract Contracts does not know.
+            ApiError::FailedPrecondition(format!(
+                "the user's contract {id} does not exist in the contracts service"
+            ))
+        })
+    }
+
+    /// Looks a contract up, within the deadline: `None` if Contracts says
+    /// it does not exist.
+    pub(crate) async fn find(&self, id: &str) -> Result<Option<Contract>, ApiError> {
         let mut request = tonic::Request::new(GetContractRequest { id: id.to_owned() });
         // Sent as grpc-timeout, so Contracts can give up too.
         request.set_timeout(self.timeout);
@@ -52,11 +63,9 @@ impl ContractsUpstream {
         match call_upstream("contracts", self.timeout, client.get_contract(request)).await {
             Ok(answer) => answer
                 .contract
+                .map(Some)
                 .ok_or_else(|| ApiError::Unavailable("the contracts service answered without a contract".into())),
-            // The user points at a contract Contracts does not know.
-            Err(ApiError::NotFound(_)) => Err(ApiError::FailedPrecondition(format!(
-                "the user's contract {id} does not exist in the contracts service"
-            ))),
+            Err(ApiError::NotFound(_)) => Ok(None),
             Err(err) => Err(err),
         }
     }

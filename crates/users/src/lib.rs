@@ -97,7 +97,52 @@ impl UsersService {
     }
 
     async fn create(&self, request: CreateUserRequest) -> Result<User, ApiError> {
-        self.insert(validate::new_user(request.user, false)?).await
+        let user = validate::new_user(request.user, false)?;
+        if !user.contract_id.is_empty() {
+            // The new user's id is made here: no contract can be theirs yet.
+            return Err(ApiError::InvalidArgument(format!(
+                "user.contract_id: a new user holds no contract yet, so contract {} cannot be theirs; create \
+                 the user, then their contract with holder_user_id set to the user's id, then set contract_id \
+                 with UpdateUser",
+                user.contract_id
+            )));
+        }
+        self.insert(user).await
+    }
+
+    /// Checks that `contract_id` names a contract held by `user_id`: asked of
+    /// Contracts, or of this service's copy of contracts when Contracts is
+    /// down or slow; refused when neither can tell.
+    async fn check_contract(&self, user_id: &str, contract_id: &str) -> Result<(), ApiError> {
+        let contract = match self.contracts.find(contract_id).await {
+            Ok(Some(contract)) => contract,
+            Ok(None) => {
+                return Err(ApiError::InvalidArgument(format!(
+                    "user.contract_id: contract {contract_id} does not exist; create it with holder_user_id \
+                     {user_id} first"
+                )));
+            }
+            Err(err @ (ApiError::Unavailable(_) | ApiError::DeadlineExceeded(_))) => {
+                match self.contracts_copy.get(contract_id) {
+                    Some((contract, _)) => contract,
+                    None => {
+                        return Err(ApiError::Unavailable(format!(
+                            "cannot check that contract {contract_id} is held by user {user_id}: {err}, and the \
+                             contract is not in this service's copy of contracts; retry later"
+                        )));
+                    }
+                }
+            }
+            Err(other) => return Err(other),
+        };
+        if contract.holder_user_id != user_id {
+            return Err(ApiError::FailedPrecondition(format!(
+                "user.contract_id: contract {contract_id} is held by user {}, not by user {user_id}; \
+                 move it to them first (UpdateContract holder_user_id) or use one of theirs",
+                contract.holder_user_id
+            )));
+        }
+        Ok(())
     }
 
     /// Creates a user with the id it carries (demo data, imports from
@@ -125,6 +170,21 @@ impl UsersService {
             .ok_or_else(|| ApiError::InvalidArgument("user is required".into()))?;
         let id = request::parse_id("user.id", &changes.id)?.to_string();
         let paths = request::update_paths(request.update_mask.as_ref(), validate::UPDATABLE)?;
+        // Checked before the write (it may ask another service), so a
+        // transaction is never held open across a network call.
+        if request::touches(&paths, "contract_id")
+            && let Some(contract_id) = request::parse_optional_id("user.contract_id", &changes.contract_id)?
+        {
+            let contract_id = contract_id.to_string();
+            let unchanged = self
+                .feed
+                .get(&id)
+                .await?
+                .is_some_and(|user| user.contract_id == contract_id);
+            if !unchanged {
+                self.check_contract(&id, &contract_id).await?;
+            }
+        }
         let mut tx = self.feed.begin().await?;
         let current = existing(&mut tx, &id).await?;
         request::check_expected_revision(&format!("user {id}"), request.expected_revision, current.revision)?;
