@@ -454,6 +454,90 @@ async fn tool(args: &[&str]) -> (Option<i32>, String, String) {
     )
 }
 
+/// The seed's back office in three commands: a user signs up with a plan
+/// (user, contract, link), uploads within the plan's quota, and is refused
+/// past it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_signs_up_with_a_plan_in_one_command_and_uploads() {
+    let dir = tempfile::tempdir().unwrap_or_else(|err| panic!("{err}"));
+    let dev = start_dev(dir.path()).await;
+    let (users, contracts, photos) = (dev.users.to_string(), dev.contracts.to_string(), dev.photos.to_string());
+    let (code, out, err) = tool(&[
+        "users",
+        "create",
+        "--name",
+        "Edsger Dijkstra",
+        "--email",
+        "edsger@example.com",
+        "--plan",
+        "premium",
+        "--option",
+        "photo_quota=1",
+        "--json",
+        "--addr",
+        &users,
+        "--contracts-addr",
+        &contracts,
+    ])
+    .await;
+    assert_eq!(code, Some(0), "{err}");
+    // One line per call: the user created, their contract, the link.
+    let lines: Vec<serde_json::Value> = out
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}")))
+        .collect();
+    assert_eq!(lines.len(), 3, "{out}");
+    let user = &lines[2]["user"];
+    let contract = &lines[1]["contract"];
+    assert_eq!(contract["holderUserId"], user["id"], "{out}");
+    assert_eq!(user["contractId"], contract["id"], "linked: {out}");
+    let id = user["id"].as_str().unwrap_or_default().to_owned();
+
+    let upload = |title: &'static str| {
+        let (id, photos) = (id.clone(), photos.clone());
+        async move {
+            tool(&[
+                "photos", "create", "--user", &id, "--title", title, "--size", "1000", "--addr", &photos,
+            ])
+            .await
+        }
+    };
+    // Photos learns of the new user and contract through its copies (or
+    // asks Users on a miss): the first upload may wait for the contract.
+    let (code, _, err) = lightbox_testkit::eventually("the first upload within the quota", || async {
+        let result = upload("Harbour").await;
+        (result.0 == Some(0)).then_some(result)
+    })
+    .await;
+    assert_eq!(code, Some(0), "{err}");
+    let (code, _, err) = upload("Lighthouse").await;
+    assert_eq!(code, Some(6), "the quota of 1 is reached: refused (6): {err}");
+    assert!(err.contains("quota"), "{err}");
+
+    // A bad option creates nothing at all.
+    let (code, _, err) = tool(&[
+        "users",
+        "create",
+        "--name",
+        "Nobody",
+        "--email",
+        "nobody@example.com",
+        "--plan",
+        "free",
+        "--option",
+        "photo_quota",
+        "--addr",
+        &users,
+        "--contracts-addr",
+        &contracts,
+    ])
+    .await;
+    assert_eq!(code, Some(4), "{err}");
+    let (_, listed, _) = tool(&["users", "list", "--addr", &users]).await;
+    assert!(!listed.contains("nobody@example.com"), "{listed}");
+    drop(dev);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_tools_print_tables_or_json_and_exit_with_the_kind_of_failure() {
     let dir = tempfile::tempdir().unwrap_or_else(|err| panic!("{err}"));

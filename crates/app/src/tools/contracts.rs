@@ -113,7 +113,7 @@ pub(crate) fn contract_row(contract: &Contract) -> Vec<String> {
 }
 
 /// `--option code=value[:off]`, each.
-fn parse_options(options: &[String]) -> Result<Vec<ContractOption>, Failure> {
+pub(crate) fn parse_options(options: &[String]) -> Result<Vec<ContractOption>, Failure> {
     options
         .iter()
         .map(|spec| {
@@ -144,7 +144,7 @@ fn contract_status(status: StatusArg) -> i32 {
     }
 }
 
-fn plan(plan: PlanArg) -> i32 {
+pub(crate) fn plan(plan: PlanArg) -> i32 {
     match plan {
         PlanArg::Free => Plan::Free as i32,
         PlanArg::Standard => Plan::Standard as i32,

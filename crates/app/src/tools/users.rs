@@ -1,17 +1,21 @@
 //! `lightbox users`: the seed's Back Office App, over the users service.
 
 use clap::{Args, Subcommand};
-use lightbox_api::users::{
-    CreateUserRequest, DeleteUserRequest, GetUserRequest, ListUsersRequest, ListUsersResponse, UpdateUserRequest, User,
-    UserStatus, users_service_client::UsersServiceClient,
+use lightbox_api::{
+    contracts::{Contract, CreateContractRequest, contracts_service_client::ContractsServiceClient},
+    users::{
+        CreateUserRequest, DeleteUserRequest, GetUserRequest, ListUsersRequest, ListUsersResponse, UpdateUserRequest,
+        User, UserStatus, users_service_client::UsersServiceClient,
+    },
 };
 
 use super::{
     Common, Failure, Kind, Service, StatusArg, all_pages,
-    contracts::{CONTRACT_HEADER, contract_row},
+    contracts::{CONTRACT_HEADER, PlanArg, contract_row, parse_options, plan},
     failure::Endpoint,
     mask,
     output::{Json, Proto, emit, enum_word, freshness_line, print_table},
+    parse_addr,
 };
 
 /// `lightbox users`.
@@ -25,7 +29,8 @@ pub struct UsersArgs {
 
 #[derive(Debug, Subcommand)]
 enum UsersCommand {
-    /// Creates a user.
+    /// Creates a user; with --plan, also their contract, and links it to
+    /// them (the back office's whole sign-up, three calls).
     Create {
         /// Display name.
         #[arg(long)]
@@ -33,9 +38,17 @@ enum UsersCommand {
         /// E-mail address (unique).
         #[arg(long)]
         email: String,
-        /// The user's contract id.
-        #[arg(long)]
-        contract_id: Option<String>,
+        /// Also create the user's contract on this plan, and link it.
+        #[arg(long, value_enum)]
+        plan: Option<PlanArg>,
+        /// With --plan: a contract option, `code=value` (add `:off` to
+        /// disable it); repeatable.
+        #[arg(long = "option", requires = "plan")]
+        options: Vec<String>,
+        /// With --plan: the contracts service's address, `HOST:PORT` or a
+        /// URL (default: its local default port).
+        #[arg(long, value_name = "HOST:PORT", value_parser = parse_addr, requires = "plan")]
+        contracts_addr: Option<String>,
     },
     /// Shows a user (and their contract with --include-contract).
     Get {
@@ -129,20 +142,86 @@ pub async fn run(args: UsersArgs) -> anyhow::Result<()> {
         UsersCommand::Create {
             name,
             email,
-            contract_id,
+            plan: chosen,
+            options,
+            contracts_addr,
         } => {
             let user = User {
                 display_name: name,
                 email,
-                contract_id: contract_id.unwrap_or_default(),
                 ..User::default()
             };
+            // Checked before anything is written: a bad option creates nothing.
+            let options = parse_options(&options)?;
             let created = client
                 .create_user(CreateUserRequest { user: Some(user) })
                 .await
                 .map_err(failed)?
                 .into_inner();
-            show(json, &created, created.user.as_ref())
+            let Some(chosen) = chosen else {
+                return show(json, &created, created.user.as_ref());
+            };
+            let user = created.user.clone().unwrap_or_default();
+            let contracts = Endpoint::new(Service::Contracts, contracts_addr.as_deref(), "users")?;
+            let contract = Contract {
+                holder_user_id: user.id.clone(),
+                plan: plan(chosen),
+                options,
+                ..Contract::default()
+            };
+            let made = ContractsServiceClient::new(contracts.channel())
+                .create_contract(CreateContractRequest {
+                    contract: Some(contract),
+                })
+                .await
+                .map_err(|status| {
+                    let what = contracts.describe(&status, true);
+                    anyhow::Error::new(Failure::new(
+                        Kind::of(status.code()),
+                        format!("user {} was created, but not their contract: {what}", user.id),
+                    ))
+                })?
+                .into_inner();
+            let contract = made.contract.clone().unwrap_or_default();
+            let request = UpdateUserRequest {
+                user: Some(User {
+                    id: user.id.clone(),
+                    contract_id: contract.id.clone(),
+                    ..User::default()
+                }),
+                update_mask: Some(pbjson_types::FieldMask {
+                    paths: vec!["contract_id".into()],
+                }),
+                expected_revision: user.revision,
+            };
+            let linked = client
+                .update_user(request)
+                .await
+                .map_err(|status| {
+                    let what = endpoint.describe(&status, true);
+                    anyhow::Error::new(Failure::new(
+                        Kind::of(status.code()),
+                        format!(
+                            "user {} and contract {} were created, but not linked: {what}; link them with \
+                             `lightbox users update {} --contract-id {}`",
+                            user.id, contract.id, user.id, contract.id
+                        ),
+                    ))
+                })?
+                .into_inner();
+            match json {
+                // One line per call, in order: what each answered.
+                Some(json) => {
+                    json.print(&created)?;
+                    json.print(&made)?;
+                    json.print(&linked)
+                }
+                None => {
+                    print_table(USER_HEADER, &[user_row(&linked.user.unwrap_or_default())])?;
+                    emit("")?;
+                    Ok(print_table(CONTRACT_HEADER, &[contract_row(&contract)])?)
+                }
+            }
         }
         UsersCommand::Get { id, include_contract } => {
             let request = GetUserRequest {
