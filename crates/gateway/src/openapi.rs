@@ -295,9 +295,24 @@ impl Schemas {
         };
         if whole && field.is_list() {
             json!({ "type": "array", "items": item })
+        } else if whole && matches!(field.kind(), Kind::Message(_)) {
+            // An unset message field is written as `null` (see the json module).
+            nullable(item)
         } else {
             item
         }
+    }
+}
+
+/// `schema`, or `null` (OpenAPI 3.0: `nullable`, which a `$ref` cannot
+/// carry beside it, hence the `allOf`).
+fn nullable(schema: Value) -> Value {
+    match schema {
+        Value::Object(mut fields) if !fields.contains_key("$ref") => {
+            fields.insert("nullable".into(), Value::Bool(true));
+            Value::Object(fields)
+        }
+        reference => json!({ "allOf": [reference], "nullable": true }),
     }
 }
 
