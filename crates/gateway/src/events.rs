@@ -43,7 +43,7 @@ use axum::{
 use futures_util::{Stream, StreamExt};
 use http::HeaderMap;
 use serde_json::json;
-use tokio::{sync::OwnedSemaphorePermit, task::JoinHandle};
+use tokio::sync::OwnedSemaphorePermit;
 
 use crate::{
     Gateway,
@@ -87,18 +87,17 @@ impl fmt::Display for Cursor {
 }
 
 /// A phone's place in the fan-out, for the life of its events stream: on
-/// drop (the client went away, or the stream ended), its catch-up tasks
-/// stop and it leaves every index.
+/// drop (the client went away, or the stream ended), it leaves every index,
+/// and its queue closes, which stops its catch-up tasks (see
+/// [`catch_up`]).
 struct Membership {
-    fans: Vec<Arc<Fan>>,
+    fans: [Arc<Fan>; 3],
     phone: Arc<Phone>,
-    tasks: Vec<JoinHandle<()>>,
     _permit: OwnedSemaphorePermit,
 }
 
 impl Drop for Membership {
     fn drop(&mut self) {
-        self.tasks.iter().for_each(JoinHandle::abort);
         for fan in &self.fans {
             fan.leave(&self.phone);
         }
@@ -138,6 +137,28 @@ impl Reader {
     }
 }
 
+mod catch_up {
+    use std::sync::Arc;
+
+    use crate::{join::CatchUp, phone::Phone};
+
+    /// Runs `catch_up` on its own task until it is done or `phone`'s queue
+    /// closes (its events stream is over), whichever comes first. No handle
+    /// is kept: a tokio task's memory (its future, a few KiB with the
+    /// watch it holds) is freed only once it has finished *and* its
+    /// `JoinHandle` is dropped, so a handle held for the life of the stream
+    /// would keep every finished catch-up in memory as long as the phone.
+    pub(super) fn spawn(catch_up: CatchUp, phone: Arc<Phone>) {
+        tokio::spawn(async move {
+            tokio::select! {
+                biased;
+                () = phone.closed() => {}
+                () = catch_up.run() => {}
+            }
+        });
+    }
+}
+
 /// The route of the events stream.
 pub const PATH: &str = "/v1/users/{user_id}/events";
 
@@ -171,23 +192,16 @@ pub(crate) async fn handler(
     let fanout = &gateway.fanout;
     fanout.start();
     let (phone, inbox) = Phone::new(user_id.clone(), gateway.options.phone_queue);
-    let fans: Vec<Arc<Fan>> = Source::ALL
-        .iter()
-        .map(|source| Arc::clone(fanout.fan(*source)))
-        .collect();
-    let tasks = Source::ALL
-        .iter()
-        .zip(&fans)
-        .map(|(source, fan)| {
-            let catch_up = CatchUp::new(
-                Arc::clone(fan),
-                fanout.upstream(*source).clone(),
-                Arc::clone(&phone),
-                cursor.get(*source),
-            );
-            tokio::spawn(catch_up.run())
-        })
-        .collect();
+    let fans = Source::ALL.map(|source| Arc::clone(fanout.fan(source)));
+    for (source, fan) in Source::ALL.into_iter().zip(&fans) {
+        let catch_up = CatchUp::new(
+            Arc::clone(fan),
+            fanout.upstream(source).clone(),
+            Arc::clone(&phone),
+            cursor.get(source),
+        );
+        catch_up::spawn(catch_up, Arc::clone(&phone));
+    }
     tracing::info!(user_id, %cursor, "events stream opened");
 
     let reader = Reader {
@@ -196,7 +210,6 @@ pub(crate) async fn handler(
         _membership: Membership {
             fans,
             phone,
-            tasks,
             _permit: permit,
         },
     };

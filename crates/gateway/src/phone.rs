@@ -90,6 +90,12 @@ impl Phone {
         &self.user_id
     }
 
+    /// Completes once the events stream's end of the queue is closed or
+    /// gone: nothing can be queued any more.
+    pub(crate) async fn closed(&self) {
+        self.queue.closed().await;
+    }
+
     /// How many queued updates catch-up tasks may leave waiting.
     fn catch_up_room(&self) -> usize {
         self.capacity.div_ceil(2)
