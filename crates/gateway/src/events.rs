@@ -34,7 +34,11 @@
 //! - `phone`: a phone's queue, and how its stream is ended;
 //! - `upstream`: the three sources and their watch calls.
 
-use std::{convert::Infallible, fmt, sync::Arc};
+use std::{
+    convert::Infallible,
+    fmt,
+    sync::{Arc, atomic::Ordering},
+};
 
 use axum::{
     extract::{Path, State},
@@ -48,7 +52,7 @@ use tokio::sync::OwnedSemaphorePermit;
 use crate::{
     Gateway,
     error::HttpError,
-    fanout::Fan,
+    fanout::{Fan, Positions},
     join::CatchUp,
     phone::{Inbox, Next, Phone},
     upstream::Source,
@@ -108,10 +112,29 @@ impl Drop for Membership {
 struct Reader {
     inbox: Inbox,
     cursor: Cursor,
-    _membership: Membership,
+    positions: Arc<Positions>,
+    membership: Membership,
 }
 
 impl Reader {
+    /// Moves the cursor, in each source the phone has joined, to where that
+    /// source's fan-out is — unless one of its updates is still queued for
+    /// this stream. Safe because a fan publishes its position only after it
+    /// has queued every change up to it (the position is read first, then
+    /// the count of queued updates): with none queued, this phone has had
+    /// every change of its own up to that position. So the fan-out need not
+    /// tell every phone of every change that is not theirs: a phone learns
+    /// where each source is when it next sends an event.
+    fn catch_up_positions(&mut self) {
+        let phone = &self.membership.phone;
+        for source in Source::ALL {
+            let position = self.positions[source.index()].load(Ordering::SeqCst);
+            if position > self.cursor.get(source) && phone.is_joined(source) && phone.pending(source) == 0 {
+                self.cursor.set(source, position);
+            }
+        }
+    }
+
     /// The next event to send; `None` once the stream is over.
     async fn next(&mut self) -> Option<Event> {
         loop {
@@ -119,10 +142,12 @@ impl Reader {
                 Next::Update(update) => {
                     self.cursor.set(update.source, update.position);
                     if let Some((name, data)) = update.event {
+                        self.catch_up_positions();
                         return Some(Event::default().event(name).id(self.cursor.to_string()).data(&*data));
                     }
                 }
                 Next::End(reason) => {
+                    self.catch_up_positions();
                     tracing::info!(%reason, cursor = %self.cursor, "events stream ended by the gateway");
                     let data = json!({ "reason": reason, "resume": true });
                     return Some(
@@ -207,7 +232,8 @@ pub(crate) async fn handler(
     let reader = Reader {
         inbox,
         cursor,
-        _membership: Membership {
+        positions: Arc::clone(fanout.positions()),
+        membership: Membership {
             fans,
             phone,
             _permit: permit,

@@ -37,7 +37,10 @@
 
 use std::{
     collections::HashMap,
-    sync::{Arc, Mutex, Once},
+    sync::{
+        Arc, Mutex, Once,
+        atomic::{AtomicI64, Ordering},
+    },
     time::Duration,
 };
 
@@ -58,10 +61,6 @@ const FROM_NOW: i64 = -1;
 pub(crate) const MIN_BACKOFF: Duration = Duration::from_millis(100);
 /// The longest pause between reconnection attempts.
 pub(crate) const MAX_BACKOFF: Duration = Duration::from_secs(5);
-
-/// How often, while changes flow, every phone's cursor is moved to the
-/// shared stream's position.
-const POSITIONS_EVERY: Duration = Duration::from_secs(1);
 
 /// `delay` plus up to half of it again, at random, so that streams lost
 /// together do not all come back at once.
@@ -106,20 +105,27 @@ struct Index {
     phones: HashMap<String, Vec<Member>>,
 }
 
+/// Where each source's shared stream is, for the events streams to read
+/// without a lock: -1 while unknown. A fan stores its position only after
+/// it has offered every change up to it to its phones.
+pub(crate) type Positions = [AtomicI64; 3];
+
 /// One source's shared stream: where it is, and the phones following it.
 pub(crate) struct Fan {
     source: Source,
     index: Mutex<Index>,
+    positions: Arc<Positions>,
     /// Bumped each time the shared stream (re)connects, so that catch-up
     /// tasks waiting for it try to join again.
     connections: watch::Sender<u64>,
 }
 
 impl Fan {
-    fn new(source: Source) -> Fan {
+    fn new(source: Source, positions: Arc<Positions>) -> Fan {
         Fan {
             source,
             index: Mutex::new(Index::default()),
+            positions,
             connections: watch::Sender::new(0),
         }
     }
@@ -146,6 +152,7 @@ impl Fan {
                         phone: Arc::clone(phone),
                         from: reached,
                     });
+                phone.set_joined(self.source, true);
                 Join::Joined
             }
             _ => Join::Down,
@@ -155,6 +162,7 @@ impl Fan {
     /// Takes `phone` out of the index, if it is there.
     pub(crate) fn leave(&self, phone: &Arc<Phone>) {
         let mut index = lock(&self.index);
+        phone.set_joined(self.source, false);
         if let Some(members) = index.phones.get_mut(phone.user_id()) {
             members.retain(|member| !Arc::ptr_eq(&member.phone, phone));
             if members.is_empty() {
@@ -165,6 +173,12 @@ impl Fan {
 
     fn position(&self) -> Option<i64> {
         lock(&self.index).position
+    }
+
+    /// Shows the index's position to the events streams: called, under the
+    /// index's lock, once everything up to it has been offered.
+    fn publish(&self, index: &Index) {
+        self.positions[self.source.index()].store(index.position.unwrap_or(-1), Ordering::SeqCst);
     }
 
     /// The shared stream delivered its first frame; `from_now`: it was
@@ -179,9 +193,10 @@ impl Fan {
                     "the gateway lost its place in the {} changes; reconnect with Last-Event-ID to resume",
                     self.source.name()
                 );
-                end_all(&mut index, &reason);
+                end_all(&mut index, &reason, self.source);
             }
             index.position = Some(at);
+            self.publish(&index);
         }
         index.live = true;
         if std::mem::take(&mut index.told_lost) {
@@ -210,16 +225,23 @@ impl Fan {
     /// on its own, and the stream starts again from now.
     fn lost_place(&self, reason: &str) {
         let mut index = lock(&self.index);
-        end_all(&mut index, reason);
+        end_all(&mut index, reason, self.source);
         index.position = None;
         index.live = false;
+        self.publish(&index);
     }
 
-    /// A change: to each phone of `owner` that joined before it.
+    /// A change: to each phone of `owner` that joined before it; then the
+    /// position moves past it for every phone of the source.
     fn change(&self, revision: i64, owner: &str, change: &DynamicMessage) {
         let mut guard = lock(&self.index);
         let index = &mut *guard;
         index.position = Some(revision);
+        self.offer_change(index, revision, owner, change);
+        self.publish(index);
+    }
+
+    fn offer_change(&self, index: &mut Index, revision: i64, owner: &str, change: &DynamicMessage) {
         let Some(members) = index.phones.get_mut(owner) else {
             return;
         };
@@ -231,6 +253,7 @@ impl Fan {
             Err(status) => {
                 tracing::error!(source = self.source.name(), revision, %status, "a change cannot be sent to its phones");
                 for member in members.drain(..) {
+                    member.phone.set_joined(self.source, false);
                     member
                         .phone
                         .end(format!("{}; reconnect with Last-Event-ID", status.message()));
@@ -256,25 +279,14 @@ impl Fan {
         }
     }
 
-    /// Progress: every phone's cursor moves (silently; a full queue skips it).
+    /// Progress: nothing for any phone up to `revision`. No phone is told:
+    /// each events stream reads the position when it next sends an event
+    /// (see `events::Reader`), so an idle gateway with many phones does no
+    /// work per phone.
     fn progress(&self, revision: i64) {
         let mut index = lock(&self.index);
         index.position = Some(revision);
-        let source = self.source;
-        index.phones.retain(|_, members| {
-            members.retain(|member| {
-                if revision <= member.from {
-                    return true;
-                }
-                let update = Update {
-                    source,
-                    position: revision,
-                    event: None,
-                };
-                !matches!(member.phone.offer(update), Err(Refused::Closed))
-            });
-            !members.is_empty()
-        });
+        self.publish(&index);
     }
 
     /// An event to every phone of the source.
@@ -296,21 +308,28 @@ impl Fan {
 }
 
 /// Offers `update` to a member; a full queue ends its stream. Whether it
-/// stays in the index.
+/// stays in the index (one that leaves is no longer joined, so its stream
+/// stops reading this source's position: it did not get this update).
 fn offer_or_end(member: &Member, update: Update) -> bool {
-    match member.phone.offer(update) {
+    let source = update.source;
+    let stays = match member.phone.offer(update) {
         Ok(()) => true,
         Err(Refused::Full) => {
             member.phone.end(member.phone.too_slow());
             false
         }
         Err(Refused::Closed) => false,
+    };
+    if !stays {
+        member.phone.set_joined(source, false);
     }
+    stays
 }
 
 /// Ends the stream of every phone in `index`, and empties it.
-fn end_all(index: &mut Index, reason: &str) {
+fn end_all(index: &mut Index, reason: &str, source: Source) {
     for member in index.phones.drain().flat_map(|(_, members)| members) {
+        member.phone.set_joined(source, false);
         member.phone.end(reason.to_owned());
     }
 }
@@ -318,6 +337,8 @@ fn end_all(index: &mut Index, reason: &str) {
 /// Every source's [`Fan`], and their followers.
 pub(crate) struct Fanout {
     fans: [Arc<Fan>; 3],
+    /// Where each fan is, shared with every events stream.
+    positions: Arc<Positions>,
     upstreams: [Upstream; 3],
     idle_timeout: Duration,
     shutdown: Shutdown,
@@ -329,14 +350,21 @@ impl Fanout {
     /// The fan-out over `upstreams` (in [`Source::ALL`] order). A shared
     /// stream silent for `idle_timeout` is taken for dead and reopened.
     pub(crate) fn new(upstreams: [Upstream; 3], idle_timeout: Duration, shutdown: Shutdown) -> Fanout {
+        let positions: Arc<Positions> = Arc::new([AtomicI64::new(-1), AtomicI64::new(-1), AtomicI64::new(-1)]);
         Fanout {
-            fans: Source::ALL.map(|source| Arc::new(Fan::new(source))),
+            fans: Source::ALL.map(|source| Arc::new(Fan::new(source, Arc::clone(&positions)))),
+            positions,
             upstreams,
             idle_timeout,
             shutdown,
             started: Once::new(),
             followers: Mutex::new(Vec::new()),
         }
+    }
+
+    /// Where each source's shared stream is (see [`Positions`]).
+    pub(crate) fn positions(&self) -> &Arc<Positions> {
+        &self.positions
     }
 
     /// The fan of `source`.
@@ -423,23 +451,9 @@ async fn follow_once(fan: &Fan, upstream: &Upstream, since: i64, idle: Duration,
         Ok(watch) => watch,
         Err(status) => return Lost::Stream(status.message().to_owned()),
     };
-    // Upstreams send progress only on idle streams: while changes flow, the
-    // phones they do not concern are moved along from here instead, so that
-    // their cursors stay recent (a resume from far back costs a long replay).
-    let mut positions = tokio::time::interval_at(tokio::time::Instant::now() + POSITIONS_EVERY, POSITIONS_EVERY);
-    positions.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut changed = false;
     let mut deadline = tokio::time::Instant::now() + idle;
     loop {
-        let next = tokio::select! {
-            next = tokio::time::timeout_at(deadline, watch.next()) => next,
-            _ = positions.tick() => {
-                if std::mem::take(&mut changed) && let Some(position) = fan.position() {
-                    fan.progress(position);
-                }
-                continue;
-            }
-        };
+        let next = tokio::time::timeout_at(deadline, watch.next()).await;
         let frame = match next {
             Err(_) => return Lost::Stream(format!("no word from the {name} watch for {idle:?}")),
             Ok(Err(status)) => return Lost::Stream(status.message().to_owned()),
@@ -467,11 +481,9 @@ async fn follow_once(fan: &Fan, upstream: &Upstream, since: i64, idle: Duration,
                 change,
             } => {
                 fan.change(revision, &owner, &change);
-                changed = true;
             }
             Frame::Progress { revision } => {
                 fan.progress(revision);
-                changed = false;
             }
             Frame::Reset { .. } | Frame::SnapshotBegin | Frame::SnapshotEnd { .. } => {}
         }

@@ -11,7 +11,7 @@
 
 use std::sync::{
     Arc, Mutex, MutexGuard,
-    atomic::{AtomicUsize, Ordering},
+    atomic::{AtomicBool, AtomicUsize, Ordering},
 };
 
 use tokio::sync::{Notify, mpsc, oneshot};
@@ -58,6 +58,12 @@ pub(crate) struct Phone {
     capacity: usize,
     /// Wakes catch-up tasks waiting for room (and when the queue closes).
     room: Notify,
+    /// Per source: updates queued and not yet read by the events stream.
+    pending: [AtomicUsize; 3],
+    /// Per source: whether the phone is in that source's fan-out index
+    /// (joined, and not taken out since). Set and cleared under that
+    /// index's lock.
+    joined: [AtomicBool; 3],
     /// Ends the events stream, once, with the reason told to the client.
     end: Mutex<Option<oneshot::Sender<String>>>,
 }
@@ -74,6 +80,8 @@ impl Phone {
             queued: AtomicUsize::new(0),
             capacity: capacity.max(1),
             room: Notify::new(),
+            pending: Default::default(),
+            joined: Default::default(),
             end: Mutex::new(Some(end)),
         });
         let inbox = Inbox {
@@ -101,15 +109,40 @@ impl Phone {
         self.capacity.div_ceil(2)
     }
 
+    /// Whether the phone is in `source`'s fan-out index now.
+    pub(crate) fn is_joined(&self, source: Source) -> bool {
+        self.joined[source.index()].load(Ordering::SeqCst)
+    }
+
+    /// Notes that the phone entered or left `source`'s index (under that
+    /// index's lock).
+    pub(crate) fn set_joined(&self, source: Source, joined: bool) {
+        self.joined[source.index()].store(joined, Ordering::SeqCst);
+    }
+
+    /// Updates of `source` queued and not yet read by the events stream.
+    pub(crate) fn pending(&self, source: Source) -> usize {
+        self.pending[source.index()].load(Ordering::SeqCst)
+    }
+
+    /// Sends `update`, counted in its source's pending updates.
+    fn enqueue(&self, update: Update) -> Result<(), Refused> {
+        let source = update.source.index();
+        self.pending[source].fetch_add(1, Ordering::SeqCst);
+        self.queue.send(update).map_err(|_| {
+            self.pending[source].fetch_sub(1, Ordering::SeqCst);
+            Refused::Closed
+        })
+    }
+
     /// Queues `update` at once, or says why not (the fan-out never waits).
     pub(crate) fn offer(&self, update: Update) -> Result<(), Refused> {
         if self.queued.fetch_add(1, Ordering::SeqCst) >= self.capacity {
             self.queued.fetch_sub(1, Ordering::SeqCst);
             return Err(Refused::Full);
         }
-        self.queue.send(update).map_err(|_| {
+        self.enqueue(update).inspect_err(|_| {
             self.queued.fetch_sub(1, Ordering::SeqCst);
-            Refused::Closed
         })
     }
 
@@ -126,7 +159,7 @@ impl Phone {
             }
             if self.queued.load(Ordering::SeqCst) < self.catch_up_room() {
                 self.queued.fetch_add(1, Ordering::SeqCst);
-                if self.queue.send(update).is_err() {
+                if self.enqueue(update).is_err() {
                     self.queued.fetch_sub(1, Ordering::SeqCst);
                     return false;
                 }
@@ -195,6 +228,9 @@ impl Inbox {
             let Some(update) = update else {
                 return self.ending.take().map(Next::End);
             };
+            // The caller applies it before it looks at any source's
+            // pending count again (see `events::Reader`).
+            self.phone.pending[update.source.index()].fetch_sub(1, Ordering::SeqCst);
             if self.phone.queued.fetch_sub(1, Ordering::SeqCst) <= self.phone.catch_up_room() {
                 self.phone.room.notify_waiters();
             }
