@@ -340,7 +340,7 @@ async fn the_guard_rail_holds_back_a_snapshot_that_deletes_most_of_the_copy(db: 
     let held = eventually("the guard rail to hold the snapshot", || async { cache.state().held }).await;
     assert!(held.contains("would delete 18 of the 20"), "{held}");
     // Surfaced to readers with every answer from the copy.
-    assert_eq!(cache.state().freshness().held_reason, held);
+    assert_eq!(cache.state().freshness(0).held_reason, held);
     assert_eq!(copy_state(&cache).await, before, "reads keep the last good state");
     // The operator decides the deletion is real.
     cache.release_guard();

@@ -304,9 +304,8 @@ async fn a_phone_signs_in_lists_creates_and_follows_its_photos(db: TestDb) {
     let list = eventually("the list reports its copies as disconnected", || async {
         let (status, list) = phone.get("/v1/users/me/photos").await;
         assert_eq!(status, StatusCode::OK, "{list}");
-        // `streamState` is a message (`{"connected": …, "sinceTime": …}`):
-        // compared with a string, this never waited for anything.
-        (list["contractFreshness"]["streamState"]["connected"] != true).then_some(list)
+        // `streamState` is `{"state": "STREAM_STATE_…", "sinceTime": …}`.
+        (list["contractFreshness"]["streamState"]["state"] == "STREAM_STATE_DISCONNECTED").then_some(list)
     })
     .await;
     assert_eq!(list["photos"][0]["id"], photo_id.as_str());

@@ -15,7 +15,7 @@ use std::{collections::BTreeMap, path::PathBuf};
 use base64::Engine;
 use lightbox_api::{
     contracts::{Contract, ContractChange, ContractOption, ContractStatus, Plan},
-    feed::{ChangeKind, Freshness, Reset, Source, StreamState},
+    feed::{ChangeKind, Freshness, Reset, Source, StreamState, StreamStatus},
     photos::{
         CreatePhotoResponse, DeletePhotoResponse, GetPhotoResponse, GetProfileResponse, ListPhotosResponse, Photo,
         PhotoChange,
@@ -89,11 +89,12 @@ fn freshness(source: Source) -> Option<Freshness> {
             seconds: 1,
             nanos: 500_000_000,
         }),
-        stream_state: Some(StreamState {
-            connected: false,
+        stream_state: Some(StreamStatus {
+            state: StreamState::Disconnected as i32,
             since_time: time(1_700_000_003, 0),
         }),
         held_reason: "a snapshot would delete 12 of 20 entities".into(),
+        copy_revision: 45,
     })
 }
 

@@ -10,7 +10,7 @@ use std::{
 
 use lightbox_api::{
     contracts::{Contract, ContractStatus, ListContractsRequest, UpdateContractRequest},
-    feed::{Freshness, Source},
+    feed::{Freshness, Source, StreamState},
     photos::{
         Consistency, CreatePhotoRequest, DeletePhotoRequest, GetPhotoRequest, GetProfileRequest, GetProfileResponse,
         ListPhotosRequest, ListPhotosResponse, Photo, WatchPhotosRequest, WatchPhotosResponse,
@@ -100,7 +100,7 @@ fn connected(freshness: &Option<Freshness>) -> Option<bool> {
     freshness
         .as_ref()
         .and_then(|f| f.stream_state.as_ref())
-        .map(|s| s.connected)
+        .map(|s| s.state == StreamState::Connected as i32)
 }
 
 /// 20 cached reads in a row, all answered from the copies, with the streams
@@ -123,7 +123,7 @@ async fn cached_reads_answer_while_disconnected(stack: &Stack, user: &User, phot
         assert_eq!(source(&answer.contract_freshness), Source::Cache as i32);
         let state = answer.user_freshness.and_then(|f| f.stream_state).unwrap_or_default();
         assert!(
-            !state.connected && state.since_time.is_some(),
+            state.state == StreamState::Disconnected as i32 && state.since_time.is_some(),
             "disconnected, and since when: {state:?}"
         );
     }
@@ -423,8 +423,29 @@ async fn reads_wait_for_their_own_writes_or_fail_fast(db: TestDb) {
         .await
         .unwrap_or_else(|s| panic!("read-your-writes: {s:?}"));
         assert_eq!(answer.user.map(|u| u.display_name), Some(format!("Grace {i}")));
-        assert!(answer.user_freshness.is_some_and(|f| f.revision >= written.revision));
+        // One meaning of `revision`: the part's own (the user's), wherever
+        // it was read; the copy's cursor is `copy_revision`.
+        let freshness = answer.user_freshness.unwrap_or_default();
+        assert_eq!(freshness.revision, written.revision);
+        assert!(freshness.copy_revision >= written.revision, "{freshness:?}");
     }
+    // Another user's write moves the copy on, not this user's revision.
+    let other = customer(&stack, "other@example.com", "1").await.0;
+    let answer = list_photos(
+        &stack,
+        ListPhotosRequest {
+            min_users_revision: other.revision,
+            ..list(&user)
+        },
+    )
+    .await
+    .unwrap_or_else(|s| panic!("{s:?}"));
+    let freshness = answer.user_freshness.unwrap_or_default();
+    assert!(freshness.copy_revision >= other.revision, "{freshness:?}");
+    assert!(
+        freshness.revision < other.revision,
+        "the user's own revision: {freshness:?}"
+    );
     // A revision the upstream has not reached: a fast, clear failure.
     let started = Instant::now();
     let future = list_photos(

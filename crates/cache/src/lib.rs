@@ -122,18 +122,25 @@ pub struct CacheState {
 }
 
 impl CacheState {
-    /// The freshness report of a part answered from this copy.
-    pub fn freshness(&self) -> lightbox_api::feed::Freshness {
+    /// The freshness report of a part answered from this copy, whose own
+    /// state is at `revision` (the entity's).
+    pub fn freshness(&self, revision: i64) -> lightbox_api::feed::Freshness {
+        use lightbox_api::feed::{StreamState, StreamStatus};
         let age = self.age();
         lightbox_api::feed::Freshness {
             source: lightbox_api::feed::Source::Cache as i32,
-            revision: self.applied_revision,
+            revision,
             age: Some(pbjson_types::Duration::from(age)),
-            stream_state: Some(lightbox_api::feed::StreamState {
-                connected: self.connected,
+            stream_state: Some(StreamStatus {
+                state: if self.connected {
+                    StreamState::Connected
+                } else {
+                    StreamState::Disconnected
+                } as i32,
                 since_time: Some(lightbox_api::request::timestamp_of(self.since)),
             }),
             held_reason: self.held.clone().unwrap_or_default(),
+            copy_revision: self.applied_revision,
         }
     }
 
@@ -153,6 +160,7 @@ pub fn upstream_freshness(revision: i64) -> lightbox_api::feed::Freshness {
         age: Some(pbjson_types::Duration::default()),
         stream_state: None,
         held_reason: String::new(),
+        copy_revision: 0,
     }
 }
 
@@ -243,13 +251,14 @@ impl<T: Entity> Cache<T> {
         self.inner.memory.load()
     }
 
-    /// The freshness of a part read from `snapshot` (of this copy): the
-    /// stream's state now, at the snapshot's revision.
-    pub fn freshness_of(&self, snapshot: &Snapshot<T>) -> lightbox_api::feed::Freshness {
+    /// The freshness of a part read from `snapshot` (of this copy), whose
+    /// own state is at `revision`: the stream's state now, and the copy at
+    /// the snapshot's revision.
+    pub fn freshness_of(&self, snapshot: &Snapshot<T>, revision: i64) -> lightbox_api::feed::Freshness {
         let state = self.inner.state.borrow();
         lightbox_api::feed::Freshness {
-            revision: snapshot.revision(),
-            ..state.freshness()
+            copy_revision: snapshot.revision(),
+            ..state.freshness(revision)
         }
     }
 

@@ -147,11 +147,11 @@ pub(crate) async fn owner(photos: &PhotosService, user_id: &str, mode: Mode) -> 
     // Each part from one snapshot of its copy: the user at one revision of
     // the users copy, the contract at one revision of the contracts copy.
     let users = photos.users_copy.snapshot();
-    let Some((user, _)) = users.get(user_id) else {
+    let Some((user, user_revision)) = users.get(user_id) else {
         return miss(photos, user_id).await;
     };
     let user = user.clone();
-    let user_freshness = photos.users_copy.freshness_of(&users);
+    let user_freshness = photos.users_copy.freshness_of(&users, user_revision);
     if user.contract_id.is_empty() {
         return Ok(Owner {
             user,
@@ -162,9 +162,9 @@ pub(crate) async fn owner(photos: &PhotosService, user_id: &str, mode: Mode) -> 
     }
     let contracts = photos.contracts_copy.snapshot();
     match contracts.get(&user.contract_id) {
-        Some((contract, _)) => Ok(Owner {
+        Some((contract, contract_revision)) => Ok(Owner {
             contract: Some(contract.clone()),
-            contract_freshness: Some(photos.contracts_copy.freshness_of(&contracts)),
+            contract_freshness: Some(photos.contracts_copy.freshness_of(&contracts, contract_revision)),
             user,
             user_freshness,
         }),

@@ -80,8 +80,8 @@ pub(crate) async fn read(
 ) -> Result<(Contract, Freshness), ApiError> {
     let from_copy = || -> Option<(Contract, Freshness)> {
         let snapshot = copy.snapshot();
-        let (contract, _) = snapshot.get(id)?;
-        Some((contract.clone(), copy.freshness_of(&snapshot)))
+        let (contract, revision) = snapshot.get(id)?;
+        Some((contract.clone(), copy.freshness_of(&snapshot, revision)))
     };
     match read {
         ContractRead::Cache => from_copy()

@@ -5,7 +5,7 @@
 
 use std::io::Write;
 
-use lightbox_api::feed::{Freshness, Source};
+use lightbox_api::feed::{Freshness, Source, StreamState};
 use prost_reflect::DescriptorPool;
 
 use super::{Failure, Kind};
@@ -129,21 +129,25 @@ pub(crate) fn enum_word(name: Option<&str>, prefix: &str) -> String {
     name.map_or("?".to_owned(), |n| n.trim_start_matches(prefix).to_lowercase())
 }
 
-/// Where a part of an answer came from: "contract: from cache at revision
-/// 3, 0.2s old, stream connected".
+/// Where a part of an answer came from: "contract: from cache, revision 3
+/// (copy at 7), 0.2s old, stream connected".
 pub(crate) fn freshness_line(part: &str, freshness: Option<&Freshness>) -> String {
     let Some(f) = freshness else {
         return format!("{part}: -");
     };
     let source = enum_word(Source::try_from(f.source).ok().map(|s| s.as_str_name()), "SOURCE_");
     let age = f.age.map_or(0.0, |a| a.seconds as f64 + f64::from(a.nanos) / 1e9);
-    let stream = match &f.stream_state {
-        Some(s) if s.connected => ", stream connected",
+    let stream = match f.stream_state.as_ref().map(|s| StreamState::try_from(s.state)) {
+        Some(Ok(StreamState::Connected)) => ", stream connected",
         Some(_) => ", stream DISCONNECTED",
         None => "",
     };
+    let copy = match f.copy_revision {
+        0 => String::new(),
+        at => format!(" (copy at {at})"),
+    };
     format!(
-        "{part}: from {source} at revision {}, {age:.1}s old{stream}",
+        "{part}: from {source}, revision {}{copy}, {age:.1}s old{stream}",
         f.revision
     )
 }
