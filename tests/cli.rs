@@ -1077,6 +1077,11 @@ async fn fault_changes_name_their_server_and_a_refused_request_is_one_warning() 
         "{lines:?}"
     );
     assert!(!log.iter().any(|line| line.contains("ERROR")), "{log:#?}");
+    // The log goes to a pipe here, not a terminal: plain text, no colour codes.
+    assert!(
+        !log.iter().any(|line| line.contains('\x1b')),
+        "ANSI escapes in {log:#?}"
+    );
 
     let cleared = lightbox(&["fault", "photos", "--addr", &photos, "--clear"]).await;
     assert!(cleared.status.success(), "{cleared:?}");
