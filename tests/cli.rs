@@ -42,6 +42,8 @@ struct Dev {
     gateway: SocketAddr,
     /// The demo token the banner prints.
     token: String,
+    /// The `lightbox fault …` command the banner prints.
+    fault_command: String,
     /// Its log lines so far (at `info`), when started by [`start_dev_logged`].
     log: Option<Arc<Mutex<Vec<String>>>>,
 }
@@ -95,6 +97,7 @@ async fn spawn_dev(data_dir: &Path, extra: &[&str], logged: bool) -> Dev {
     let stdout = child.stdout.take().unwrap_or_else(|| panic!("no stdout"));
     let mut lines = BufReader::new(stdout).lines();
     let (mut users, mut contracts, mut photos, mut gateway, mut token) = (None, None, None, None, None);
+    let mut fault_command = String::new();
     let banner = async {
         while users.is_none() || contracts.is_none() || photos.is_none() || gateway.is_none() || token.is_none() {
             let line = match lines.next_line().await {
@@ -112,6 +115,9 @@ async fn spawn_dev(data_dir: &Path, extra: &[&str], logged: bool) -> Dev {
                 "photos" => photos = addr,
                 "gateway" => gateway = url.strip_prefix("http://").and_then(|a| a.parse().ok()),
                 "export" => token = url.strip_prefix("TOKEN=").map(str::to_owned),
+                "lightbox" if url == "fault" => {
+                    fault_command = line.split('#').next().unwrap_or_default().trim().to_owned();
+                }
                 _ => {}
             }
         }
@@ -129,6 +135,7 @@ async fn spawn_dev(data_dir: &Path, extra: &[&str], logged: bool) -> Dev {
             photos,
             gateway,
             token,
+            fault_command,
             log,
         },
         _ => panic!("banner without addresses"),
@@ -830,6 +837,33 @@ async fn dev_prints_a_token_the_gateway_takes_and_token_prints_one_alone() {
     let (status, profile) = get(lines[0].to_owned(), "/v1/users/me").await;
     assert_eq!(status, reqwest::StatusCode::OK, "{profile}");
     assert_eq!(profile["user"]["id"], bob, "the token's subject is the user asked for");
+
+    // The banner's fault command works as printed (with `lightbox` on the
+    // PATH), on this dev's own contracts port.
+    assert!(
+        dev.fault_command.starts_with("lightbox fault contracts"),
+        "{:?}",
+        dev.fault_command
+    );
+    let bin_dir = Path::new(BIN).parent().map(Path::to_path_buf).unwrap_or_default();
+    let path = format!("{}:{}", bin_dir.display(), std::env::var("PATH").unwrap_or_default());
+    let run = |command: String| {
+        let path = path.clone();
+        async move {
+            Command::new("sh")
+                .arg("-c")
+                .arg(command)
+                .env("PATH", path)
+                .output()
+                .await
+                .unwrap_or_else(|err| panic!("{err}"))
+        }
+    };
+    let set = run(dev.fault_command.clone()).await;
+    let said = String::from_utf8_lossy(&set.stdout).into_owned();
+    assert!(set.status.success() && said.contains("latency 200ms"), "{set:?}");
+    let cleared = run(format!("{} --clear", dev.fault_command.replace(" --latency 200ms", ""))).await;
+    assert!(cleared.status.success(), "{cleared:?}");
     let status = dev.terminate().await;
     assert!(status.success(), "{status:?}");
 }

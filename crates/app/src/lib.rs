@@ -195,7 +195,8 @@ fn print_banner(args: &ServeArgs, running: &[Component], version: &str) {
          \x20 grpcurl -plaintext -d '{{\"id\": \"{user}\", \"includeContract\": true}}' {users} lightbox.users.v1.UsersService/GetUser\n\
          \x20 grpcurl -plaintext -d '{{\"sinceRevision\": 0}}' {contracts} lightbox.contracts.v1.ContractsService/WatchContracts\n\
          \x20 grpcurl -plaintext -d '{{\"userId\": \"{user}\"}}' {photos} lightbox.photos.v1.PhotosService/ListPhotos\n\
-         \x20 lightbox fault contracts --latency 200ms    # then GetUser again; --clear to undo\n"
+         \x20 lightbox fault contracts --addr {contracts} --latency 200ms    # then GetUser again; --clear to undo\n\
+         (`lightbox` is this binary: `cargo install --locked --path .` puts it on your PATH.)\n"
     ));
     match lightbox_gateway::auth::hs256_token(
         lightbox_gateway::auth::DEVELOPMENT_SECRET.as_bytes(),
