@@ -925,6 +925,31 @@ async fn every_tool_with_nothing_listening_names_the_address_and_exits_7() {
     }
 }
 
+/// Without --addr, the tools call a service where its variable says: the
+/// one `lightbox dev` listens by.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_tools_follow_the_address_variables_lightbox_dev_listens_by() {
+    let port = free_port();
+    let out = Command::new(BIN)
+        .args(["users", "list"])
+        .env("LIGHTBOX_USERS_ADDR", format!("127.0.0.1:{port}"))
+        .output()
+        .await
+        .unwrap_or_else(|err| panic!("{err}"));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(7), "{stderr}");
+    assert!(stderr.contains(&format!("http://127.0.0.1:{port}")), "{stderr}");
+    let bad = Command::new(BIN)
+        .args(["users", "list"])
+        .env("LIGHTBOX_USERS_ADDR", "not an address")
+        .output()
+        .await
+        .unwrap_or_else(|err| panic!("{err}"));
+    let stderr = String::from_utf8_lossy(&bad.stderr);
+    assert_eq!(bad.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("LIGHTBOX_USERS_ADDR"), "{stderr}");
+}
+
 #[tokio::test]
 async fn bad_usage_exits_2_before_calling_anything() {
     let cases: [&[&str]; 5] = [

@@ -1,8 +1,14 @@
 //! The README is code: every `sh` block after "## A short tour" is run,
-//! literally, against a `lightbox dev` on the default ports, with
-//! `lightbox` on the `PATH` (as `cargo install --path .` puts it there) and
-//! `cargo run --release --` meaning that binary. A command that stops
-//! working, or stops doing what the text says, breaks the build.
+//! literally, against a `lightbox dev`, with `lightbox` on the `PATH` (as
+//! `cargo install --path .` puts it there) and `cargo run --release --`
+//! meaning that binary. A command that stops working, or stops doing what
+//! the text says, breaks the build.
+//!
+//! The one thing changed is the ports: the default ones (50051–50053, 8080)
+//! lie in the range the system hands out to other sockets, so the dev runs
+//! on free ones, the README's are replaced by them in the commands, and the
+//! tools find them the way the README says they can: `LIGHTBOX_USERS_ADDR`
+//! and its siblings, which `lightbox dev` listens by too.
 //!
 //! What a command must do is read from its trailing comment: `# ABORTED`
 //! (or another gRPC code in capitals) — it fails with that code; `(exit N)`
@@ -18,8 +24,21 @@ use tokio::process::Command;
 
 const BIN: &str = env!("CARGO_BIN_EXE_lightbox");
 
-/// The default ports the README uses.
-const PORTS: [u16; 4] = [50051, 50052, 50053, 8080];
+/// The default ports the README uses, and the variable that moves each.
+const PORTS: [(u16, &str); 4] = [
+    (50051, "LIGHTBOX_USERS_ADDR"),
+    (50052, "LIGHTBOX_CONTRACTS_ADDR"),
+    (50053, "LIGHTBOX_PHOTOS_ADDR"),
+    (8080, "LIGHTBOX_GATEWAY_ADDR"),
+];
+
+/// A port nothing listens on (bound, then released).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap_or_else(|err| panic!("{err}"))
+}
 
 /// One command of the README, as written, and what the text says of it.
 #[derive(Debug)]
@@ -203,11 +222,11 @@ async fn every_command_of_the_readme_works_as_written() {
     if tool_missing("grpcurl", "LIGHTBOX_REQUIRE_GRPCURL") || tool_missing("curl", "LIGHTBOX_REQUIRE_GRPCURL") {
         return;
     }
-    for port in PORTS {
-        if std::net::TcpListener::bind(("127.0.0.1", port)).is_err() {
-            panic!("port {port} is taken: the README test runs lightbox dev on the README's ports; stop what uses it");
-        }
-    }
+    let ports: Vec<(u16, u16, &str)> = PORTS.iter().map(|(readme, var)| (*readme, free_port(), *var)).collect();
+    let mut env: HashMap<String, String> = ports
+        .iter()
+        .map(|(_, port, var)| ((*var).to_owned(), format!("127.0.0.1:{port}")))
+        .collect();
     let readme = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md"))
         .unwrap_or_else(|err| panic!("README.md: {err}"));
     let steps = steps(&readme);
@@ -217,16 +236,17 @@ async fn every_command_of_the_readme_works_as_written() {
     let mut dev = Command::new(BIN)
         .args(["dev", "--data-dir"])
         .arg(data.path())
+        .envs(&env)
         .env("RUST_LOG", "error")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .kill_on_drop(true)
         .spawn()
         .unwrap_or_else(|err| panic!("cannot start lightbox dev: {err}"));
-    lightbox_testkit::eventually("lightbox dev to listen on the README's ports", || async {
+    lightbox_testkit::eventually("lightbox dev to listen on its ports", || async {
         let mut all = true;
-        for port in PORTS {
-            all &= tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok();
+        for (_, port, _) in &ports {
+            all &= tokio::net::TcpStream::connect(("127.0.0.1", *port)).await.is_ok();
         }
         all.then_some(())
     })
@@ -234,10 +254,14 @@ async fn every_command_of_the_readme_works_as_written() {
 
     let bin_dir = Path::new(BIN).parent().map(Path::to_path_buf).unwrap_or_default();
     let path = format!("{}:{}", bin_dir.display(), std::env::var("PATH").unwrap_or_default());
-    let mut env: HashMap<String, String> = HashMap::new();
     let mut ids: HashMap<&'static str, String> = HashMap::new();
     for step in &steps {
-        let command = filled(&step.command, &ids).replace("cargo run --release --", "lightbox");
+        let mut command = filled(&step.command, &ids).replace("cargo run --release --", "lightbox");
+        for (readme, port, _) in &ports {
+            for host in ["127.0.0.1", "localhost"] {
+                command = command.replace(&format!("{host}:{readme}"), &format!("{host}:{port}"));
+            }
+        }
         assert!(
             !command
                 .split(' ')

@@ -136,11 +136,17 @@ pub(crate) struct Endpoint {
 }
 
 impl Endpoint {
-    /// `service` at `addr` (a URL from `--addr`), or at its local default
-    /// port. Connects on the first call, so an unreachable service fails
-    /// that call (and says so), not this.
+    /// `service` at `addr` (a URL from `--addr`), or where its variable
+    /// (`LIGHTBOX_USERS_ADDR`, …, the one `lightbox dev` listens by) says,
+    /// or at its local default port. Connects on the first call, so an
+    /// unreachable service fails that call (and says so), not this.
     pub(crate) fn new(service: Service, addr: Option<&str>, command: &'static str) -> Result<Endpoint, Failure> {
-        let url = addr.unwrap_or(service.default_url()).to_owned();
+        let url = match (addr, std::env::var(service.env_var())) {
+            (Some(addr), _) => addr.to_owned(),
+            (None, Ok(addr)) if !addr.is_empty() => super::parse_addr(&addr)
+                .map_err(|e| Failure::new(Kind::Usage, format!("{}={addr}: {e}", service.env_var())))?,
+            (None, _) => service.default_url().to_owned(),
+        };
         let channel = Channel::from_shared(url.clone())
             .map_err(|e| Failure::new(Kind::Usage, format!("--addr {url} is not an address: {e}")))?
             .connect_timeout(Duration::from_secs(5))

@@ -62,6 +62,16 @@ impl Service {
         }
     }
 
+    /// The variable that moves it, for `lightbox dev` (where it listens)
+    /// and for the tools (where they call it) alike.
+    pub fn env_var(self) -> &'static str {
+        match self {
+            Service::Users => "LIGHTBOX_USERS_ADDR",
+            Service::Contracts => "LIGHTBOX_CONTRACTS_ADDR",
+            Service::Photos => "LIGHTBOX_PHOTOS_ADDR",
+        }
+    }
+
     /// Where `lightbox dev` serves it by default.
     pub fn default_url(self) -> &'static str {
         match self {
