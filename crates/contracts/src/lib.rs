@@ -5,8 +5,8 @@
 //!
 //! - [`ContractsService`]: the gRPC service over a [`Feed`] of contracts (the
 //!   transactional outbox, each contract in its holder's scope, so that
-//!   `WatchContracts` can follow one holder) and the `contract_holders`
-//!   index used to list a user's contracts.
+//!   `WatchContracts` can follow one holder and `ListContracts` can list a
+//!   holder's contracts with one query on the scope index).
 //! - `validate` (private): what a contract must look like.
 
 mod validate;
@@ -27,7 +27,6 @@ use lightbox_changefeed::{
     messages::{serve_list_changes, serve_watch},
     watch,
 };
-use sqlx::AnyConnection;
 use tonic::{Request, Response, Status};
 
 /// The name of the contracts feed (in the service's database).
@@ -84,7 +83,6 @@ impl ContractsService {
                 contract.id
             )));
         }
-        set_holder(tx.conn(), &contract.id, &contract.holder_user_id).await?;
         contract.revision = tx.next_revision();
         // Scoped by holder: `WatchContracts` may follow one holder's contracts.
         tx.put_scoped(&contract.id, &contract.holder_user_id, &contract).await?;
@@ -102,7 +100,6 @@ impl ContractsService {
         let current = existing(&mut tx, &id).await?;
         request::check_expected_revision(&format!("contract {id}"), request.expected_revision, current.revision)?;
         let mut contract = validate::apply_update(current, changes, &paths)?;
-        set_holder(tx.conn(), &id, &contract.holder_user_id).await?;
         contract.revision = tx.next_revision();
         contract.update_time = Some(request::now());
         // A new holder moves the contract to their scope.
@@ -116,11 +113,6 @@ impl ContractsService {
         let mut tx = self.feed.begin().await?;
         let current = existing(&mut tx, &id).await?;
         request::check_expected_revision(&format!("contract {id}"), request.expected_revision, current.revision)?;
-        sqlx::query("DELETE FROM contract_holders WHERE contract_id = $1")
-            .bind(id.as_str())
-            .execute(tx.conn())
-            .await
-            .map_err(ApiError::internal)?;
         tx.delete(&id).await?;
         Ok(tx.commit().await?)
     }
@@ -170,19 +162,6 @@ async fn existing(tx: &mut WriteTx<Contract>, id: &str) -> Result<Contract, ApiE
     tx.get(id)
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("contract {id} not found")))
-}
-
-async fn set_holder(conn: &mut AnyConnection, contract_id: &str, holder: &str) -> Result<(), ApiError> {
-    sqlx::query(
-        "INSERT INTO contract_holders (contract_id, holder_user_id) VALUES ($1, $2) \
-         ON CONFLICT (contract_id) DO UPDATE SET holder_user_id = excluded.holder_user_id",
-    )
-    .bind(contract_id)
-    .bind(holder)
-    .execute(conn)
-    .await
-    .map_err(ApiError::internal)?;
-    Ok(())
 }
 
 #[tonic::async_trait]
