@@ -193,8 +193,8 @@ impl Faults {
         self.calls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
 
-    /// A receiver notified of every change, for response bodies.
-    fn subscribe(&self) -> watch::Receiver<FaultSpec> {
+    /// A receiver notified of every change, for response bodies and health.
+    pub(crate) fn subscribe(&self) -> watch::Receiver<FaultSpec> {
         self.state.subscribe()
     }
 }

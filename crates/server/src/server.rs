@@ -20,6 +20,16 @@ use crate::{
     shutdown::Shutdown,
 };
 
+/// A task stopped when this is dropped (when `serve` returns, or its
+/// future is dropped).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// The services every server serves besides its own.
 const SHARED_SERVICES: &[&str] = &[
     "grpc.health.v1.Health",
@@ -200,6 +210,29 @@ pub async fn serve(
         .max_decoding_message_size(limit)
         .max_encoding_message_size(limit);
 
+    // Health follows the faults: a server made "down" is NOT_SERVING, so a
+    // load balancer or a probe sees what its callers see. One task, for the
+    // life of the server, until the shutdown below takes over health.
+    let follow_faults = {
+        let (health, names, mut changes) = (health.clone(), health_names.clone(), faults.subscribe());
+        tokio::spawn(async move {
+            loop {
+                let status = if changes.borrow_and_update().down {
+                    ServingStatus::NotServing
+                } else {
+                    ServingStatus::Serving
+                };
+                for name in &names {
+                    health.set_service_status(name, status).await;
+                }
+                if changes.changed().await.is_err() {
+                    return;
+                }
+            }
+        })
+    };
+    let follow_faults = AbortOnDrop(follow_faults);
+
     // Fires at the drain deadline. Every accepted connection holds an
     // observer; the trigger lives in this function, so dropping the `serve`
     // future also cuts the connections (a dropped trigger counts as fired).
@@ -215,8 +248,11 @@ pub async fn serve(
         let shutdown = shutdown.clone();
         let health = health.clone();
         let name = name.to_owned();
+        let follow_faults = follow_faults.0.abort_handle();
         async move {
             shutdown.wait().await;
+            // From here health says NOT_SERVING whatever the faults say.
+            follow_faults.abort();
             tracing::info!(service = %name, %addr, "shutting down: NOT_SERVING, draining calls in progress");
             for health_name in &health_names {
                 health.set_service_status(health_name, ServingStatus::NotServing).await;

@@ -423,12 +423,10 @@ async fn down_refuses_calls_while_admin_health_and_reflection_stay_reachable() {
     let refused = echo_stream(&h.channel).await.expect_err("down: stream refused");
     assert_eq!(refused.code(), Code::Unavailable);
 
-    // Exempt: health still says SERVING (the process is alive), admin reads
-    // the fault, reflection lists services.
-    assert_eq!(
-        h.health_status("").await.expect("health reachable"),
-        ServingStatus::Serving as i32
-    );
+    // Exempt: health still answers (with NOT_SERVING: see
+    // `health_follows_the_faults_not_serving_while_down`), admin reads the
+    // fault, reflection lists services.
+    h.health_status("").await.expect("health reachable");
     let fault = h
         .admin()
         .get_fault(GetFaultRequest {})
@@ -456,6 +454,40 @@ async fn down_refuses_calls_while_admin_health_and_reflection_stay_reachable() {
         .expect("reflection answers")
         .expect("a response");
 
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn health_follows_the_faults_not_serving_while_down() {
+    let h = start(Duration::from_secs(1)).await;
+    let status_of = |wanted: ServingStatus| {
+        let h = &h;
+        async move {
+            let deadline = tokio::time::Instant::now() + DEADLINE;
+            loop {
+                let both = (h.health_status("").await.ok(), h.health_status("test.Echo").await.ok());
+                if both == (Some(wanted as i32), Some(wanted as i32)) {
+                    return;
+                }
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "health never became {wanted:?}: {both:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    };
+    status_of(ServingStatus::Serving).await;
+    h.set_fault(down()).await.expect("set down");
+    status_of(ServingStatus::NotServing).await;
+    // Latency alone is not down.
+    h.set_fault(Fault {
+        latency: Some(pbjson_types::Duration::from(Duration::from_millis(1))),
+        ..Fault::default()
+    })
+    .await
+    .expect("set latency");
+    status_of(ServingStatus::Serving).await;
     h.stop().await;
 }
 
