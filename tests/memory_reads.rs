@@ -128,8 +128,15 @@ async fn cached_reads_answer_with_the_database_gone(db: TestDb) {
     assert_eq!(before.len(), 12);
 
     pool.pool().close().await;
+    // FRESH reads the database, which is gone: an outage (UNAVAILABLE,
+    // saying so), not an internal error; a write likewise.
+    let gone = |status: Option<tonic::Status>| {
+        status.is_some_and(|s| s.code() == tonic::Code::Unavailable && s.message().contains("database is unreachable"))
+    };
     let fresh = photos.list_photos(Request::new(list(&user, Consistency::Fresh))).await;
-    assert!(fresh.is_err(), "FRESH reads the database, which is gone");
+    assert!(gone(fresh.as_ref().err().cloned()), "{fresh:?}");
+    let write = photos.create_photo(Request::new(new_photo(&user, "lost"))).await;
+    assert!(gone(write.as_ref().err().cloned()), "{write:?}");
 
     // Every cached read still answers, with the same data.
     for _ in 0..20 {

@@ -188,14 +188,14 @@ impl PhotosService {
             .bind(photo.user_id.as_str())
             .fetch_one(tx.conn())
             .await
-            .map_err(ApiError::internal)?;
+            .map_err(FeedError::from)?;
         validate::may_upload(&owner.user, owner.contract.as_ref(), count)?;
         sqlx::query("INSERT INTO photo_owners (photo_id, user_id) VALUES ($1, $2)")
             .bind(photo.id.as_str())
             .bind(photo.user_id.as_str())
             .execute(tx.conn())
             .await
-            .map_err(ApiError::internal)?;
+            .map_err(FeedError::from)?;
         photo.revision = tx.next_revision();
         // Scoped by owner: `WatchPhotos` may follow one user's photos.
         tx.put_scoped(&photo.id, &photo.user_id, &photo).await?;
@@ -225,7 +225,7 @@ impl PhotosService {
             .bind(id.as_str())
             .execute(tx.conn())
             .await
-            .map_err(ApiError::internal)?;
+            .map_err(FeedError::from)?;
         if tx.delete(&id).await?.is_none() {
             return Err(photo_not_found(&id));
         }

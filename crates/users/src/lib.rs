@@ -277,7 +277,7 @@ async fn release_email(conn: &mut AnyConnection, user_id: &str) -> Result<(), Ap
         .bind(user_id)
         .execute(conn)
         .await
-        .map_err(ApiError::internal)?;
+        .map_err(lightbox_changefeed::FeedError::from)?;
     Ok(())
 }
 
