@@ -12,7 +12,7 @@ use super::{
     Common, Failure, Kind, Service, StatusArg, all_pages,
     failure::Endpoint,
     mask,
-    output::{Json, Proto, emit, enum_word, print_table},
+    output::{Json, Proto, enum_word, print_deleted, print_table},
 };
 
 /// `lightbox contracts`.
@@ -267,10 +267,7 @@ pub async fn run(args: ContractsArgs) -> anyhow::Result<()> {
                 .await
                 .map_err(failed)?
                 .into_inner();
-            match json {
-                Some(json) => json.print(&deleted),
-                None => Ok(emit(&format!("deleted contract {id} at revision {}", deleted.revision)).map(drop)?),
-            }
+            print_deleted(json, "contract", &id, &deleted, deleted.revision)
         }
     }
 }

@@ -91,6 +91,21 @@ impl Json {
     }
 }
 
+/// Prints what a delete answered: the response as JSON, or one line
+/// (`deleted user ID at revision N`).
+pub(crate) fn print_deleted<M: Proto>(
+    json: Option<&Json>,
+    kind: &str,
+    id: &str,
+    response: &M,
+    revision: i64,
+) -> anyhow::Result<()> {
+    match json {
+        Some(json) => json.print(response),
+        None => Ok(emit(&format!("deleted {kind} {id} at revision {revision}")).map(drop)?),
+    }
+}
+
 /// Writes `text` and a newline to stdout. A reader that went away (`| head`)
 /// is not the command's failure: answers `false` when stdout is closed.
 pub(crate) fn emit(text: &str) -> Result<bool, Failure> {

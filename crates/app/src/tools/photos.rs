@@ -10,7 +10,7 @@ use lightbox_api::photos::{
 use super::{
     Common, Service,
     failure::Endpoint,
-    output::{Json, Proto, emit, freshness_line, print_table},
+    output::{Json, Proto, emit, freshness_line, print_deleted, print_table},
 };
 
 /// `lightbox photos`.
@@ -171,10 +171,7 @@ pub async fn run(args: PhotosArgs) -> anyhow::Result<()> {
                 .await
                 .map_err(failed)?
                 .into_inner();
-            match json {
-                Some(json) => json.print(&deleted),
-                None => Ok(emit(&format!("deleted photo {id} at revision {}", deleted.revision)).map(drop)?),
-            }
+            print_deleted(json, "photo", &id, &deleted, deleted.revision)
         }
     }
 }

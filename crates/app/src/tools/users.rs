@@ -14,7 +14,7 @@ use super::{
     contracts::{CONTRACT_HEADER, PlanArg, contract_row, parse_options, plan},
     failure::Endpoint,
     mask,
-    output::{Json, Proto, emit, enum_word, freshness_line, print_table},
+    output::{Json, Proto, emit, enum_word, freshness_line, print_deleted, print_table},
     parse_addr,
 };
 
@@ -310,10 +310,7 @@ pub async fn run(args: UsersArgs) -> anyhow::Result<()> {
                 .await
                 .map_err(failed)?
                 .into_inner();
-            match json {
-                Some(json) => json.print(&deleted),
-                None => Ok(emit(&format!("deleted user {id} at revision {}", deleted.revision)).map(drop)?),
-            }
+            print_deleted(json, "user", &id, &deleted, deleted.revision)
         }
     }
 }
