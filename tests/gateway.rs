@@ -11,7 +11,10 @@ use lightbox_api::{contracts::Contract, users::User};
 use lightbox_app::Target;
 use lightbox_changefeed::{FeedOptions, Retention};
 use lightbox_gateway::auth::{self, Claims};
-use lightbox_testkit::{DEADLINE, Stack, TEST_JWT_SECRET, TestDb, conformance, customer, eventually};
+use lightbox_testkit::{
+    Stack, TEST_JWT_SECRET, TestDb, conformance, customer, eventually,
+    sse::{Event, EventStream as Events},
+};
 use reqwest::{Client, StatusCode};
 use serde_json::{Value, json};
 
@@ -85,30 +88,8 @@ impl Phone {
 
     /// Opens the events stream, resuming after `last_id` if given.
     async fn events(&self, last_id: Option<&str>) -> Events {
-        let mut request = self
-            .http
-            .get(format!("{}/v1/users/me/events", self.base))
-            .bearer_auth(&self.token);
-        if let Some(id) = last_id {
-            request = request.header("Last-Event-ID", id);
-        }
-        let response = request
-            .send()
-            .await
-            .unwrap_or_else(|err| panic!("cannot open the events stream: {err}"));
-        assert_eq!(response.status(), StatusCode::OK, "the events stream opens");
-        let content_type = response
-            .headers()
-            .get("content-type")
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or_default()
-            .to_owned();
-        assert!(content_type.starts_with("text/event-stream"), "{content_type}");
-        Events {
-            response,
-            buffer: String::new(),
-            heartbeats: 0,
-        }
+        let url = format!("{}/v1/users/me/events", self.base);
+        Events::open(&self.http, &url, &self.token, last_id).await
     }
 }
 
@@ -122,88 +103,6 @@ async fn answer(result: reqwest::Result<reqwest::Response>) -> (StatusCode, Valu
         .unwrap_or_else(|err| panic!("unreadable body: {err}"));
     let json = serde_json::from_str(&text).unwrap_or_else(|err| panic!("{status}: body is not JSON ({err}): {text}"));
     (status, json)
-}
-
-/// One Server-Sent Event.
-#[derive(Debug, Clone)]
-struct Event {
-    name: String,
-    id: String,
-    data: Value,
-}
-
-/// An events stream being read.
-struct Events {
-    response: reqwest::Response,
-    buffer: String,
-    heartbeats: usize,
-}
-
-impl Events {
-    /// The next event (heartbeat comments are counted, not returned).
-    async fn next(&mut self) -> Event {
-        loop {
-            if let Some(end) = self.buffer.find("\n\n") {
-                let block: String = self.buffer.drain(..end + 2).collect();
-                let (mut name, mut id, mut data) = (String::new(), String::new(), String::new());
-                for line in block.lines() {
-                    if let Some(comment) = line.strip_prefix(':') {
-                        if comment.trim() == "heartbeat" {
-                            self.heartbeats += 1;
-                        }
-                    } else if let Some(v) = line.strip_prefix("event:") {
-                        name = v.trim().to_owned();
-                    } else if let Some(v) = line.strip_prefix("id:") {
-                        id = v.trim().to_owned();
-                    } else if let Some(v) = line.strip_prefix("data:") {
-                        data.push_str(v.trim_start());
-                    }
-                }
-                if name.is_empty() {
-                    continue;
-                }
-                let data =
-                    serde_json::from_str(&data).unwrap_or_else(|err| panic!("event data is not JSON ({err}): {data}"));
-                return Event { name, id, data };
-            }
-            let chunk = tokio::time::timeout(DEADLINE, self.response.chunk())
-                .await
-                .unwrap_or_else(|_| panic!("no event within {DEADLINE:?}; have {:?}", self.buffer))
-                .unwrap_or_else(|err| panic!("the events stream failed: {err}"))
-                .unwrap_or_else(|| panic!("the events stream ended"));
-            self.buffer.push_str(&String::from_utf8_lossy(&chunk));
-        }
-    }
-
-    /// Reads events until `done` holds for one; answers all read, in order.
-    async fn until(&mut self, what: &str, mut done: impl FnMut(&Event) -> bool) -> Vec<Event> {
-        let mut seen = Vec::new();
-        let deadline = tokio::time::Instant::now() + DEADLINE;
-        loop {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "{what}: not within {DEADLINE:?}; saw {seen:#?}"
-            );
-            let event = self.next().await;
-            let stop = done(&event);
-            seen.push(event);
-            if stop {
-                return seen;
-            }
-        }
-    }
-
-    /// Reads until every source has sent `synced`.
-    async fn synced(&mut self) -> Vec<Event> {
-        let mut sources = std::collections::BTreeSet::new();
-        self.until("every source synced", |e| {
-            if e.name == "synced" {
-                sources.insert(e.data["source"].as_str().unwrap_or_default().to_owned());
-            }
-            sources.len() == 3
-        })
-        .await
-    }
 }
 
 fn is_photo(event: &Event, id: &str, kind: &str) -> bool {
@@ -567,7 +466,7 @@ async fn events_resume_from_last_event_id_and_lose_nothing() {
     let last_id = seen.last().map(|e| e.id.clone()).unwrap_or_default();
     // An idle stream carries heartbeats (every 500 ms in the test stack).
     while events.heartbeats == 0 {
-        let _ = tokio::time::timeout(Duration::from_millis(100), events.next()).await;
+        let _ = tokio::time::timeout(Duration::from_millis(100), events.event()).await;
     }
     drop(events);
 

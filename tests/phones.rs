@@ -19,9 +19,11 @@ use lightbox_api::{
 };
 use lightbox_app::Target;
 use lightbox_changefeed::FeedOptions;
-use lightbox_testkit::{DEADLINE, Stack, TestDb, customer, eventually};
-use reqwest::{Client, StatusCode};
-use serde_json::Value;
+use lightbox_testkit::{
+    Stack, TestDb, customer, eventually,
+    sse::{Event, EventStream},
+};
+use reqwest::Client;
 
 fn feed_options() -> FeedOptions {
     FeedOptions {
@@ -31,16 +33,13 @@ fn feed_options() -> FeedOptions {
     }
 }
 
-/// One Server-Sent Event.
-#[derive(Debug, Clone)]
-struct Event {
-    name: String,
-    id: String,
-    data: Value,
+/// What the tests read of an event.
+trait Change {
+    /// For a change: (source event, revision, the user it concerns).
+    fn change(&self) -> Option<(&str, i64, &str)>;
 }
 
-impl Event {
-    /// For a change: (source event, revision, the user it concerns).
+impl Change for Event {
     fn change(&self) -> Option<(&str, i64, &str)> {
         let owner = match self.name.as_str() {
             "user" | "photo" => "userId",
@@ -59,78 +58,10 @@ impl Event {
     }
 }
 
-/// An events stream being read (bytes kept whole: an event's UTF-8 may
-/// span two chunks).
-struct Sse {
-    response: reqwest::Response,
-    buffer: Vec<u8>,
-}
-
-impl Sse {
-    /// Opens `user_id`'s events stream, resuming after `last_id` if given.
-    async fn open(http: &Client, stack: &Stack, user_id: &str, last_id: Option<&str>) -> Sse {
-        let mut request = http
-            .get(format!("{}/v1/users/me/events", stack.gateway_url()))
-            .bearer_auth(stack.token(user_id));
-        if let Some(id) = last_id {
-            request = request.header("Last-Event-ID", id);
-        }
-        let response = request
-            .send()
-            .await
-            .unwrap_or_else(|err| panic!("cannot open the events stream: {err}"));
-        assert_eq!(response.status(), StatusCode::OK, "the events stream opens");
-        Sse {
-            response,
-            buffer: Vec::new(),
-        }
-    }
-
-    /// The next event, or `None` once the stream has ended.
-    async fn next(&mut self) -> Option<Event> {
-        loop {
-            if let Some(end) = self.buffer.windows(2).position(|w| w == b"\n\n") {
-                let block: Vec<u8> = self.buffer.drain(..end + 2).collect();
-                let block = String::from_utf8(block).unwrap_or_else(|err| panic!("an event is not UTF-8: {err}"));
-                let (mut name, mut id, mut data) = (String::new(), String::new(), String::new());
-                for line in block.lines() {
-                    if let Some(v) = line.strip_prefix("event:") {
-                        name = v.trim().to_owned();
-                    } else if let Some(v) = line.strip_prefix("id:") {
-                        id = v.trim().to_owned();
-                    } else if let Some(v) = line.strip_prefix("data:") {
-                        data.push_str(v.trim_start());
-                    }
-                }
-                if name.is_empty() {
-                    continue; // a heartbeat comment
-                }
-                let data = serde_json::from_str(&data).unwrap_or_else(|err| panic!("not JSON ({err}): {data}"));
-                return Some(Event { name, id, data });
-            }
-            let chunk = tokio::time::timeout(DEADLINE, self.response.chunk())
-                .await
-                .unwrap_or_else(|_| panic!("no event within {DEADLINE:?}"));
-            match chunk {
-                Ok(Some(chunk)) => self.buffer.extend_from_slice(&chunk),
-                Ok(None) | Err(_) => return None,
-            }
-        }
-    }
-
-    /// The next event; the stream must not end.
-    async fn event(&mut self) -> Event {
-        self.next().await.unwrap_or_else(|| panic!("the events stream ended"))
-    }
-
-    /// Reads until every source has sent `synced`; answers all read.
-    async fn synced(&mut self) -> Vec<Event> {
-        let mut seen = Vec::new();
-        while seen.iter().filter(|e: &&Event| e.name == "synced").count() < 3 {
-            seen.push(self.event().await);
-        }
-        seen
-    }
+/// Opens `user_id`'s events stream, resuming after `last_id` if given.
+async fn open(http: &Client, stack: &Stack, user_id: &str, last_id: Option<&str>) -> EventStream {
+    let url = format!("{}/v1/users/me/events", stack.gateway_url());
+    EventStream::open(http, &url, &stack.token(user_id), last_id).await
 }
 
 /// Watch streams each upstream serves now (users, contracts, photos).
@@ -293,7 +224,7 @@ async fn a_thousand_phones_share_one_watch_per_upstream_and_each_gets_exactly_it
         );
         let user_id = user.id.clone();
         phones.push(tokio::spawn(async move {
-            let mut events = Sse::open(&http, &stack, &user_id, None).await;
+            let mut events = open(&http, &stack, &user_id, None).await;
             events.synced().await;
             synced.fetch_add(1, Ordering::SeqCst);
             while let Some(event) = events.next().await {
@@ -408,9 +339,9 @@ async fn a_phone_that_stops_reading_is_ended_clearly_and_resumes_without_loss() 
     let brisk = create_user(&stack, "Brisk").await;
     let baseline = watchers(&stack);
     let (slow_http, brisk_http) = (Client::new(), Client::new());
-    let mut stalled = Sse::open(&slow_http, &stack, &slow.id, None).await;
+    let mut stalled = open(&slow_http, &stack, &slow.id, None).await;
     stalled.synced().await;
-    let mut reading = Sse::open(&brisk_http, &stack, &brisk.id, None).await;
+    let mut reading = open(&brisk_http, &stack, &brisk.id, None).await;
     reading.synced().await;
     one_gateway_watch_per_upstream(&stack, baseline).await;
 
@@ -452,7 +383,7 @@ async fn a_phone_that_stops_reading_is_ended_clearly_and_resumes_without_loss() 
     );
 
     // Resuming from the end event's id: the rest, nothing repeated.
-    let mut resumed = Sse::open(&slow_http, &stack, &slow.id, Some(&end.id)).await;
+    let mut resumed = open(&slow_http, &stack, &slow.id, Some(&end.id)).await;
     let mut after = Vec::new();
     while after.len() < updates.len() - before.len() {
         let event = resumed.event().await;
@@ -477,7 +408,7 @@ async fn resuming_after_a_gateway_restart_loses_nothing() {
     let http = Client::new();
     let mut streams = Vec::new();
     for (user, _) in &people {
-        let mut events = Sse::open(&http, &stack, &user.id, None).await;
+        let mut events = open(&http, &stack, &user.id, None).await;
         let last = events.synced().await.last().map(|e| e.id.clone()).unwrap_or_default();
         streams.push((events, last));
     }
@@ -516,7 +447,7 @@ async fn resuming_after_a_gateway_restart_loses_nothing() {
     stack.start_component(Target::Gateway).await;
 
     for ((_, last), (user, _)) in streams.iter().zip(&people) {
-        let mut resumed = Sse::open(&http, &stack, &user.id, Some(last)).await;
+        let mut resumed = open(&http, &stack, &user.id, Some(last)).await;
         let want = expected.get(&user.id).map(Vec::len).unwrap_or_default();
         let got = seen.entry(user.id.clone()).or_default();
         while got.len() < want {
@@ -545,9 +476,9 @@ async fn a_photo_deletion_reaches_its_owner_only() {
     photos_know(&stack, &bob, &bob_contract).await;
     let baseline = watchers(&stack);
     let http = Client::new();
-    let mut adas = Sse::open(&http, &stack, &ada.id, None).await;
+    let mut adas = open(&http, &stack, &ada.id, None).await;
     adas.synced().await;
-    let mut bobs = Sse::open(&http, &stack, &bob.id, None).await;
+    let mut bobs = open(&http, &stack, &bob.id, None).await;
     bobs.synced().await;
     // Both are served by the fan-out now, not by watches of their own.
     one_gateway_watch_per_upstream(&stack, baseline).await;

@@ -9,11 +9,14 @@
 //! - [`Stack`]: contracts, users and photos on port 0 over a [`TestDb`]
 //!   each, to stop and start again at will.
 //! - [`eventually`]: polls a condition until it holds or a deadline passes.
+//! - [`sse`]: a client of the gateway's Server-Sent Events stream.
 //!
 //! PostgreSQL tests run when `LIGHTBOX_TEST_POSTGRES_URL` (default
 //! `postgres://postgres@127.0.0.1:5432/postgres`) answers. When it does not,
 //! they are skipped with a notice on stderr, unless
 //! `LIGHTBOX_REQUIRE_POSTGRES=1` (set by CI) makes that a failure.
+
+pub mod sse;
 
 use std::{
     collections::HashMap, future::Future, io::Write, net::SocketAddr, path::PathBuf, sync::Once, time::Duration,
