@@ -472,6 +472,7 @@ impl FaultService for Minimal {
     async fn get_fault(&self, _: Request<GetFaultRequest>) -> Result<Response<GetFaultResponse>, Status> {
         Ok(Response::new(GetFaultResponse {
             fault: Some(Fault::default()),
+            component: String::new(),
         }))
     }
 
@@ -792,7 +793,7 @@ impl Caller {
         match self {
             Caller::Minimal(client) => {
                 let answer = client
-                    .get_fault(GetFaultRequest {})
+                    .get_fault(GetFaultRequest::default())
                     .await
                     .map_err(|s| status_text(&s))?;
                 answer

@@ -85,6 +85,7 @@ async fn run(watchers: usize, changes: usize) -> Result<Row, Box<dyn std::error:
     let addr = free_port()?;
     let mut server = Command::new(BIN)
         .args(["serve", "--target", "contracts", "--contracts-addr", &addr.to_string()])
+        .args(["--admin-addr", "127.0.0.1:0"])
         .args(["--watcher-buffer", "4096", "--progress-interval", "1h", "--data-dir"])
         .arg(dir.path())
         .env("RUST_LOG", "error")

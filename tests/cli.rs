@@ -40,6 +40,8 @@ struct Dev {
     contracts: SocketAddr,
     photos: SocketAddr,
     gateway: SocketAddr,
+    /// The process's admin listener (health, metrics, faults).
+    admin: SocketAddr,
     /// The demo token the banner prints.
     token: String,
     /// The `lightbox fault …` command the banner prints.
@@ -73,6 +75,8 @@ async fn spawn_dev(data_dir: &Path, extra: &[&str], logged: bool) -> Dev {
             "127.0.0.1:0",
             "--gateway-addr",
             "127.0.0.1:0",
+            "--admin-addr",
+            "127.0.0.1:0",
             "--data-dir",
         ])
         .arg(data_dir)
@@ -96,10 +100,17 @@ async fn spawn_dev(data_dir: &Path, extra: &[&str], logged: bool) -> Dev {
     });
     let stdout = child.stdout.take().unwrap_or_else(|| panic!("no stdout"));
     let mut lines = BufReader::new(stdout).lines();
-    let (mut users, mut contracts, mut photos, mut gateway, mut token) = (None, None, None, None, None);
+    let (mut users, mut contracts, mut photos, mut gateway, mut admin, mut token) =
+        (None, None, None, None, None, None);
     let mut fault_command = String::new();
     let banner = async {
-        while users.is_none() || contracts.is_none() || photos.is_none() || gateway.is_none() || token.is_none() {
+        while users.is_none()
+            || contracts.is_none()
+            || photos.is_none()
+            || gateway.is_none()
+            || admin.is_none()
+            || token.is_none()
+        {
             let line = match lines.next_line().await {
                 Ok(Some(line)) => line,
                 other => panic!("lightbox dev ended before printing its addresses: {other:?}"),
@@ -113,6 +124,7 @@ async fn spawn_dev(data_dir: &Path, extra: &[&str], logged: bool) -> Dev {
                 "users" => users = addr,
                 "contracts" => contracts = addr,
                 "photos" => photos = addr,
+                "admin" => admin = addr,
                 "gateway" => gateway = url.strip_prefix("http://").and_then(|a| a.parse().ok()),
                 "export" => token = url.strip_prefix("TOKEN=").map(str::to_owned),
                 "lightbox" if url == "fault" => {
@@ -127,13 +139,14 @@ async fn spawn_dev(data_dir: &Path, extra: &[&str], logged: bool) -> Dev {
         .unwrap_or_else(|_| panic!("no banner within {DEADLINE:?}"));
     // Keep draining stdout so the child never blocks on a full pipe.
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    match (users, contracts, photos, gateway, token) {
-        (Some(users), Some(contracts), Some(photos), Some(gateway), Some(token)) => Dev {
+    match (users, contracts, photos, gateway, admin, token) {
+        (Some(users), Some(contracts), Some(photos), Some(gateway), Some(admin), Some(token)) => Dev {
             child,
             users,
             contracts,
             photos,
             gateway,
+            admin,
             token,
             fault_command,
             log,
@@ -225,8 +238,9 @@ async fn dev_serves_demo_data_and_fault_takes_contracts_down_and_back() {
             .is_some_and(|c| c.options.iter().any(|o| o.code == "photo_quota"))
     );
 
-    let contracts = dev.contracts.to_string();
-    let down = lightbox(&["fault", "contracts", "--addr", &contracts, "--down"]).await;
+    // Faults go through the process's admin listener.
+    let admin = dev.admin.to_string();
+    let down = lightbox(&["fault", "contracts", "--addr", &admin, "--down"]).await;
     assert!(down.status.success(), "{down:?}");
     assert_eq!(String::from_utf8_lossy(&down.stdout).trim(), "contracts: down");
     // The seed's synchronous hop fails; the default read answers from Users'
@@ -242,25 +256,25 @@ async fn dev_serves_demo_data_and_fault_takes_contracts_down_and_back() {
         Some(lightbox_api::feed::Source::Cache as i32)
     );
 
-    let shown = lightbox(&["fault", "contracts", "--addr", &contracts]).await;
+    let shown = lightbox(&["fault", "contracts", "--addr", &admin]).await;
     assert_eq!(String::from_utf8_lossy(&shown.stdout).trim(), "contracts: down");
-    let cleared = lightbox(&["fault", "contracts", "--addr", &contracts, "--clear"]).await;
+    let cleared = lightbox(&["fault", "contracts", "--addr", &admin, "--clear"]).await;
     assert_eq!(String::from_utf8_lossy(&cleared.stdout).trim(), "contracts: no fault");
     assert!(get_ada(dev.users).await.is_ok());
 
     // An invalid value is an invalid argument (4), in one line naming the
     // server, its address and what to do; nothing changes.
-    let bad = lightbox(&["fault", "contracts", "--addr", &contracts, "--error-rate", "7"]).await;
+    let bad = lightbox(&["fault", "contracts", "--addr", &admin, "--error-rate", "7"]).await;
     assert_eq!(bad.status.code(), Some(4), "{bad:?}");
     let stderr = String::from_utf8_lossy(&bad.stderr);
     assert_eq!(
         stderr.trim(),
         format!(
-            "error: the contracts service at http://{contracts} answered INVALID_ARGUMENT: \
+            "error: the admin listener at http://{admin} answered INVALID_ARGUMENT: \
              error_rate must be a number from 0 to 1, got 7; nothing was changed; see `lightbox fault --help`"
         )
     );
-    let shown = lightbox(&["fault", "contracts", "--addr", &contracts]).await;
+    let shown = lightbox(&["fault", "contracts", "--addr", &admin]).await;
     assert_eq!(String::from_utf8_lossy(&shown.stdout).trim(), "contracts: no fault");
     // Unreachable is 7; a server faults cannot be injected into is bad usage (2).
     let unreachable = lightbox(&["fault", "users", "--addr", "127.0.0.1:1", "--down"]).await;
@@ -350,7 +364,6 @@ async fn grpcurl_lists_describes_calls_and_watches_without_proto_files() {
             "grpc.health.v1.Health",
             "grpc.reflection.v1.ServerReflection",
             "grpc.reflection.v1alpha.ServerReflection",
-            "lightbox.admin.v1.FaultService",
             own,
         ];
         assert_eq!(listed, expected, "{addr}");
@@ -358,6 +371,28 @@ async fn grpcurl_lists_describes_calls_and_watches_without_proto_files() {
         let refused = run_grpcurl(&["-plaintext", "-d", "{}", addr, other]).await;
         assert!(refused.contains("Unimplemented"), "{addr}: {refused}");
     }
+    // The admin listener: the process's health and the fault service.
+    let admin = dev.admin.to_string();
+    let listed = run_grpcurl(&["-plaintext", &admin, "list"]).await;
+    let listed: Vec<&str> = listed.lines().collect();
+    assert_eq!(
+        listed,
+        [
+            "grpc.health.v1.Health",
+            "grpc.reflection.v1.ServerReflection",
+            "grpc.reflection.v1alpha.ServerReflection",
+            "lightbox.admin.v1.FaultService",
+        ]
+    );
+    let fault = run_grpcurl(&[
+        "-plaintext",
+        "-d",
+        r#"{"component": "users"}"#,
+        &admin,
+        "lightbox.admin.v1.FaultService/GetFault",
+    ])
+    .await;
+    assert!(fault.contains(r#""component": "users""#), "{fault}");
     let refused = run_grpcurl(&[
         "-plaintext",
         "-d",
@@ -443,6 +478,8 @@ async fn a_taken_port_fails_the_start_with_the_address() {
         "users",
         "--users-addr",
         &addr,
+        "--admin-addr",
+        "127.0.0.1:0",
         "--data-dir",
         &data_dir,
     ])
@@ -450,6 +487,104 @@ async fn a_taken_port_fails_the_start_with_the_address() {
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains(&format!("cannot listen on {addr}")), "{stderr}");
+}
+
+/// `lightbox serve`: no fault injection unless turned on, never without a
+/// token, never on the service port; health on the admin listener follows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_locks_fault_injection_behind_the_admin_token() {
+    let dir = tempfile::tempdir().unwrap_or_else(|err| panic!("{err}"));
+    let data_dir = dir.path().to_string_lossy().into_owned();
+    let (users, admin) = (
+        format!("127.0.0.1:{}", free_port()),
+        format!("127.0.0.1:{}", free_port()),
+    );
+    let base = [
+        "serve",
+        "--target",
+        "users",
+        "--users-addr",
+        &users,
+        "--admin-addr",
+        &admin,
+        "--data-dir",
+        &data_dir,
+    ];
+
+    // --faults without a token does not start, saying why.
+    let refused = lightbox(&[&base[..], &["--faults"]].concat()).await;
+    assert_eq!(refused.status.code(), Some(1), "{refused:?}");
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("--faults needs --admin-token"), "{stderr}");
+
+    // Without --faults: health works, fault injection is off and says how.
+    let wait_serving = |admin: String| async move {
+        lightbox_testkit::eventually("the admin listener to answer SERVING", || {
+            let admin = admin.clone();
+            async move { (tool(&["health", "--addr", &admin]).await.0 == Some(0)).then_some(()) }
+        })
+        .await;
+    };
+    let mut server = Command::new(BIN)
+        .args(base)
+        .env("RUST_LOG", "warn")
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap_or_else(|err| panic!("{err}"));
+    wait_serving(admin.clone()).await;
+    let (code, _, err) = tool(&["fault", "users", "--addr", &admin, "--down"]).await;
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("answered UNIMPLEMENTED") && err.contains("--faults"),
+        "{err}"
+    );
+    let _ = server.kill().await;
+
+    // With --faults and a token: refused without it or with another one
+    // (exit 6), done with it; the service port serves none of it.
+    let token = "an-admin-token-for-this-test";
+    let mut server = Command::new(BIN)
+        .args(base)
+        .args(["--faults", "--admin-token", token])
+        .env("RUST_LOG", "warn")
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap_or_else(|err| panic!("{err}"));
+    wait_serving(admin.clone()).await;
+    let (code, _, err) = tool(&["fault", "users", "--addr", &admin, "--down"]).await;
+    assert_eq!(code, Some(6), "{err}");
+    assert!(err.contains("UNAUTHENTICATED") && err.contains("--token"), "{err}");
+    let (code, _, err) = tool(&[
+        "fault",
+        "users",
+        "--addr",
+        &admin,
+        "--down",
+        "--token",
+        "not-the-right-token-at-all",
+    ])
+    .await;
+    assert_eq!(code, Some(6), "{err}");
+    let (code, _, err) = tool(&["fault", "users", "--addr", &users, "--down", "--token", token]).await;
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("not served on this port") && err.contains("admin listener"),
+        "{err}"
+    );
+    let (code, out, err) = tool(&["health", "--addr", &admin]).await;
+    assert_eq!((code, out.trim()), (Some(0), "SERVING"), "{err}");
+
+    let (code, out, err) = tool(&["fault", "users", "--addr", &admin, "--down", "--token", token]).await;
+    assert_eq!((code, out.trim()), (Some(0), "users: down"), "{err}");
+    // Health follows the fault: the process is NOT_SERVING while down (exit 7).
+    let (code, _, err) = tool(&["health", "--addr", &admin]).await;
+    assert_eq!(code, Some(7), "{err}");
+    assert!(err.contains("NOT_SERVING"), "{err}");
+    let (code, _, err) = tool(&["fault", "users", "--addr", &admin, "--clear", "--token", token]).await;
+    assert_eq!(code, Some(0), "{err}");
+    let (code, _, err) = tool(&["health", "--addr", &admin]).await;
+    assert_eq!(code, Some(0), "{err}");
+    let _ = server.kill().await;
 }
 
 async fn tool(args: &[&str]) -> (Option<i32>, String, String) {
@@ -700,6 +835,8 @@ async fn watch_streams_changes_and_resumes_after_the_server_restarts() {
                 "contracts",
                 "--contracts-addr",
                 &addr,
+                "--admin-addr",
+                "127.0.0.1:0",
                 "--data-dir",
                 &data_dir,
             ])
@@ -905,23 +1042,27 @@ async fn every_tool_with_nothing_listening_names_the_address_and_exits_7() {
         ("users", vec!["watch", "users"]),
         ("contracts", vec!["watch", "contracts", "--json"]),
         ("photos", vec!["watch", "photos", "--since", "3"]),
-        ("users", vec!["fault", "users"]),
-        ("contracts", vec!["fault", "contracts", "--down"]),
-        ("photos", vec!["fault", "photos", "--clear"]),
+        ("admin", vec!["fault", "users"]),
+        ("admin", vec!["fault", "contracts", "--down"]),
+        ("admin", vec!["fault", "photos", "--clear"]),
+        ("admin", vec!["health"]),
     ];
     for (service, mut args) in commands {
         args.extend(["--addr", &addr]);
         let (code, out, err) = tool(&args).await;
         assert_eq!(code, Some(7), "{args:?}: {err}");
         assert_eq!(out, "", "{args:?}");
-        assert_eq!(
-            err,
-            format!(
+        let expected = match service {
+            "admin" => format!(
+                "error: cannot reach the admin listener at http://{addr} (connection refused); \
+                 is the process running? Pass --addr with its admin address (its --admin-addr)\n"
+            ),
+            service => format!(
                 "error: cannot reach the {service} service at http://{addr} (connection refused); \
                  is it running? Start everything with `lightbox dev`, or pass --addr HOST:PORT\n"
             ),
-            "{args:?}"
-        );
+        };
+        assert_eq!(err, expected, "{args:?}");
     }
 }
 
@@ -1104,9 +1245,9 @@ async fn json_is_what_the_gateway_writes_byte_for_byte() {
 async fn fault_changes_name_their_server_and_a_refused_request_is_one_warning() {
     let dir = tempfile::tempdir().unwrap_or_else(|err| panic!("{err}"));
     let dev = start_dev_logged(dir.path()).await;
-    let photos = dev.photos.to_string();
+    let admin = dev.admin.to_string();
 
-    let down = lightbox(&["fault", "photos", "--addr", &photos, "--down"]).await;
+    let down = lightbox(&["fault", "photos", "--addr", &admin, "--down"]).await;
     assert!(down.status.success(), "{down:?}");
     dev.log_until("fault injection on photos: down (was: no fault)").await;
 
@@ -1142,7 +1283,7 @@ async fn fault_changes_name_their_server_and_a_refused_request_is_one_warning() 
         "ANSI escapes in {log:#?}"
     );
 
-    let cleared = lightbox(&["fault", "photos", "--addr", &photos, "--clear"]).await;
+    let cleared = lightbox(&["fault", "photos", "--addr", &admin, "--clear"]).await;
     assert!(cleared.status.success(), "{cleared:?}");
     dev.log_until("fault injection on photos: no fault (was: down)").await;
     assert!(dev.terminate().await.success());

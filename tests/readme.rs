@@ -25,7 +25,8 @@ use tokio::process::Command;
 const BIN: &str = env!("CARGO_BIN_EXE_lightbox");
 
 /// The default ports the README uses, and the variable that moves each.
-const PORTS: [(u16, &str); 4] = [
+const PORTS: [(u16, &str); 5] = [
+    (50050, "LIGHTBOX_ADMIN_ADDR"),
     (50051, "LIGHTBOX_USERS_ADDR"),
     (50052, "LIGHTBOX_CONTRACTS_ADDR"),
     (50053, "LIGHTBOX_PHOTOS_ADDR"),

@@ -43,6 +43,9 @@ pub enum Command {
     Serve(ServeArgs),
     /// Injects faults into a running server: latency, errors, or down.
     Fault(tools::fault::FaultArgs),
+    /// Checks a process's health on its admin listener: exits 0 when it is
+    /// serving (for container health checks).
+    Health(tools::health::HealthArgs),
     /// The back office: create, read, update, delete users.
     Users(tools::users::UsersArgs),
     /// The support app: create, read, update, delete contracts.
@@ -91,6 +94,23 @@ pub struct ServeArgs {
     /// The mobile gateway's HTTP address.
     #[arg(long, env = "LIGHTBOX_GATEWAY_ADDR", default_value = "127.0.0.1:8080")]
     pub gateway_addr: SocketAddr,
+
+    /// The process's admin listener: gRPC health for probes, Prometheus
+    /// metrics at `/metrics`, and fault injection when turned on. Never on
+    /// the service ports.
+    #[arg(long, env = "LIGHTBOX_ADMIN_ADDR", default_value = "127.0.0.1:50050")]
+    pub admin_addr: SocketAddr,
+
+    /// Serve fault injection (`lightbox.admin.v1.FaultService`) on the
+    /// admin listener. Needs --admin-token. Always on in `dev`.
+    #[arg(long, env = "LIGHTBOX_FAULTS")]
+    pub faults: bool,
+
+    /// The bearer token admin calls must carry (`authorization: Bearer
+    /// TOKEN`), at least 16 characters. Required for --faults; in `dev`,
+    /// required only when the admin listener is not on loopback.
+    #[arg(long, env = "LIGHTBOX_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
 
     /// Where the gateway reaches the photos service. Unset: the photos
     /// address above.
@@ -142,9 +162,16 @@ pub struct ServeArgs {
     #[arg(long, env = "LIGHTBOX_MAX_MESSAGE_BYTES", default_value_t = 4 * 1024 * 1024)]
     pub max_message_bytes: usize,
 
-    /// How long calls in progress may finish after a shutdown signal.
+    /// How long calls in progress may finish after a shutdown signal (and
+    /// after the drain delay).
     #[arg(long, env = "LIGHTBOX_DRAIN_TIMEOUT", value_parser = humantime::parse_duration, default_value = "10s")]
     pub drain_timeout: Duration,
+
+    /// How long health says NOT_SERVING after a shutdown signal before the
+    /// listeners close, while every call still succeeds: time for load
+    /// balancers and endpoints to move callers away (rolling updates).
+    #[arg(long, env = "LIGHTBOX_DRAIN_DELAY", value_parser = humantime::parse_duration, default_value = "0s")]
+    pub drain_delay: Duration,
 
     /// The gateway accepts HS256 tokens signed with this key.
     #[arg(long, env = "LIGHTBOX_JWT_SECRET", hide_env_values = true)]

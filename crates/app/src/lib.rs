@@ -32,7 +32,7 @@ pub mod tools;
 use std::net::SocketAddr;
 
 use anyhow::Context;
-use lightbox_server::Shutdown;
+use lightbox_server::{AdminCredential, AdminOptions, ProcessHealth, Shutdown};
 
 pub use config::{Cli, Command, ServeArgs};
 pub use lightbox_server::ServerOptions;
@@ -55,6 +55,7 @@ pub async fn run(cli: Cli, version: &str) -> anyhow::Result<()> {
         Some(Command::Dev(args)) => serve(args, Some(version)).await,
         Some(Command::Serve(args)) => serve(args, None).await,
         Some(Command::Fault(args)) => tools::fault::run(args).await,
+        Some(Command::Health(args)) => tools::health::run(args).await,
         Some(Command::Users(args)) => tools::users::run(args).await,
         Some(Command::Contracts(args)) => tools::contracts::run(args).await,
         Some(Command::Photos(args)) => tools::photos::run(args).await,
@@ -77,7 +78,12 @@ fn openapi() -> anyhow::Result<()> {
 async fn serve(args: ServeArgs, dev: Option<&str>) -> anyhow::Result<()> {
     let mut settings = Settings::from_args(&args, dev.is_some())?;
     settings.demo = dev.is_some() && !args.no_demo;
+    let admin = admin_options(&args, dev.is_some())?;
+    let health = ProcessHealth::new();
+    settings.server.process_health = Some(health.clone());
     // Bind every listener first: a taken port fails the start, naming it.
+    let admin_listener = lightbox_server::bind(args.admin_addr).await?;
+    let admin_addr = admin_listener.local_addr()?;
     let mut listeners = Vec::new();
     for component in components(&args.target) {
         let listener = lightbox_server::bind(address(&args, component)).await?;
@@ -102,8 +108,24 @@ async fn serve(args: ServeArgs, dev: Option<&str>) -> anyhow::Result<()> {
         tracing::info!(component = %component, addr = %started.addr, "component started");
         running.push(started);
     }
+    // The admin listener outlives the components: while they drain, probes
+    // still read their NOT_SERVING.
+    let (admin_stop, admin_shutdown) = Shutdown::new();
+    let faults = running
+        .iter()
+        .filter(|c| c.target != Target::Gateway)
+        .map(|c| (c.target.name().to_owned(), c.faults.clone()))
+        .collect();
+    let admin_task = tokio::spawn(lightbox_server::serve_admin(
+        admin_listener,
+        health.clone(),
+        faults,
+        admin,
+        admin_shutdown,
+    ));
+    tracing::info!(addr = %admin_addr, "admin listening");
     if let Some(version) = dev {
-        print_banner(&args, &running, version);
+        print_banner(&args, &running, admin_addr, version);
     }
 
     let (trigger, shutdown) = Shutdown::new();
@@ -114,6 +136,13 @@ async fn serve(args: ServeArgs, dev: Option<&str>) -> anyhow::Result<()> {
         tracing::info!("shutdown signal received; draining");
         on_signal.trigger();
     });
+    {
+        let (health, shutdown) = (health.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            shutdown.wait().await;
+            health.drain().await;
+        });
+    }
     // Each component runs until the signal, or fails on its own; the first
     // failure stops the others.
     let mut tasks = tokio::task::JoinSet::new();
@@ -137,6 +166,16 @@ async fn serve(args: ServeArgs, dev: Option<&str>) -> anyhow::Result<()> {
             }
         }
     }
+    admin_stop.trigger();
+    match admin_task.await {
+        Ok(Ok(())) => {}
+        Ok(Err(err)) => {
+            failure.get_or_insert(anyhow::Error::new(err).context("the admin listener failed"));
+        }
+        Err(err) => {
+            failure.get_or_insert(anyhow::Error::new(err));
+        }
+    }
     match failure {
         Some(err) => Err(err),
         None => {
@@ -144,6 +183,36 @@ async fn serve(args: ServeArgs, dev: Option<&str>) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// What the admin listener serves, and to whom. In `dev`, fault injection
+/// is on and open on loopback; elsewhere it needs `--faults` and a token.
+fn admin_options(args: &ServeArgs, dev: bool) -> anyhow::Result<AdminOptions> {
+    let credential = match &args.admin_token {
+        Some(token) => AdminCredential::bearer(token).map_err(|e| anyhow::anyhow!("--admin-token: {e}"))?,
+        None => AdminCredential::Open,
+    };
+    let faults = dev || args.faults;
+    let open = matches!(credential, AdminCredential::Open);
+    if faults && open && !dev {
+        anyhow::bail!(
+            "--faults needs --admin-token (LIGHTBOX_ADMIN_TOKEN): outside `lightbox dev`, only callers \
+             with the credential may inject faults"
+        );
+    }
+    if faults && open && !args.admin_addr.ip().is_loopback() {
+        anyhow::bail!(
+            "the admin listener {} is not on loopback, so fault injection needs a credential: give \
+             --admin-token (LIGHTBOX_ADMIN_TOKEN), or keep --admin-addr on 127.0.0.1",
+            args.admin_addr
+        );
+    }
+    Ok(AdminOptions {
+        faults,
+        credential,
+        metrics: None,
+        max_message_bytes: args.max_message_bytes,
+    })
 }
 
 /// The components `targets` name, each once, upstreams first.
@@ -163,7 +232,7 @@ fn address(args: &ServeArgs, component: Target) -> SocketAddr {
     }
 }
 
-fn print_banner(args: &ServeArgs, running: &[Component], version: &str) {
+fn print_banner(args: &ServeArgs, running: &[Component], admin: SocketAddr, version: &str) {
     let storage = match &args.database_url {
         Some(_) => "the database at DATABASE_URL".to_owned(),
         None => format!("SQLite files under {}", args.data_dir.display()),
@@ -181,6 +250,10 @@ fn print_banner(args: &ServeArgs, running: &[Component], version: &str) {
             component.addr
         ));
     }
+    text.push_str(&format!(
+        "  {:<10} grpc://{admin}   (health, metrics, faults)\n",
+        "admin"
+    ));
     let addr_of =
         |target: Target, default: SocketAddr| running.iter().find(|c| c.target == target).map_or(default, |c| c.addr);
     let users = addr_of(Target::Users, args.users_addr);
@@ -195,7 +268,7 @@ fn print_banner(args: &ServeArgs, running: &[Component], version: &str) {
          \x20 grpcurl -plaintext -d '{{\"id\": \"{user}\", \"includeContract\": true}}' {users} lightbox.users.v1.UsersService/GetUser\n\
          \x20 grpcurl -plaintext -d '{{\"sinceRevision\": 0}}' {contracts} lightbox.contracts.v1.ContractsService/WatchContracts\n\
          \x20 grpcurl -plaintext -d '{{\"userId\": \"{user}\"}}' {photos} lightbox.photos.v1.PhotosService/ListPhotos\n\
-         \x20 lightbox fault contracts --addr {contracts} --latency 200ms    # then GetUser again; --clear to undo\n\
+         \x20 lightbox fault contracts --addr {admin} --latency 200ms    # then GetUser again; --clear to undo\n\
          (`lightbox` is this binary: `cargo install --locked --path .` puts it on your PATH.)\n"
     ));
     match lightbox_gateway::auth::hs256_token(

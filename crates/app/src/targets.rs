@@ -109,6 +109,7 @@ impl Settings {
             server: ServerOptions {
                 max_message_bytes: args.max_message_bytes,
                 drain_timeout: args.drain_timeout,
+                drain_delay: args.drain_delay,
                 ..ServerOptions::default()
             },
             demo: false,
@@ -282,13 +283,16 @@ fn start_gateway(settings: &Settings, listener: TcpListener) -> anyhow::Result<C
         photos: channel(&settings.photos_url)?,
     };
     let (stop, shutdown) = Shutdown::new();
-    let router = Gateway::new(settings.gateway.clone(), upstreams, shutdown.clone())
+    // Event streams end once the drain delay is over, when phones resuming
+    // them reach another gateway.
+    let streams_end = shutdown.delayed(settings.server.drain_delay);
+    let router = Gateway::new(settings.gateway.clone(), upstreams, streams_end)
         .map_err(anyhow::Error::msg)?
         .router();
     let addr = listener.local_addr().context("the listener has no local address")?;
-    let drain = settings.server.drain_timeout;
+    let (delay, drain) = (settings.server.drain_delay, settings.server.drain_timeout);
     let task = tokio::spawn(async move {
-        lightbox_gateway::serve(listener, router, shutdown, drain)
+        lightbox_gateway::serve(listener, router, shutdown, delay, drain)
             .await
             .context("the gateway server failed")
     });
@@ -336,11 +340,13 @@ where
     let task = {
         let faults = faults.clone();
         tokio::spawn(async move {
+            // Watch streams end once the drain delay is over, telling their
+            // clients where to resume (on another replica, by then).
             let closer = {
-                let shutdown = shutdown.clone();
+                let streams_end = shutdown.delayed(options.drain_delay);
                 let feed = feed.clone();
                 tokio::spawn(async move {
-                    shutdown.wait().await;
+                    streams_end.wait().await;
                     feed.close();
                 })
             };

@@ -249,19 +249,30 @@ pub fn descriptors() -> Result<DescriptorPool, String> {
     DescriptorPool::decode(lightbox_api::FILE_DESCRIPTOR_SET).map_err(|e| format!("the descriptors do not decode: {e}"))
 }
 
-/// Serves `router` on `listener` until `shutdown`, then lets requests in
-/// progress finish for at most `drain` (open event streams end at once:
+/// Serves `router` on `listener` until `shutdown`; then, after `delay`
+/// (while the process's health says it is draining and load balancers move
+/// away, every request still succeeds), stops accepting and lets requests
+/// in progress finish for at most `drain` (open event streams end at once:
 /// clients resume them elsewhere with `Last-Event-ID`).
-pub async fn serve(listener: TcpListener, router: Router, shutdown: Shutdown, drain: Duration) -> std::io::Result<()> {
+pub async fn serve(
+    listener: TcpListener,
+    router: Router,
+    shutdown: Shutdown,
+    delay: Duration,
+    drain: Duration,
+) -> std::io::Result<()> {
     let deadline = {
         let shutdown = shutdown.clone();
         async move {
             shutdown.wait().await;
-            tokio::time::sleep(drain).await;
+            tokio::time::sleep(delay + drain).await;
         }
     };
     let server = axum::serve(listener, router.into_make_service_with_connect_info::<SocketAddr>())
-        .with_graceful_shutdown(async move { shutdown.wait().await });
+        .with_graceful_shutdown(async move {
+            shutdown.wait().await;
+            tokio::time::sleep(delay).await;
+        });
     tokio::select! {
         served = server => served,
         () = deadline => {

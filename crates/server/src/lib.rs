@@ -9,9 +9,13 @@
 //!   service that changes it ([`FaultServiceImpl`]), and the tower layer
 //!   that applies it ([`FaultLayer`]), ending running streams when "down".
 //! - `server` (re-exported here): [`bind`] then [`serve`], which adds
-//!   health, reflection, the admin service and the fault layer to a
-//!   service's routes and drains on shutdown; [`ServerOptions`],
-//!   [`ServeError`].
+//!   health, reflection and the fault layer to a service's routes and
+//!   drains on shutdown; [`ServerOptions`], [`ServeError`].
+//! - `health` (re-exported): [`ProcessHealth`], the whole process's health,
+//!   which every server of the process copies its statuses into.
+//! - `admin` (re-exported): [`serve_admin`], the process's admin listener:
+//!   its health, metrics, and fault injection behind an
+//!   [`AdminCredential`] ([`AdminOptions`]).
 //!
 //! # Use
 //!
@@ -28,10 +32,14 @@
 //! server.await??;                                              // returns within drain_timeout
 //! ```
 
+mod admin;
 pub mod fault;
+mod health;
 mod server;
 pub mod shutdown;
 
+pub use admin::{AdminCredential, AdminOptions, METRICS_CONTENT_TYPE, MIN_TOKEN_LEN, MetricsText, serve_admin};
 pub use fault::{FaultLayer, FaultServiceImpl, FaultSpec, Faults};
+pub use health::ProcessHealth;
 pub use server::{ServeError, ServerOptions, bind, serve};
 pub use shutdown::{Shutdown, ShutdownTrigger, ctrl_c_or_term};

@@ -5,7 +5,6 @@ mod abortable;
 
 use std::{io, net::SocketAddr, time::Duration};
 
-use lightbox_api::admin::fault_service_server::FaultServiceServer;
 use tokio::net::TcpListener;
 use tokio_stream::StreamExt as _;
 use tonic::{
@@ -16,7 +15,8 @@ use tonic_health::ServingStatus;
 
 use self::abortable::Abortable;
 use crate::{
-    fault::{FaultLayer, FaultServiceImpl, Faults},
+    ProcessHealth,
+    fault::{FaultLayer, Faults},
     shutdown::Shutdown,
 };
 
@@ -35,23 +35,55 @@ const SHARED_SERVICES: &[&str] = &[
     "grpc.health.v1.Health",
     "grpc.reflection.v1.ServerReflection",
     "grpc.reflection.v1alpha.ServerReflection",
-    "lightbox.admin.v1.FaultService",
 ];
 
 /// The answer to a call of a service this port does not serve:
 /// `UNIMPLEMENTED`, naming what it does serve (tonic's own says nothing).
-fn not_served(
+/// A call of the fault service gets `fault_hint` too: where it is.
+pub(crate) fn not_served(
     served: &[String],
+    fault_hint: &'static str,
 ) -> impl Fn(http::Uri) -> std::future::Ready<http::Response<tonic::body::Body>> + Clone + Send + Sync + 'static {
     let served = served.join(", ");
     move |uri: http::Uri| {
         let path = uri.path().trim_start_matches('/');
         let service = path.split_once('/').map_or(path, |(service, _)| service);
+        let hint = match service == "lightbox.admin.v1.FaultService" {
+            true => fault_hint,
+            false => "",
+        };
         let status = tonic::Status::unimplemented(format!(
-            "{service} is not served on this port, which serves {served}; \
+            "{service} is not served on this port, which serves {served}{hint}; \
              each Lightbox service has its own port (see `grpcurl -plaintext HOST:PORT list`)"
         ));
         std::future::ready(status.into_http())
+    }
+}
+
+/// Where a caller of the fault service on a service port is sent.
+const FAULTS_ARE_ON_ADMIN: &str = "; fault injection is served on the process's admin listener \
+     (--admin-addr, 127.0.0.1:50050 by default) when turned on with --faults";
+
+/// One server's health: its port's reporter, and the process's it copies
+/// every service status into.
+#[derive(Clone)]
+struct Health {
+    reporter: tonic_health::server::HealthReporter,
+    process: Option<ProcessHealth>,
+    /// The services this port serves (full proto names); "" is the port.
+    services: Vec<String>,
+}
+
+impl Health {
+    /// Sets "" and every service to `status`, here and in the process.
+    async fn publish(&self, status: ServingStatus) {
+        self.reporter.set_service_status("", status).await;
+        for service in &self.services {
+            self.reporter.set_service_status(service, status).await;
+            if let Some(process) = &self.process {
+                process.set(service, status).await;
+            }
+        }
     }
 }
 
@@ -83,6 +115,13 @@ pub struct ServerOptions {
     /// The server's short name (e.g. "users"), used in logs and in the
     /// "`<name>` is down (fault injection)" message.
     pub service_name: String,
+    /// How long health says `NOT_SERVING` after the shutdown signal before
+    /// the listener closes, so load balancers and DNS move callers away
+    /// while every call still succeeds. Default 0.
+    pub drain_delay: Duration,
+    /// The process's health (its admin listener's), which this server's
+    /// service statuses are copied into; `None`: this port's only.
+    pub process_health: Option<ProcessHealth>,
 }
 
 impl Default for ServerOptions {
@@ -91,6 +130,8 @@ impl Default for ServerOptions {
             max_message_bytes: 4 * 1024 * 1024,
             drain_timeout: Duration::from_secs(10),
             service_name: "lightbox".to_owned(),
+            drain_delay: Duration::ZERO,
+            process_health: None,
         }
     }
 }
@@ -145,19 +186,22 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener, ServeError> {
 /// - server reflection, both `grpc.reflection.v1` and `v1alpha` (grpcurl
 ///   1.8.6 speaks only the latter), describing every Lightbox proto and the
 ///   health service;
-/// - `lightbox.admin.v1.FaultService` over `faults`, and a [`FaultLayer`]
-///   applying them to every other call.
+/// - a [`FaultLayer`] applying `faults` to every other call. The service
+///   that changes them is not here: it is on the process's admin listener
+///   ([`serve_admin`](crate::serve_admin)), behind a credential.
 ///
 /// `routes` must not contain those services itself (duplicate routes
-/// panic when the router is built).
+/// panic when the router is built). Health statuses are copied into
+/// [`ServerOptions::process_health`] when given.
 ///
 /// On shutdown, in this order: health turns `NOT_SERVING` for every name
-/// (watchers are told, so load balancers move away), the listener closes,
-/// calls in progress run on; when the last one ends, `serve` returns. If
-/// some are still running `drain_timeout` after the signal (a watch stream
-/// never ends by itself), their connections are cut, so their clients see
-/// `UNAVAILABLE` and reconnect elsewhere, and `serve` returns anyway.
-/// Dropping the `serve` future cuts every connection likewise.
+/// (watchers are told, so load balancers move away); `drain_delay` later
+/// the listener closes; calls in progress run on; when the last one ends,
+/// `serve` returns. If some are still running `drain_timeout` after that
+/// (a watch stream never ends by itself), their connections are cut, so
+/// their clients see `UNAVAILABLE` and reconnect elsewhere, and `serve`
+/// returns anyway. Dropping the `serve` future cuts every connection
+/// likewise.
 pub async fn serve(
     listener: TcpListener,
     routes: Routes,
@@ -170,15 +214,16 @@ pub async fn serve(
     let limit = options.max_message_bytes;
     let name = options.service_name.as_str();
 
-    // The reporter is shared by the health service (which reads it) and the
-    // shutdown future below (which flips it): clones share one map.
-    let (health, health_service) = tonic_health::server::health_reporter();
-    let health_names: Vec<String> = std::iter::once(String::new())
-        .chain(health_services.iter().map(|s| (*s).to_owned()))
-        .collect();
-    for health_name in &health_names {
-        health.set_service_status(health_name, ServingStatus::Serving).await;
-    }
+    // The reporter is shared by the health service (which reads it), the
+    // fault follower and the shutdown future below (which flip it): clones
+    // share one map.
+    let (reporter, health_service) = tonic_health::server::health_reporter();
+    let health = Health {
+        reporter,
+        process: options.process_health.clone(),
+        services: health_services.iter().map(|s| (*s).to_owned()).collect(),
+    };
+    health.publish(ServingStatus::Serving).await;
 
     // What this port serves, and only that, is what reflection lists (every
     // schema stays resolvable: a message may come from any file).
@@ -203,9 +248,6 @@ pub async fn serve(
         .build_v1alpha()?
         .max_decoding_message_size(limit)
         .max_encoding_message_size(limit);
-    let admin = FaultServiceServer::new(FaultServiceImpl::new(faults.clone()).with_service_name(name))
-        .max_decoding_message_size(limit)
-        .max_encoding_message_size(limit);
     let health_service = health_service
         .max_decoding_message_size(limit)
         .max_encoding_message_size(limit);
@@ -214,7 +256,7 @@ pub async fn serve(
     // load balancer or a probe sees what its callers see. One task, for the
     // life of the server, until the shutdown below takes over health.
     let follow_faults = {
-        let (health, names, mut changes) = (health.clone(), health_names.clone(), faults.subscribe());
+        let (health, mut changes) = (health.clone(), faults.subscribe());
         tokio::spawn(async move {
             loop {
                 let status = if changes.borrow_and_update().down {
@@ -222,9 +264,7 @@ pub async fn serve(
                 } else {
                     ServingStatus::Serving
                 };
-                for name in &names {
-                    health.set_service_status(name, status).await;
-                }
+                health.publish(status).await;
                 if changes.changed().await.is_err() {
                     return;
                 }
@@ -243,7 +283,9 @@ pub async fn serve(
 
     // tonic stops accepting once this completes, then waits for every
     // connection to finish; health goes NOT_SERVING before that, so that
-    // watchers hear it while their connection is still open.
+    // watchers hear it while their connection is still open, and callers
+    // have `drain_delay` to move away while every call still succeeds.
+    let drain_delay = options.drain_delay;
     let signal = {
         let shutdown = shutdown.clone();
         let health = health.clone();
@@ -253,19 +295,22 @@ pub async fn serve(
             shutdown.wait().await;
             // From here health says NOT_SERVING whatever the faults say.
             follow_faults.abort();
-            tracing::info!(service = %name, %addr, "shutting down: NOT_SERVING, draining calls in progress");
-            for health_name in &health_names {
-                health.set_service_status(health_name, ServingStatus::NotServing).await;
-            }
+            tracing::info!(service = %name, %addr, ?drain_delay, "shutting down: NOT_SERVING");
+            health.publish(ServingStatus::NotServing).await;
+            tokio::time::sleep(drain_delay).await;
+            tracing::info!(service = %name, %addr, "no longer accepting; draining calls in progress");
         }
     };
 
     let routes = routes
         .add_service(health_service)
         .add_service(reflection_v1)
-        .add_service(reflection_v1alpha)
-        .add_service(admin);
-    let routes = Routes::from(routes.into_axum_router().fallback(not_served(&served)));
+        .add_service(reflection_v1alpha);
+    let routes = Routes::from(
+        routes
+            .into_axum_router()
+            .fallback(not_served(&served, FAULTS_ARE_ON_ADMIN)),
+    );
     let mut builder = Server::builder().layer(FaultLayer::new(faults).with_service_name(name));
     let server = builder
         .add_routes(routes)
@@ -276,7 +321,7 @@ pub async fn serve(
 
     let drain_deadline = async {
         shutdown.wait().await;
-        tokio::time::sleep(options.drain_timeout).await;
+        tokio::time::sleep(drain_delay + options.drain_timeout).await;
     };
     tokio::select! {
         result = &mut server => {

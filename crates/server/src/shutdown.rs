@@ -54,6 +54,25 @@ impl Shutdown {
     }
 }
 
+impl Shutdown {
+    /// A signal that fires `delay` after this one does (the same signal if
+    /// `delay` is zero): for what must stop only once a drain delay is over.
+    /// Spawns a task, so call it inside a tokio runtime.
+    pub fn delayed(&self, delay: std::time::Duration) -> Shutdown {
+        if delay.is_zero() {
+            return self.clone();
+        }
+        let (trigger, later) = Shutdown::new();
+        let first = self.clone();
+        tokio::spawn(async move {
+            first.wait().await;
+            tokio::time::sleep(delay).await;
+            trigger.trigger();
+        });
+        later
+    }
+}
+
 impl ShutdownTrigger {
     /// Starts the shutdown: every [`Shutdown`] observer, present or future,
     /// sees it. Triggering again does nothing more.

@@ -24,7 +24,10 @@ use lightbox_api::admin::{
     ClearFaultRequest, Fault, GetFaultRequest, GetFaultResponse, SetFaultRequest,
     fault_service_client::FaultServiceClient,
 };
-use lightbox_server::{FaultSpec, Faults, ServeError, ServerOptions, Shutdown, ShutdownTrigger, bind, serve};
+use lightbox_server::{
+    AdminCredential, AdminOptions, FaultSpec, Faults, ProcessHealth, ServeError, ServerOptions, Shutdown,
+    ShutdownTrigger, bind, serve, serve_admin,
+};
 use tokio::{sync::watch, task::JoinHandle};
 use tonic::{
     Code, Request, Status,
@@ -33,6 +36,7 @@ use tonic::{
     codegen::Bytes,
     server::NamedService,
     service::Routes,
+    service::{Interceptor, interceptor::InterceptedService},
     transport::{Channel, Endpoint},
 };
 use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
@@ -136,7 +140,7 @@ async fn echo_unary(channel: &Channel) -> Result<(), Status> {
     let mut grpc = tonic::client::Grpc::new(channel.clone());
     grpc.ready().await.map_err(|err| Status::unavailable(err.to_string()))?;
     grpc.unary::<GetFaultRequest, GetFaultResponse, _>(
-        Request::new(GetFaultRequest {}),
+        Request::new(GetFaultRequest::default()),
         PathAndQuery::from_static("/test.Echo/Unary"),
         tonic_prost::ProstCodec::default(),
     )
@@ -149,7 +153,7 @@ async fn echo_stream(channel: &Channel) -> Result<Streaming<GetFaultResponse>, S
     grpc.ready().await.map_err(|err| Status::unavailable(err.to_string()))?;
     let response = grpc
         .server_streaming::<GetFaultRequest, GetFaultResponse, _>(
-            Request::new(GetFaultRequest {}),
+            Request::new(GetFaultRequest::default()),
             PathAndQuery::from_static("/test.Echo/Stream"),
             tonic_prost::ProstCodec::default(),
         )
@@ -159,27 +163,65 @@ async fn echo_stream(channel: &Channel) -> Result<Streaming<GetFaultResponse>, S
 
 // ------------------------------------------------------------------ harness
 
-/// A server under test and what controls it.
+/// The admin token of the servers under test.
+const TOKEN: &str = "test-admin-token-0123456789";
+
+/// A server under test, its process's admin listener, and what controls
+/// them.
 struct Harness {
     addr: SocketAddr,
     channel: Channel,
+    admin_channel: Channel,
     faults: Faults,
     trigger: ShutdownTrigger,
     server: JoinHandle<Result<(), ServeError>>,
+    /// Stops the admin listener (after the server, as a process does).
+    _admin_trigger: ShutdownTrigger,
     release: watch::Sender<bool>,
 }
 
 async fn start(drain_timeout: Duration) -> Harness {
+    start_with(ServerOptions {
+        drain_timeout,
+        ..ServerOptions::default()
+    })
+    .await
+}
+
+/// Adds `authorization: Bearer TOKEN` to every call.
+#[derive(Clone)]
+struct Bearer(&'static str);
+
+impl Interceptor for Bearer {
+    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
+        let value = format!("Bearer {}", self.0).parse().expect("ASCII token");
+        request.metadata_mut().insert("authorization", value);
+        Ok(request)
+    }
+}
+
+async fn connect(addr: SocketAddr) -> Channel {
+    Endpoint::from_shared(format!("http://{addr}"))
+        .expect("endpoint")
+        .connect()
+        .await
+        .expect("connect")
+}
+
+async fn start_with(options: ServerOptions) -> Harness {
     let listener = bind(SocketAddr::from(([127, 0, 0, 1], 0))).await.expect("bind");
     let addr = listener.local_addr().expect("local addr");
+    let admin_listener = bind(SocketAddr::from(([127, 0, 0, 1], 0))).await.expect("bind admin");
+    let admin_addr = admin_listener.local_addr().expect("admin local addr");
     let (release, release_rx) = watch::channel(false);
     let routes = Routes::new(Echo { release: release_rx });
     let faults = Faults::new();
+    let process_health = ProcessHealth::new();
     let (trigger, shutdown) = Shutdown::new();
     let options = ServerOptions {
         service_name: "echo".to_owned(),
-        drain_timeout,
-        ..ServerOptions::default()
+        process_health: Some(process_health.clone()),
+        ..options
     };
     let server = tokio::spawn(serve(
         listener,
@@ -189,25 +231,47 @@ async fn start(drain_timeout: Duration) -> Harness {
         shutdown,
         options,
     ));
-    // The listener is bound before `serve` runs, so connecting cannot race it.
-    let channel = Endpoint::from_shared(format!("http://{addr}"))
-        .expect("endpoint")
-        .connect()
-        .await
-        .expect("connect");
+    let (admin_trigger, admin_shutdown) = Shutdown::new();
+    let admin = AdminOptions {
+        faults: true,
+        credential: AdminCredential::bearer(TOKEN).expect("a long token"),
+        metrics: None,
+        max_message_bytes: 1024 * 1024,
+    };
+    tokio::spawn(serve_admin(
+        admin_listener,
+        process_health,
+        vec![("echo".to_owned(), faults.clone())],
+        admin,
+        admin_shutdown,
+    ));
+    // The listeners are bound before the servers run, so connecting cannot
+    // race them.
     Harness {
         addr,
-        channel,
+        channel: connect(addr).await,
+        admin_channel: connect(admin_addr).await,
         faults,
         trigger,
         server,
+        _admin_trigger: admin_trigger,
         release,
     }
 }
 
 impl Harness {
-    fn admin(&self) -> FaultServiceClient<Channel> {
-        FaultServiceClient::new(self.channel.clone())
+    fn admin(&self) -> FaultServiceClient<InterceptedService<Channel, Bearer>> {
+        FaultServiceClient::with_interceptor(self.admin_channel.clone(), Bearer(TOKEN))
+    }
+
+    /// The process's health, as its admin listener reports it.
+    async fn process_health_status(&self, service: &str) -> Result<i32, Status> {
+        let response = HealthClient::new(self.admin_channel.clone())
+            .check(HealthCheckRequest {
+                service: service.to_owned(),
+            })
+            .await?;
+        Ok(response.into_inner().status)
     }
 
     fn health(&self) -> HealthClient<Channel> {
@@ -215,7 +279,13 @@ impl Harness {
     }
 
     async fn set_fault(&self, fault: Fault) -> Result<Fault, Status> {
-        let response = self.admin().set_fault(SetFaultRequest { fault: Some(fault) }).await?;
+        let response = self
+            .admin()
+            .set_fault(SetFaultRequest {
+                fault: Some(fault),
+                component: String::new(),
+            })
+            .await?;
         Ok(response.into_inner().fault.expect("fault in response"))
     }
 
@@ -313,7 +383,6 @@ async fn reflection_v1alpha_and_v1_list_services_and_describe_them() {
         "grpc.health.v1.Health",
         "grpc.reflection.v1.ServerReflection",
         "grpc.reflection.v1alpha.ServerReflection",
-        "lightbox.admin.v1.FaultService",
         "test.Echo",
     ];
     wanted.sort_unstable();
@@ -410,6 +479,123 @@ async fn a_service_not_served_here_is_unimplemented_naming_what_is() {
 }
 
 #[tokio::test]
+async fn service_ports_serve_no_fault_service_and_the_admin_needs_the_token() {
+    let h = start(Duration::from_secs(1)).await;
+    // Not on the service port: reaching a service is no licence to break it.
+    let status = FaultServiceClient::new(h.channel.clone())
+        .set_fault(SetFaultRequest {
+            fault: Some(down()),
+            component: String::new(),
+        })
+        .await
+        .expect_err("no fault service on a service port");
+    assert_eq!(status.code(), Code::Unimplemented);
+    assert!(status.message().contains("admin listener"), "{}", status.message());
+
+    // On the admin listener, without the token or with another one: refused,
+    // saying why, and nothing changes.
+    let anonymous = FaultServiceClient::new(h.admin_channel.clone())
+        .set_fault(SetFaultRequest {
+            fault: Some(down()),
+            component: String::new(),
+        })
+        .await
+        .expect_err("no credential");
+    assert_eq!(anonymous.code(), Code::Unauthenticated);
+    assert!(anonymous.message().contains("--admin-token"), "{}", anonymous.message());
+    let wrong = FaultServiceClient::with_interceptor(h.admin_channel.clone(), Bearer("another-token-0123456789"))
+        .set_fault(SetFaultRequest {
+            fault: Some(down()),
+            component: String::new(),
+        })
+        .await
+        .expect_err("wrong token");
+    assert_eq!(wrong.code(), Code::Unauthenticated);
+    assert!(wrong.message().contains("not the one"), "{}", wrong.message());
+    assert_eq!(h.faults.get(), FaultSpec::default());
+    echo_unary(&h.channel).await.expect("still up");
+
+    // With it: faults work, for the component named or the only one.
+    let named = h
+        .admin()
+        .get_fault(GetFaultRequest {
+            component: "echo".to_owned(),
+        })
+        .await
+        .expect("named component")
+        .into_inner();
+    assert_eq!(named.component, "echo");
+    let unknown = h
+        .admin()
+        .get_fault(GetFaultRequest {
+            component: "users".to_owned(),
+        })
+        .await
+        .expect_err("no such component");
+    assert_eq!(unknown.code(), Code::NotFound);
+    assert!(unknown.message().contains("it runs echo"), "{}", unknown.message());
+    h.set_fault(down()).await.expect("with the token");
+    assert!(h.faults.get().down);
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn an_admin_without_fault_injection_says_how_to_turn_it_on() {
+    let listener = bind(SocketAddr::from(([127, 0, 0, 1], 0))).await.expect("bind admin");
+    let addr = listener.local_addr().expect("local addr");
+    let faults = Faults::new();
+    let (_trigger, shutdown) = Shutdown::new();
+    let options = AdminOptions {
+        faults: false,
+        credential: AdminCredential::Open,
+        metrics: None,
+        max_message_bytes: 1024 * 1024,
+    };
+    tokio::spawn(serve_admin(
+        listener,
+        ProcessHealth::new(),
+        vec![("echo".to_owned(), faults.clone())],
+        options,
+        shutdown,
+    ));
+    let status = FaultServiceClient::new(connect(addr).await)
+        .set_fault(SetFaultRequest {
+            fault: Some(down()),
+            component: String::new(),
+        })
+        .await
+        .expect_err("fault injection is off");
+    assert_eq!(status.code(), Code::Unimplemented);
+    assert!(status.message().contains("--faults"), "{}", status.message());
+    assert_eq!(faults.get(), FaultSpec::default());
+}
+
+#[tokio::test]
+async fn during_the_drain_delay_health_says_not_serving_and_calls_still_succeed() {
+    let h = start_with(ServerOptions {
+        drain_timeout: Duration::from_secs(1),
+        // Far longer than the test: the listener must still be open.
+        drain_delay: Duration::from_secs(60),
+        ..ServerOptions::default()
+    })
+    .await;
+    h.trigger.trigger();
+    let deadline = Instant::now() + DEADLINE;
+    while h.health_status("").await.ok() != Some(ServingStatus::NotServing as i32)
+        || h.process_health_status("").await.ok() != Some(ServingStatus::NotServing as i32)
+    {
+        assert!(Instant::now() < deadline, "health never said NOT_SERVING");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Out of rotation, but still answering: on this connection and on a new one.
+    echo_unary(&h.channel).await.expect("a call during the drain delay");
+    echo_unary(&connect(h.addr).await)
+        .await
+        .expect("a new connection during the drain delay");
+    h.server.abort();
+}
+
+#[tokio::test]
 async fn down_refuses_calls_while_admin_health_and_reflection_stay_reachable() {
     let h = start(Duration::from_secs(1)).await;
     echo_unary(&h.channel).await.expect("up: call succeeds");
@@ -429,7 +615,7 @@ async fn down_refuses_calls_while_admin_health_and_reflection_stay_reachable() {
     h.health_status("").await.expect("health reachable");
     let fault = h
         .admin()
-        .get_fault(GetFaultRequest {})
+        .get_fault(GetFaultRequest::default())
         .await
         .expect("admin reachable")
         .into_inner()
@@ -465,13 +651,19 @@ async fn health_follows_the_faults_not_serving_while_down() {
         async move {
             let deadline = tokio::time::Instant::now() + DEADLINE;
             loop {
-                let both = (h.health_status("").await.ok(), h.health_status("test.Echo").await.ok());
-                if both == (Some(wanted as i32), Some(wanted as i32)) {
+                // The port's health, and the process's on the admin listener.
+                let all = [
+                    h.health_status("").await.ok(),
+                    h.health_status("test.Echo").await.ok(),
+                    h.process_health_status("").await.ok(),
+                    h.process_health_status("test.Echo").await.ok(),
+                ];
+                if all == [Some(wanted as i32); 4] {
                     return;
                 }
                 assert!(
                     tokio::time::Instant::now() < deadline,
-                    "health never became {wanted:?}: {both:?}"
+                    "health never became {wanted:?}: {all:?}"
                 );
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
@@ -499,7 +691,7 @@ async fn clear_fault_restores_service() {
 
     let cleared = h
         .admin()
-        .clear_fault(ClearFaultRequest {})
+        .clear_fault(ClearFaultRequest::default())
         .await
         .expect("clear")
         .into_inner()
@@ -641,14 +833,17 @@ async fn invalid_faults_are_invalid_argument_and_change_nothing() {
     }
     let missing = h
         .admin()
-        .set_fault(SetFaultRequest { fault: None })
+        .set_fault(SetFaultRequest {
+            fault: None,
+            component: String::new(),
+        })
         .await
         .expect_err("missing fault");
     assert_eq!(missing.code(), Code::InvalidArgument);
 
     let after = h
         .admin()
-        .get_fault(GetFaultRequest {})
+        .get_fault(GetFaultRequest::default())
         .await
         .expect("get")
         .into_inner()

@@ -132,7 +132,25 @@ pub(crate) struct Endpoint {
     /// The tool's command group (`users`, `watch`, `fault`, …), for the
     /// `--help` the next step points to.
     command: &'static str,
+    /// Reached through its process's admin listener (`lightbox fault`,
+    /// `lightbox health`), not its service port.
+    admin: bool,
     channel: Channel,
+}
+
+/// Where a process's admin listener is by default (`--admin-addr`).
+pub(crate) const DEFAULT_ADMIN_URL: &str = "http://127.0.0.1:50050";
+
+/// The URL to reach: `addr` (from `--addr`), or what `variable` says, or
+/// `default`.
+fn resolve(addr: Option<&str>, variable: &str, default: &str) -> Result<String, Failure> {
+    match (addr, std::env::var(variable)) {
+        (Some(addr), _) => Ok(addr.to_owned()),
+        (None, Ok(addr)) if !addr.is_empty() => {
+            super::parse_addr(&addr).map_err(|e| Failure::new(Kind::Usage, format!("{variable}={addr}: {e}")))
+        }
+        (None, _) => Ok(default.to_owned()),
+    }
 }
 
 impl Endpoint {
@@ -141,12 +159,18 @@ impl Endpoint {
     /// or at its local default port. Connects on the first call, so an
     /// unreachable service fails that call (and says so), not this.
     pub(crate) fn new(service: Service, addr: Option<&str>, command: &'static str) -> Result<Endpoint, Failure> {
-        let url = match (addr, std::env::var(service.env_var())) {
-            (Some(addr), _) => addr.to_owned(),
-            (None, Ok(addr)) if !addr.is_empty() => super::parse_addr(&addr)
-                .map_err(|e| Failure::new(Kind::Usage, format!("{}={addr}: {e}", service.env_var())))?,
-            (None, _) => service.default_url().to_owned(),
-        };
+        let url = resolve(addr, service.env_var(), service.default_url())?;
+        Endpoint::at(service, url, command, false)
+    }
+
+    /// The admin listener of the process running `service`: at `addr`, or
+    /// where `LIGHTBOX_ADMIN_ADDR` says, or at 127.0.0.1:50050.
+    pub(crate) fn admin(service: Service, addr: Option<&str>, command: &'static str) -> Result<Endpoint, Failure> {
+        let url = resolve(addr, "LIGHTBOX_ADMIN_ADDR", DEFAULT_ADMIN_URL)?;
+        Endpoint::at(service, url, command, true)
+    }
+
+    fn at(service: Service, url: String, command: &'static str, admin: bool) -> Result<Endpoint, Failure> {
         let channel = Channel::from_shared(url.clone())
             .map_err(|e| Failure::new(Kind::Usage, format!("--addr {url} is not an address: {e}")))?
             .connect_timeout(Duration::from_secs(5))
@@ -155,8 +179,18 @@ impl Endpoint {
             service,
             url,
             command,
+            admin,
             channel,
         })
+    }
+
+    /// What is reached, in words: "the users service", or "the admin
+    /// listener" of a process.
+    fn place(&self) -> String {
+        match self.admin {
+            true => "the admin listener".to_owned(),
+            false => format!("the {} service", self.service),
+        }
     }
 
     /// The channel to call on (cheap to clone).
@@ -172,25 +206,28 @@ impl Endpoint {
     /// What happened to a call that ended with `status`, with the next
     /// step if `next_step`: one line naming the service and the address.
     pub(crate) fn describe(&self, status: &Status, next_step: bool) -> String {
-        let (service, url) = (self.service, &self.url);
+        let (place, url) = (self.place(), &self.url);
         if let Some(reason) = connect_error(status) {
-            let line = format!("cannot reach the {service} service at {url} ({reason})");
-            return match next_step {
-                true => {
+            let line = format!("cannot reach {place} at {url} ({reason})");
+            return match (next_step, self.admin) {
+                (true, false) => {
                     format!("{line}; is it running? Start everything with `lightbox dev`, or pass --addr HOST:PORT")
                 }
-                false => line,
+                (true, true) => {
+                    format!("{line}; is the process running? Pass --addr with its admin address (its --admin-addr)")
+                }
+                (false, _) => line,
             };
         }
         let line = match transport_error(status) {
             // The call started, then its connection failed.
-            Some(reason) => format!("lost the connection to the {service} service at {url} ({reason})"),
+            Some(reason) => format!("lost the connection to {place} at {url} ({reason})"),
             None => {
                 let message = status.message().trim();
                 let code = code_name(status.code());
                 match message.is_empty() {
-                    true => format!("the {service} service at {url} answered {code}"),
-                    false => format!("the {service} service at {url} answered {code}: {message}"),
+                    true => format!("{place} at {url} answered {code}"),
+                    false => format!("{place} at {url} answered {code}: {message}"),
                 }
             }
         };
@@ -204,6 +241,14 @@ impl Endpoint {
     fn next_step(&self, status: &Status) -> String {
         let (service, command) = (self.service, self.command);
         match status.code() {
+            Code::Unauthenticated if self.admin => {
+                "nothing was changed; give the server's admin token with --token or LIGHTBOX_ADMIN_TOKEN".to_owned()
+            }
+            Code::Unimplemented if self.admin => format!(
+                "is {} a process's admin listener (its --admin-addr; 127.0.0.1:50050 by default), \
+                 started with --faults?",
+                self.url
+            ),
             Code::NotFound if service == Service::Photos => {
                 "check the id; `lightbox photos list --user USER_ID` lists a user's photos".to_owned()
             }
@@ -234,10 +279,14 @@ impl Endpoint {
                 self.url
             ),
             // tonic's words for an answer that was not gRPC at all.
-            _ if status.message().contains("while receiving response with status") => format!(
-                "{} does not speak gRPC: is it the {service} service's port (not the gateway's)?",
-                self.url
-            ),
+            _ if status.message().contains("while receiving response with status") => match self.admin {
+                true => format!("{} does not speak gRPC: is it a process's admin listener?", self.url),
+                false => format!(
+                    "{} does not speak gRPC: is it the {service} service's port (not the gateway's)?",
+                    self.url
+                ),
+            },
+            _ if self.admin => "the process's log says more".to_owned(),
             _ => format!("the {service} service's log says more"),
         }
     }

@@ -1,6 +1,6 @@
 //! `lightbox fault`: sets, shows or clears the faults a running server
-//! injects, through its admin service (which faults never reach, so a
-//! "down" server can be brought back).
+//! injects, through its process's admin listener (which faults never
+//! reach, so a "down" server can be brought back).
 
 use std::time::Duration;
 
@@ -9,6 +9,7 @@ use lightbox_api::admin::{
     ClearFaultRequest, Fault, GetFaultRequest, SetFaultRequest, fault_service_client::FaultServiceClient,
 };
 use lightbox_server::FaultSpec;
+use tonic::{Request, Status, metadata::MetadataValue, service::Interceptor};
 
 use super::{Failure, Kind, Service, failure::Endpoint, output::emit, parse_addr};
 
@@ -20,9 +21,15 @@ pub struct FaultArgs {
     #[arg(value_enum)]
     pub target: Service,
 
-    /// Its address, `HOST:PORT` or a URL (default: its local default port).
+    /// The admin listener of the process running it, `HOST:PORT` or a URL
+    /// (its --admin-addr; default: LIGHTBOX_ADMIN_ADDR, or 127.0.0.1:50050).
     #[arg(long, value_name = "HOST:PORT", value_parser = parse_addr)]
     pub addr: Option<String>,
+
+    /// The server's admin token (its --admin-token); `lightbox dev` needs
+    /// none on loopback.
+    #[arg(long, env = "LIGHTBOX_ADMIN_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
 
     /// Latency to add to every call, e.g. `200ms`.
     #[arg(long, value_parser = humantime::parse_duration, group = "fault")]
@@ -41,22 +48,45 @@ pub struct FaultArgs {
     pub clear: bool,
 }
 
+/// Sends `authorization: Bearer TOKEN` with every call, when there is one.
+#[derive(Clone)]
+struct Credential(Option<MetadataValue<tonic::metadata::Ascii>>);
+
+impl Interceptor for Credential {
+    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
+        if let Some(value) = &self.0 {
+            request.metadata_mut().insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
+
 /// Runs `lightbox fault …`; prints the fault in force afterwards
 /// ("contracts: down").
 pub async fn run(args: FaultArgs) -> anyhow::Result<()> {
-    let endpoint = Endpoint::new(args.target, args.addr.as_deref(), "fault")?;
-    let mut client = FaultServiceClient::new(endpoint.channel());
+    let endpoint = Endpoint::admin(args.target, args.addr.as_deref(), "fault")?;
+    let credential = match args.token.as_deref().map(str::trim) {
+        None | Some("") => None,
+        Some(token) => Some(format!("Bearer {token}").parse().map_err(|_| {
+            Failure::new(
+                Kind::Usage,
+                "--token must be printable ASCII (it is sent as an HTTP header)",
+            )
+        })?),
+    };
+    let mut client = FaultServiceClient::with_interceptor(endpoint.channel(), Credential(credential));
     let failed = |status| endpoint.failed(status);
+    let component = args.target.name().to_owned();
     let fault = if args.clear {
         client
-            .clear_fault(ClearFaultRequest {})
+            .clear_fault(ClearFaultRequest { component })
             .await
             .map_err(failed)?
             .into_inner()
             .fault
     } else if args.latency.is_none() && args.error_rate.is_none() && !args.down {
         client
-            .get_fault(GetFaultRequest {})
+            .get_fault(GetFaultRequest { component })
             .await
             .map_err(failed)?
             .into_inner()
@@ -68,7 +98,10 @@ pub async fn run(args: FaultArgs) -> anyhow::Result<()> {
             down: args.down,
         };
         client
-            .set_fault(SetFaultRequest { fault: Some(fault) })
+            .set_fault(SetFaultRequest {
+                fault: Some(fault),
+                component,
+            })
             .await
             .map_err(failed)?
             .into_inner()

@@ -1,7 +1,7 @@
 //! The command-line tools: the seed's Back Office App (`lightbox users`),
 //! Support App (`lightbox contracts`), `lightbox photos`, the streaming
-//! watcher (`lightbox watch`), fault injection (`lightbox fault`) and
-//! development tokens (`lightbox token`).
+//! watcher (`lightbox watch`), fault injection (`lightbox fault`), health
+//! checks (`lightbox health`) and development tokens (`lightbox token`).
 //!
 //! Output is a readable table by default, and with `--json` the proto3 JSON
 //! mapping of the call's response, written by the gateway's own code
@@ -15,7 +15,9 @@
 //! - [`users`], [`contracts`], [`photos`]: create, get, list, update,
 //!   delete, one module per service, each with its arguments and its table.
 //! - [`watch`]: `lightbox watch`, which streams a feed and resumes by itself.
-//! - [`fault`]: `lightbox fault`, the client of a server's admin service.
+//! - [`fault`]: `lightbox fault`, the client of a process's admin listener.
+//! - [`health`]: `lightbox health`, a health check of a process, for
+//!   container health checks.
 //! - [`token`]: `lightbox token`, a development token for the gateway.
 //! - [`failure`]: [`Failure`] and its exit code ([`Kind`]); `Endpoint`, a
 //!   service at an address, which turns a failed call into a [`Failure`]
@@ -30,6 +32,7 @@
 pub mod contracts;
 pub mod failure;
 pub mod fault;
+pub mod health;
 mod output;
 pub mod photos;
 pub mod token;

@@ -1,4 +1,7 @@
-//! `lightbox.admin.v1.FaultService` over a [`Faults`].
+//! `lightbox.admin.v1.FaultService` over the [`Faults`] of a process's
+//! components.
+
+use std::sync::Arc;
 
 use lightbox_api::{
     ApiError,
@@ -7,75 +10,100 @@ use lightbox_api::{
         fault_service_server::FaultService,
     },
 };
-use std::sync::Arc;
-
 use tonic::{Request, Response, Status};
 
 use super::{FaultSpec, Faults};
 
-/// The admin gRPC service that reads and changes a server's [`Faults`].
-/// Wrap it in `FaultServiceServer::new(..)` to serve it ([`crate::serve`]
-/// does).
+/// The admin gRPC service that reads and changes the [`Faults`] of the
+/// components of one process, each by its short name ("users"). Wrap it in
+/// `FaultServiceServer::new(..)` to serve it ([`crate::serve_admin`] does,
+/// behind its credential check).
 #[derive(Debug, Clone)]
 pub struct FaultServiceImpl {
-    faults: Faults,
-    /// The server's short name ("users"), in the log line of every change:
-    /// in monolithic mode several servers log to the same place.
-    service_name: Arc<str>,
+    /// Each component's short name and its faults (the same cell its
+    /// [`FaultLayer`](super::FaultLayer) reads).
+    components: Arc<[(String, Faults)]>,
 }
 
 impl FaultServiceImpl {
-    /// Serves `faults`, which should be the same (a clone) as the one given
-    /// to the [`FaultLayer`](super::FaultLayer). Its log lines name the
-    /// server "lightbox" unless [`FaultServiceImpl::with_service_name`] says
-    /// otherwise.
-    pub fn new(faults: Faults) -> FaultServiceImpl {
+    /// Serves the faults of `components`: each a short name ("users") and
+    /// the [`Faults`] given to that component's
+    /// [`FaultLayer`](super::FaultLayer).
+    pub fn new(components: impl IntoIterator<Item = (String, Faults)>) -> FaultServiceImpl {
         FaultServiceImpl {
-            faults,
-            service_name: Arc::from("lightbox"),
+            components: components.into_iter().collect(),
         }
     }
 
-    /// Names the server in the log ("fault injection on users: down").
-    pub fn with_service_name(mut self, name: impl Into<String>) -> FaultServiceImpl {
-        self.service_name = Arc::from(name.into());
-        self
+    /// The component a request names; an empty name means the only one.
+    fn component(&self, name: &str) -> Result<(&str, &Faults), ApiError> {
+        let names = || {
+            self.components
+                .iter()
+                .map(|(name, _)| name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        match (name, &*self.components) {
+            ("", [(only, faults)]) => Ok((only, faults)),
+            ("", []) => Err(ApiError::FailedPrecondition(
+                "this process runs no component that faults can be injected into".to_owned(),
+            )),
+            ("", _) => Err(ApiError::InvalidArgument(format!(
+                "this process runs {}: name one in `component`",
+                names()
+            ))),
+            (name, components) => components
+                .iter()
+                .find(|(candidate, _)| candidate == name)
+                .map(|(name, faults)| (name.as_str(), faults))
+                .ok_or_else(|| {
+                    ApiError::NotFound(format!("this process runs no {name:?} component; it runs {}", names()))
+                }),
+        }
     }
+}
 
-    /// Logs a change of the fault in force, naming the server.
-    fn log_change(&self, before: FaultSpec, after: FaultSpec) {
-        let name = &*self.service_name;
-        tracing::info!(service = %name, "fault injection on {name}: {after} (was: {before})");
-    }
+/// Logs a change of the fault in force, naming the component: in
+/// monolithic mode several log to the same place.
+fn log_change(name: &str, before: FaultSpec, after: FaultSpec) {
+    tracing::info!(service = %name, "fault injection on {name}: {after} (was: {before})");
 }
 
 #[tonic::async_trait]
 impl FaultService for FaultServiceImpl {
-    async fn get_fault(&self, _request: Request<GetFaultRequest>) -> Result<Response<GetFaultResponse>, Status> {
+    async fn get_fault(&self, request: Request<GetFaultRequest>) -> Result<Response<GetFaultResponse>, Status> {
+        let (name, faults) = self.component(&request.get_ref().component)?;
         Ok(Response::new(GetFaultResponse {
-            fault: Some(self.faults.get().into()),
+            fault: Some(faults.get().into()),
+            component: name.to_owned(),
         }))
     }
 
     async fn set_fault(&self, request: Request<SetFaultRequest>) -> Result<Response<SetFaultResponse>, Status> {
-        let fault = request.into_inner().fault.ok_or_else(|| {
+        let request = request.into_inner();
+        let (name, faults) = self.component(&request.component)?;
+        let fault = request.fault.ok_or_else(|| {
             ApiError::InvalidArgument("fault is required (ClearFault removes every fault)".to_owned())
         })?;
         let spec = FaultSpec::try_from(fault)?;
-        let before = self.faults.get();
-        self.faults.set(spec).map_err(ApiError::InvalidArgument)?;
-        self.log_change(before, spec);
+        let before = faults.get();
+        faults.set(spec).map_err(ApiError::InvalidArgument)?;
+        log_change(name, before, spec);
         Ok(Response::new(SetFaultResponse {
             fault: Some(spec.into()),
+            component: name.to_owned(),
         }))
     }
 
-    async fn clear_fault(&self, _request: Request<ClearFaultRequest>) -> Result<Response<ClearFaultResponse>, Status> {
-        let before = self.faults.get();
-        self.faults.clear();
-        self.log_change(before, FaultSpec::default());
+    async fn clear_fault(&self, request: Request<ClearFaultRequest>) -> Result<Response<ClearFaultResponse>, Status> {
+        let (name, faults) = self.component(&request.get_ref().component)?;
+        let before = faults.get();
+        faults.clear();
+        log_change(name, before, FaultSpec::default());
         Ok(Response::new(ClearFaultResponse {
             fault: Some(FaultSpec::default().into()),
+            component: name.to_owned(),
         }))
     }
 }
