@@ -122,15 +122,35 @@ impl AuthConfig {
     pub fn verify(&self, token: &str) -> Result<String, HttpError> {
         let header = jsonwebtoken::decode_header(token)
             .map_err(|e| HttpError::unauthenticated(format!("the token is not a JWT: {e}")))?;
-        let (algorithm, key) = self.keys.iter().find(|(a, _)| *a == header.alg).ok_or_else(|| {
-            HttpError::unauthenticated(format!("tokens signed with {:?} are not accepted", header.alg))
-        })?;
-        let mut validation = Validation::new(*algorithm);
+        let mut validation = Validation::new(header.alg);
         validation.set_issuer(&[&self.issuer]);
         validation.set_audience(&[&self.audience]);
         validation.set_required_spec_claims(&["exp", "sub", "iss", "aud"]);
         validation.leeway = self.leeway.as_secs();
-        let data = jsonwebtoken::decode::<Claims>(token, key, &validation).map_err(|e| {
+        // Every key of the token's algorithm is tried (several during a key
+        // rotation, or a secret beside the development key): the signature
+        // is checked first, so only a key that signed the token gets as far
+        // as the claims, whose errors then decide.
+        let mut candidates = self.keys.iter().filter(|(a, _)| *a == header.alg).peekable();
+        if candidates.peek().is_none() {
+            return Err(HttpError::unauthenticated(format!(
+                "tokens signed with {:?} are not accepted",
+                header.alg
+            )));
+        }
+        let mut outcome = None;
+        for (_, key) in candidates {
+            let decoded = jsonwebtoken::decode::<Claims>(token, key, &validation);
+            let wrong_key = matches!(&decoded, Err(e) if matches!(e.kind(), ErrorKind::InvalidSignature));
+            outcome = Some(decoded);
+            if !wrong_key {
+                break;
+            }
+        }
+        let Some(outcome) = outcome else {
+            return Err(HttpError::unauthenticated("no key to check the token with"));
+        };
+        let data = outcome.map_err(|e| {
             HttpError::unauthenticated(match e.kind() {
                 ErrorKind::ExpiredSignature => "the token has expired".to_owned(),
                 ErrorKind::InvalidAudience => format!("the token is not for this audience ({})", self.audience),
@@ -241,6 +261,16 @@ mod tests {
         assert!(err.message.contains("missing"), "{}", err.message);
         let err = config().authenticate(&bearer("not.a.jwt")).expect_err("garbage");
         assert_eq!(err.code, tonic::Code::Unauthenticated);
+    }
+
+    #[test]
+    fn with_a_secret_and_the_development_key_both_sign_accepted_tokens() {
+        let both = config().with_hs256_secret(DEVELOPMENT_SECRET.as_bytes());
+        for secret in [&b"secret"[..], DEVELOPMENT_SECRET.as_bytes()] {
+            let token =
+                hs256_token(secret, DEFAULT_ISSUER, DEFAULT_AUDIENCE, "u1", Duration::from_secs(60)).expect("signs");
+            assert_eq!(both.authenticate(&bearer(&token)).expect("accepted"), "u1");
+        }
     }
 
     #[test]

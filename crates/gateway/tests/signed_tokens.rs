@@ -14,6 +14,10 @@ const RSA_PRIVATE: &[u8] = include_bytes!("keys/rsa-private.pem");
 const RSA_PUBLIC: &[u8] = include_bytes!("keys/rsa-public.pem");
 const EC_PRIVATE: &[u8] = include_bytes!("keys/ec-private.pem");
 const EC_PUBLIC: &[u8] = include_bytes!("keys/ec-public.pem");
+const RSA2_PRIVATE: &[u8] = include_bytes!("keys/rsa2-private.pem");
+const RSA2_PUBLIC: &[u8] = include_bytes!("keys/rsa2-public.pem");
+const EC2_PRIVATE: &[u8] = include_bytes!("keys/ec2-private.pem");
+const EC2_PUBLIC: &[u8] = include_bytes!("keys/ec2-public.pem");
 
 fn claims() -> Claims {
     let now = SystemTime::now()
@@ -33,6 +37,63 @@ fn config(public: &[u8]) -> AuthConfig {
     AuthConfig::new(DEFAULT_ISSUER, DEFAULT_AUDIENCE)
         .with_public_key_pem(public)
         .unwrap_or_else(|e| panic!("the public key loads: {e}"))
+}
+
+/// Key rotation: with two keys of one algorithm configured, a token signed
+/// by either is accepted (not only by the first), and one signed by
+/// neither is refused for its signature.
+#[test]
+fn a_token_signed_with_the_second_of_two_keys_is_accepted() {
+    let two = |first: &[u8], second: &[u8]| {
+        AuthConfig::new(DEFAULT_ISSUER, DEFAULT_AUDIENCE)
+            .with_public_key_pem(first)
+            .and_then(|c| c.with_public_key_pem(second))
+            .unwrap_or_else(|e| panic!("the public keys load: {e}"))
+    };
+    for (algorithm, private, other_private, keys) in [
+        (
+            Algorithm::RS256,
+            EncodingKey::from_rsa_pem(RSA2_PRIVATE),
+            EncodingKey::from_rsa_pem(RSA_PRIVATE),
+            two(RSA_PUBLIC, RSA2_PUBLIC),
+        ),
+        (
+            Algorithm::ES256,
+            EncodingKey::from_ec_pem(EC2_PRIVATE),
+            EncodingKey::from_ec_pem(EC_PRIVATE),
+            two(EC_PUBLIC, EC2_PUBLIC),
+        ),
+    ] {
+        let (second, first) = (
+            private.unwrap_or_else(|e| panic!("{e}")),
+            other_private.unwrap_or_else(|e| panic!("{e}")),
+        );
+        for key in [&second, &first] {
+            let token = auth::sign(&claims(), &Header::new(algorithm), key).unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(
+                keys.verify(&token).map_err(|e| e.message).as_deref(),
+                Ok("user-1"),
+                "{algorithm:?}"
+            );
+        }
+        // Signed by the second key, checked by the first alone: refused.
+        let token = auth::sign(&claims(), &Header::new(algorithm), &second).unwrap_or_else(|e| panic!("{e}"));
+        let alone = if algorithm == Algorithm::RS256 {
+            RSA_PUBLIC
+        } else {
+            EC_PUBLIC
+        };
+        let err = config(alone).verify(&token).expect_err("another key");
+        assert!(err.message.contains("signature"), "{}", err.message);
+    }
+    // An expired token signed by the second key says it expired, not that
+    // its signature is wrong.
+    let mut expired = claims();
+    expired.exp = expired.iat.saturating_sub(3600);
+    let key = EncodingKey::from_rsa_pem(RSA2_PRIVATE).unwrap_or_else(|e| panic!("{e}"));
+    let token = auth::sign(&expired, &Header::new(Algorithm::RS256), &key).unwrap_or_else(|e| panic!("{e}"));
+    let err = two(RSA_PUBLIC, RSA2_PUBLIC).verify(&token).expect_err("expired");
+    assert!(err.message.contains("expired"), "{}", err.message);
 }
 
 #[test]
