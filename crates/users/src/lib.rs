@@ -268,7 +268,8 @@ async fn claim_email(conn: &mut AnyConnection, email: &str, user_id: &str) -> Re
         Err(sqlx::Error::Database(err)) if err.is_unique_violation() => Err(ApiError::AlreadyExists(format!(
             "a user with email {email:?} already exists"
         ))),
-        Err(err) => Err(ApiError::internal(err)),
+        // Through the feed's mapping: a lost connection is UNAVAILABLE, not INTERNAL.
+        Err(err) => Err(lightbox_changefeed::FeedError::from(err).into()),
     }
 }
 
