@@ -4,7 +4,9 @@
 use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use lightbox_api::users::User;
-use lightbox_changefeed::{Change, Feed, FeedOptions, Frame, Retention, WatchFilter, watch::WatchStream};
+use lightbox_changefeed::{
+    Change, Feed, FeedOptions, Frame, Lease, Retention, WatchFilter, lease::retention_lease, watch::WatchStream,
+};
 use lightbox_testkit::{DEADLINE, TestDb, conformance};
 use tokio_stream::StreamExt;
 use tonic::Code;
@@ -31,6 +33,8 @@ conformance!(
     a_resume_says_at_once_that_it_is_current,
     a_watch_from_now_starts_at_the_head_with_no_snapshot_or_replay,
     watches_from_now_opened_under_concurrent_writers_miss_nothing,
+    replicas_running_retention_at_once_keep_the_changelog_correct,
+    the_retention_lease_is_held_by_one_at_a_time_and_fences_a_stale_holder,
 );
 
 const FEED: &str = "things";
@@ -1002,4 +1006,262 @@ async fn watches_from_now_opened_under_concurrent_writers_miss_nothing(db: TestD
     }
     writer.await.unwrap_or_else(|err| panic!("writer: {err}"));
     assert!(opened > 1, "watches were opened while the writer wrote");
+}
+
+/// The feed's counter row: (head, compacted_revision, tombstone_revision).
+async fn horizons(feed: &Feed<User>) -> (i64, i64, i64) {
+    sqlx::query_as::<_, (i64, i64, i64)>(
+        "SELECT revision, compacted_revision, tombstone_revision FROM feed_state WHERE feed = $1",
+    )
+    .bind(FEED)
+    .fetch_one(feed.db().pool())
+    .await
+    .unwrap_or_else(|err| panic!("read feed_state: {err}"))
+}
+
+/// The changes the changelog holds: how many, and the oldest.
+async fn kept(feed: &Feed<User>) -> (i64, Option<i64>) {
+    sqlx::query_as::<_, (i64, Option<i64>)>("SELECT COUNT(*), MIN(revision) FROM feed_changes WHERE feed = $1")
+        .bind(FEED)
+        .fetch_one(feed.db().pool())
+        .await
+        .unwrap_or_else(|err| panic!("read feed_changes: {err}"))
+}
+
+/// Two replicas on one database, each running its retention every 10 ms,
+/// while writers commit through both and unfenced compactions
+/// ([`Feed::compact`]) run on both at once besides: the horizons only move
+/// up, the changelog ends with exactly the changes kept and the tombstones
+/// kept, and a watcher that followed all along (resuming when its replica's
+/// tail found history trimmed under it) and a replay still get it right.
+async fn replicas_running_retention_at_once_keep_the_changelog_correct(db: TestDb) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    const KEEP: i64 = 20;
+    const KEEP_TOMBSTONES: i64 = 40;
+    const WRITES: usize = 80;
+    let retaining = FeedOptions {
+        retention: Retention {
+            keep_changes: KEEP,
+            keep_tombstones: KEEP_TOMBSTONES,
+            interval: Some(Duration::from_millis(10)),
+        },
+        ..options()
+    };
+    let replicas = [open(&db, retaining.clone()).await, open(&db, retaining).await];
+    let stop = Arc::new(AtomicBool::new(false));
+
+    // A watcher of the second replica, from the start, applying every frame
+    // until told the final head; it resumes from its cursor when its stream
+    // ends (the tail restarts watchers when it finds history trimmed under
+    // it), as a client would.
+    let (goal, mut goal_rx) = tokio::sync::watch::channel(i64::MAX);
+    let watcher = {
+        let feed = replicas[1].clone();
+        tokio::spawn(async move {
+            let (mut client, mut resumes) = (Replica::default(), 0);
+            let mut stream = feed.watch(0, Vec::new());
+            loop {
+                if client.cursor >= *goal_rx.borrow() && client.incoming.is_none() {
+                    return (client, resumes);
+                }
+                let item = tokio::select! {
+                    changed = goal_rx.changed() => {
+                        changed.unwrap_or_else(|_| panic!("the test dropped the goal"));
+                        continue;
+                    }
+                    item = next(&mut stream) => item,
+                };
+                match item {
+                    Ok(frame) => {
+                        if let (Frame::Change(change), None) = (&frame, &client.incoming) {
+                            assert!(
+                                change.revision > client.cursor,
+                                "live changes in revision order, none twice: {} after {}",
+                                change.revision,
+                                client.cursor
+                            );
+                        }
+                        client.apply(frame);
+                    }
+                    Err(status) if status.code() == Code::Unavailable => {
+                        resumes += 1;
+                        let since = if client.incoming.take().is_some() {
+                            0
+                        } else {
+                            client.cursor
+                        };
+                        stream = feed.watch(since, Vec::new());
+                    }
+                    Err(status) => panic!("the watch failed: {status:?}"),
+                }
+            }
+        })
+    };
+    // The horizons, sampled all along: they never move back.
+    let sampler = {
+        let (feed, stop) = (replicas[0].clone(), Arc::clone(&stop));
+        tokio::spawn(async move {
+            let (mut last, mut moves) = ((0, 0), 0);
+            while !stop.load(Ordering::Relaxed) {
+                let (_, compacted, tombstones) = horizons(&feed).await;
+                assert!(
+                    compacted >= last.0 && tombstones >= last.1 && tombstones <= compacted,
+                    "horizons (compacted, tombstones) went from {last:?} to {:?}",
+                    (compacted, tombstones)
+                );
+                moves += i32::from((compacted, tombstones) != last);
+                last = (compacted, tombstones);
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            moves
+        })
+    };
+    // Unfenced compactions on both replicas at once, besides the lease
+    // holder's: what a paused holder waking up, or an operator, would do.
+    let hammers: Vec<_> = replicas
+        .iter()
+        .map(|feed| {
+            let (feed, stop) = (feed.clone(), Arc::clone(&stop));
+            tokio::spawn(async move {
+                while !stop.load(Ordering::Relaxed) {
+                    feed.compact().await.unwrap_or_else(|err| panic!("compact: {err}"));
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+            })
+        })
+        .collect();
+    // Two writers per replica: upserts, and now and then a deletion.
+    let mut writers = tokio::task::JoinSet::new();
+    for w in 0..4 {
+        let feed = replicas[w % 2].clone();
+        writers.spawn(async move {
+            for i in 0..WRITES {
+                let id = format!("w{w}-{}", i % 5);
+                let mut tx = feed.begin().await.unwrap_or_else(|err| panic!("begin: {err}"));
+                if i % 9 == 8 {
+                    tx.delete(&id).await.unwrap_or_else(|err| panic!("delete: {err}"));
+                } else {
+                    tx.put(&id, &user(&id, &format!("{i}")))
+                        .await
+                        .unwrap_or_else(|err| panic!("put: {err}"));
+                }
+                tx.commit().await.unwrap_or_else(|err| panic!("commit: {err}"));
+            }
+        });
+    }
+    while let Some(joined) = writers.join_next().await {
+        joined.unwrap_or_else(|err| panic!("writer failed: {err}"));
+    }
+    let head = committed(&replicas[0]).await;
+    assert!(head > KEEP_TOMBSTONES * 4, "enough history to trim: {head}");
+    // The lease holder's retention trims to exactly what is kept.
+    lightbox_testkit::eventually("retention to trim to exactly the history kept", || async {
+        let trimmed = horizons(&replicas[0]).await == (head, head - KEEP, head - KEEP_TOMBSTONES);
+        (trimmed && kept(&replicas[0]).await == (KEEP, Some(head - KEEP + 1))).then_some(())
+    })
+    .await;
+    stop.store(true, Ordering::Relaxed);
+    for hammer in hammers {
+        hammer.await.unwrap_or_else(|err| panic!("compactions failed: {err}"));
+    }
+    let moves = sampler.await.unwrap_or_else(|err| panic!("horizons: {err}"));
+    assert!(moves > 1, "the horizons moved while sampled ({moves} times)");
+    let purged: i64 =
+        sqlx::query_scalar("SELECT COUNT(*) FROM feed_entities WHERE feed = $1 AND deleted = 1 AND revision <= $2")
+            .bind(FEED)
+            .bind(head - KEEP_TOMBSTONES)
+            .fetch_one(replicas[0].db().pool())
+            .await
+            .unwrap_or_else(|err| panic!("count tombstones: {err}"));
+    assert_eq!(purged, 0, "no tombstone left past the horizon");
+    // The watcher's copy is the state; a replay of what is kept is exact.
+    goal.send(head).unwrap_or_else(|_| panic!("the watcher stopped"));
+    let (client, resumes) = watcher.await.unwrap_or_else(|err| panic!("watcher: {err}"));
+    assert_eq!(
+        client.entities,
+        server_state(&replicas[0]).await,
+        "after {resumes} resumes"
+    );
+    for feed in &replicas {
+        let mut stream = feed.watch(head - KEEP, Vec::new());
+        for expected in head - KEEP + 1..=head {
+            assert_eq!(change(&mut stream).await.revision, expected);
+        }
+        caught_up(&mut stream, head).await;
+    }
+    let lease = Lease::current(replicas[0].db(), &retention_lease(FEED))
+        .await
+        .unwrap_or_else(|err| panic!("read the lease: {err}"))
+        .unwrap_or_else(|| panic!("the retention lease was never taken"));
+    assert!(lease.holder.is_some() && lease.term.get() >= 1, "{lease:?}");
+}
+
+/// The retention lease, driven by hand: one holder at a time, renewed at
+/// the same term; taken over once expired, at a higher term; and a
+/// compaction under a stale term is refused, with nothing trimmed, while
+/// the current holder's goes through. A release hands it over at once.
+async fn the_retention_lease_is_held_by_one_at_a_time_and_fences_a_stale_holder(db: TestDb) {
+    let feed = open(&db, compacting(5, 10)).await;
+    let db = feed.db();
+    let name = retention_lease(FEED);
+    let ttl = Duration::from_secs(1);
+    let acquire = |holder: &'static str| {
+        let name = name.clone();
+        async move {
+            Lease::try_acquire(db, &name, holder, ttl)
+                .await
+                .unwrap_or_else(|err| panic!("acquire: {err}"))
+        }
+    };
+    let first = acquire("a").await.unwrap_or_else(|| panic!("a free lease is taken"));
+    assert_eq!(acquire("b").await, None, "held by a: b cannot take it");
+    assert_eq!(acquire("a").await, Some(first), "a renews it at the same term");
+    // a stops renewing (paused): once it expires, b takes it, at a new term.
+    let second = lightbox_testkit::eventually("b to take over the expired lease", || acquire("b")).await;
+    assert!(second > first, "a takeover raises the term: {first} then {second}");
+    assert_eq!(acquire("a").await, None, "held by b now");
+    let state = Lease::current(db, &name)
+        .await
+        .unwrap_or_else(|err| panic!("read the lease: {err}"));
+    assert!(
+        state
+            .as_ref()
+            .is_some_and(|s| s.holder.as_deref() == Some("b") && s.term == second && s.remaining_ms > 0),
+        "{state:?}"
+    );
+    // a wakes up and compacts with the term it had: refused, nothing trimmed.
+    history(&feed).await;
+    assert!(
+        !feed
+            .compact_fenced(first)
+            .await
+            .unwrap_or_else(|err| panic!("compact: {err}")),
+        "a stale term's compaction is refused"
+    );
+    assert_eq!(horizons(&feed).await, (40, 0, 0));
+    assert_eq!(kept(&feed).await, (40, Some(1)));
+    // b's goes through.
+    assert!(
+        feed.compact_fenced(second)
+            .await
+            .unwrap_or_else(|err| panic!("compact: {err}"))
+    );
+    assert_eq!(horizons(&feed).await, (40, 35, 30));
+    assert_eq!(kept(&feed).await, (5, Some(36)));
+    // b releases it: a takes it at once, at a higher term, and b is fenced.
+    assert!(
+        Lease::release(db, &name, "b")
+            .await
+            .unwrap_or_else(|err| panic!("release: {err}"))
+    );
+    let third = acquire("a").await.unwrap_or_else(|| panic!("a released lease is free"));
+    assert!(third > second);
+    put(&feed, "after", "1").await;
+    assert!(
+        !feed
+            .compact_fenced(second)
+            .await
+            .unwrap_or_else(|err| panic!("compact: {err}"))
+    );
+    assert_eq!(horizons(&feed).await, (41, 35, 30));
 }

@@ -1272,8 +1272,12 @@ async fn fault_changes_name_their_server_and_a_refused_request_is_one_warning() 
     let log = dev.log_until("request_id=marker").await;
     let lines: Vec<&String> = log.iter().filter(|line| line.contains("refused-once")).collect();
     assert_eq!(lines.len(), 1, "{log:#?}");
+    // Why: the fault's refusal, or, once the gateway's client has seen
+    // Photos' health turn NOT_SERVING, that no replica of it is healthy.
     assert!(
-        lines[0].contains(" WARN ") && lines[0].contains("photos is down (fault injection)"),
+        lines[0].contains(" WARN ")
+            && (lines[0].contains("photos is down (fault injection)")
+                || lines[0].contains("no replica of photos is healthy (") && lines[0].contains("NOT_SERVING")),
         "{lines:?}"
     );
     assert!(!log.iter().any(|line| line.contains("ERROR")), "{log:#?}");
@@ -1287,4 +1291,36 @@ async fn fault_changes_name_their_server_and_a_refused_request_is_one_warning() 
     assert!(cleared.status.success(), "{cleared:?}");
     dev.log_until("fault injection on photos: no fault (was: down)").await;
     assert!(dev.terminate().await.success());
+}
+
+/// `lightbox certs` writes a development CA and a certificate pair per
+/// service, keys readable by their owner only, and refuses to overwrite
+/// them without --force (exit 5).
+#[tokio::test]
+async fn certs_makes_a_development_ca_and_refuses_to_overwrite_it() {
+    let dir = tempfile::tempdir().unwrap_or_else(|err| panic!("{err}"));
+    let out = dir.path().join("certs");
+    let out = out.to_string_lossy().into_owned();
+    let (code, stdout, err) = tool(&["certs", "--out", &out, "--host", "users.example.internal"]).await;
+    assert_eq!(code, Some(0), "{err}");
+    for name in ["ca", "users", "contracts", "photos", "gateway", "operator"] {
+        for ext in ["pem", "key"] {
+            let path = Path::new(&out).join(format!("{name}.{ext}"));
+            assert!(path.is_file(), "{} in {stdout}", path.display());
+        }
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = std::fs::metadata(Path::new(&out).join("users.key"))
+            .map(|m| m.permissions().mode() & 0o777)
+            .unwrap_or_else(|err| panic!("{err}"));
+        assert_eq!(mode, 0o600);
+    }
+    assert!(stdout.contains("--tls-client-ca"), "says how to use them: {stdout}");
+    let (code, _, err) = tool(&["certs", "--out", &out]).await;
+    assert_eq!(code, Some(5), "{err}");
+    assert!(err.contains("--force"), "{err}");
+    let (code, _, err) = tool(&["certs", "--out", &out, "--force"]).await;
+    assert_eq!(code, Some(0), "{err}");
 }

@@ -16,7 +16,7 @@ use lightbox_app::Target;
 use lightbox_cache::{Cache, CacheOptions};
 use lightbox_changefeed::{Backend, Db, Feed, FeedOptions, Retention};
 use lightbox_photos::{PhotosOptions, PhotosService};
-use lightbox_testkit::{Stack, TestDb, channel, conformance, customer, eventually};
+use lightbox_testkit::{Stack, TestDb, conformance, customer, eventually, upstream};
 use tonic::Request;
 
 conformance!(
@@ -56,8 +56,8 @@ async fn photos_over(stack: &Stack, db: Db) -> PhotosService {
             backoff_max: Duration::from_millis(200),
             ..CacheOptions::default()
         },
-        channel(stack.addr(Target::Users)).await,
-        channel(stack.addr(Target::Contracts)).await,
+        upstream(stack.addr(Target::Users)),
+        upstream(stack.addr(Target::Contracts)),
         PhotosOptions::default(),
     )
     .await

@@ -374,3 +374,28 @@ fn commands_are_read_as_a_shell_would() {
         ["00000000-0000-7000-8000-000000000001"]
     );
 }
+
+/// The README's configuration reference lists every setting of `lightbox
+/// serve`, each with its variable: a new flag cannot go undocumented.
+#[test]
+fn the_configuration_reference_lists_every_setting() {
+    let readme = include_str!("../README.md");
+    let command = <lightbox_app::Cli as clap::CommandFactory>::command();
+    let serve = command
+        .find_subcommand("serve")
+        .unwrap_or_else(|| panic!("no serve subcommand"));
+    let mut missing = Vec::new();
+    for arg in serve.get_arguments() {
+        let (Some(long), Some(env)) = (arg.get_long(), arg.get_env()) else {
+            continue;
+        };
+        let row = format!("| `--{long}` | `{}` |", env.to_string_lossy());
+        if !readme.contains(&row) {
+            missing.push(row);
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "not in the README's configuration reference: {missing:#?}"
+    );
+}

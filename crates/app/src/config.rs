@@ -60,6 +60,9 @@ pub enum Command {
     Token(tools::token::TokenArgs),
     /// Prints the gateway's OpenAPI document (generated from the protos).
     Openapi,
+    /// Makes a development CA and a certificate for each service, to try
+    /// TLS and mutual TLS in one command.
+    Certs(tools::certs::CertsArgs),
 }
 
 /// Settings of the servers.
@@ -111,6 +114,32 @@ pub struct ServeArgs {
     /// required only when the admin listener is not on loopback.
     #[arg(long, env = "LIGHTBOX_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
+
+    /// The certificate (PEM) the gRPC ports and the gateway serve TLS with,
+    /// also presented to upstreams under mutual TLS. Reloaded when the file
+    /// changes. Needs --tls-key.
+    #[arg(long, env = "LIGHTBOX_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// The private key (PEM) of --tls-cert.
+    #[arg(long, env = "LIGHTBOX_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
+    /// Require client certificates signed by this CA (PEM) on the gRPC
+    /// ports: mutual TLS. (The gateway's clients are phones: it asks none.)
+    #[arg(long, env = "LIGHTBOX_TLS_CLIENT_CA", requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
+
+    /// The CA (PEM) trusted for upstreams reached at `https://` URLs; with
+    /// it, the upstream URLs left unset default to `https://`.
+    #[arg(long, env = "LIGHTBOX_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
+
+    /// Serve plaintext on addresses other than loopback (inside a private
+    /// network or a service mesh that encrypts). Without it, a listener off
+    /// loopback needs --tls-cert.
+    #[arg(long, env = "LIGHTBOX_ALLOW_PLAINTEXT")]
+    pub allow_plaintext: bool,
 
     /// Where the gateway reaches the photos service. Unset: the photos
     /// address above.

@@ -11,6 +11,8 @@
 //!   one component up on a bound listener and returns a [`Component`]
 //!   handle to stop it.
 //! - [`demo`]: the demo users, contracts and photos `lightbox dev` loads.
+//! - [`metrics`]: [`ProcessMetrics`], Lightbox's own metrics, one set per
+//!   process, which each component reports into as it starts.
 //! - [`tools`]: the command-line tools (`users`, `contracts`, `photos`,
 //!   `watch`, `fault`, `token`), one module each: tables or JSON, one-line
 //!   errors, exit codes by failure kind.
@@ -24,6 +26,7 @@
 
 pub mod config;
 pub mod demo;
+pub mod metrics;
 pub mod target;
 pub mod targets;
 mod telemetry;
@@ -36,15 +39,25 @@ use lightbox_server::{AdminCredential, AdminOptions, ProcessHealth, Shutdown};
 
 pub use config::{Cli, Command, ServeArgs};
 pub use lightbox_server::ServerOptions;
+pub use metrics::ProcessMetrics;
 pub use target::Target;
 pub use targets::{Component, Settings};
+pub use telemetry::trace_filter;
 pub use tools::{error_line, exit_code};
 
 /// Runs the command the command line asks for. `version` is the binary's
 /// (with the git revision it was built from), for the dev banner.
 pub async fn run(cli: Cli, version: &str) -> anyhow::Result<()> {
-    telemetry::init(cli.log_format);
-    match cli.command {
+    let server = matches!(cli.command, None | Some(Command::Dev(_) | Command::Serve(_)));
+    let telemetry = telemetry::init(cli.log_format, server);
+    let result = run_command(cli.command, version).await;
+    // Spans still buffered go out before the process ends.
+    telemetry.shutdown();
+    result
+}
+
+async fn run_command(command: Option<Command>, version: &str) -> anyhow::Result<()> {
+    match command {
         None => {
             let args = <Cli as clap::Parser>::try_parse_from(["lightbox", "dev"])?;
             match args.command {
@@ -62,6 +75,7 @@ pub async fn run(cli: Cli, version: &str) -> anyhow::Result<()> {
         Some(Command::Watch(args)) => tools::watch::run(args).await,
         Some(Command::Token(args)) => tools::token::run(&args),
         Some(Command::Openapi) => openapi(),
+        Some(Command::Certs(args)) => tools::certs::run(&args),
     }
 }
 
@@ -78,7 +92,11 @@ fn openapi() -> anyhow::Result<()> {
 async fn serve(args: ServeArgs, dev: Option<&str>) -> anyhow::Result<()> {
     let mut settings = Settings::from_args(&args, dev.is_some())?;
     settings.demo = dev.is_some() && !args.no_demo;
-    let admin = admin_options(&args, dev.is_some())?;
+    refuse_plaintext_off_loopback(&args, &settings)?;
+    let _reloaders = settings.spawn_tls_reloaders();
+    let mut admin = admin_options(&args, dev.is_some())?;
+    let scrape = settings.metrics.clone();
+    admin.metrics = Some(std::sync::Arc::new(move || scrape.encode()));
     let health = ProcessHealth::new();
     settings.server.process_health = Some(health.clone());
     // Bind every listener first: a taken port fails the start, naming it.
@@ -89,14 +107,15 @@ async fn serve(args: ServeArgs, dev: Option<&str>) -> anyhow::Result<()> {
         let listener = lightbox_server::bind(address(&args, component)).await?;
         // In one process, a component reaches another where it really
         // listens (which differs from the flag when the flag's port is 0).
+        let scheme = settings.scheme();
         if component == Target::Contracts && args.contracts_url.is_none() {
-            settings.contracts_url = format!("http://{}", listener.local_addr()?);
+            settings.contracts_url = format!("{scheme}://{}", listener.local_addr()?);
         }
         if component == Target::Users && args.users_url.is_none() {
-            settings.users_url = format!("http://{}", listener.local_addr()?);
+            settings.users_url = format!("{scheme}://{}", listener.local_addr()?);
         }
         if component == Target::Photos && args.photos_url.is_none() {
-            settings.photos_url = format!("http://{}", listener.local_addr()?);
+            settings.photos_url = format!("{scheme}://{}", listener.local_addr()?);
         }
         listeners.push((component, listener));
     }
@@ -185,6 +204,29 @@ async fn serve(args: ServeArgs, dev: Option<&str>) -> anyhow::Result<()> {
     }
 }
 
+/// A listener off loopback without TLS is refused, unless
+/// `--allow-plaintext` says the network is trusted (or encrypted by a mesh).
+fn refuse_plaintext_off_loopback(args: &ServeArgs, settings: &Settings) -> anyhow::Result<()> {
+    if args.allow_plaintext {
+        return Ok(());
+    }
+    for component in components(&args.target) {
+        let addr = address(args, component);
+        let tls = match component {
+            Target::Gateway => settings.gateway_tls.is_some(),
+            _ => settings.server.tls.is_some(),
+        };
+        if !tls && !addr.ip().is_loopback() {
+            anyhow::bail!(
+                "the {component} component would listen on {addr} without TLS: give --tls-cert and \
+                 --tls-key (`lightbox certs` makes development ones), or --allow-plaintext \
+                 (LIGHTBOX_ALLOW_PLAINTEXT) on a network you trust"
+            );
+        }
+    }
+    Ok(())
+}
+
 /// What the admin listener serves, and to whom. In `dev`, fault injection
 /// is on and open on loopback; elsewhere it needs `--faults` and a token.
 fn admin_options(args: &ServeArgs, dev: bool) -> anyhow::Result<AdminOptions> {
@@ -239,10 +281,11 @@ fn print_banner(args: &ServeArgs, running: &[Component], admin: SocketAddr, vers
     };
     let mut text = format!("\nLightbox {version} is running (monolithic mode, {storage}):\n");
     for component in running {
-        let scheme = if component.target == Target::Gateway {
-            "http"
-        } else {
-            "grpc"
+        let scheme = match (component.target == Target::Gateway, args.tls_cert.is_some()) {
+            (true, false) => "http",
+            (true, true) => "https",
+            (false, false) => "grpc",
+            (false, true) => "grpcs",
         };
         text.push_str(&format!(
             "  {:<10} {scheme}://{}\n",
@@ -261,16 +304,33 @@ fn print_banner(args: &ServeArgs, running: &[Component], admin: SocketAddr, vers
     let photos = addr_of(Target::Photos, args.photos_addr);
     let gateway = addr_of(Target::Gateway, args.gateway_addr);
     let user = demo::USER_IDS[0];
+    // Under TLS, grpcurl trusts the CA and presents this process's
+    // certificate (development certificates are client certificates too).
+    let grpcurl = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => {
+            let ca = args
+                .tls_ca
+                .as_ref()
+                .map_or_else(|| "-insecure".to_owned(), |ca| format!("-cacert {}", ca.display()));
+            format!("{ca} -cert {} -key {}", cert.display(), key.display())
+        }
+        _ => "-plaintext".to_owned(),
+    };
     text.push_str(&format!(
         "\nTry (grpcurl needs no .proto files: the servers offer reflection):\n\
-         \x20 grpcurl -plaintext {users} list\n\
-         \x20 grpcurl -plaintext -d '{{\"pageSize\": 10}}' {users} lightbox.users.v1.UsersService/ListUsers\n\
-         \x20 grpcurl -plaintext -d '{{\"id\": \"{user}\", \"includeContract\": true}}' {users} lightbox.users.v1.UsersService/GetUser\n\
-         \x20 grpcurl -plaintext -d '{{\"sinceRevision\": 0}}' {contracts} lightbox.contracts.v1.ContractsService/WatchContracts\n\
-         \x20 grpcurl -plaintext -d '{{\"userId\": \"{user}\"}}' {photos} lightbox.photos.v1.PhotosService/ListPhotos\n\
+         \x20 grpcurl {grpcurl} {users} list\n\
+         \x20 grpcurl {grpcurl} -d '{{\"pageSize\": 10}}' {users} lightbox.users.v1.UsersService/ListUsers\n\
+         \x20 grpcurl {grpcurl} -d '{{\"id\": \"{user}\", \"includeContract\": true}}' {users} lightbox.users.v1.UsersService/GetUser\n\
+         \x20 grpcurl {grpcurl} -d '{{\"sinceRevision\": 0}}' {contracts} lightbox.contracts.v1.ContractsService/WatchContracts\n\
+         \x20 grpcurl {grpcurl} -d '{{\"userId\": \"{user}\"}}' {photos} lightbox.photos.v1.PhotosService/ListPhotos\n\
          \x20 lightbox fault contracts --addr {admin} --latency 200ms    # then GetUser again; --clear to undo\n\
          (`lightbox` is this binary: `cargo install --locked --path .` puts it on your PATH.)\n"
     ));
+    let (web, curl) = match (&args.tls_cert, &args.tls_ca) {
+        (Some(_), Some(ca)) => ("https", format!("--cacert {} ", ca.display())),
+        (Some(_), None) => ("https", "--insecure ".to_owned()),
+        _ => ("http", String::new()),
+    };
     match lightbox_gateway::auth::hs256_token(
         lightbox_gateway::auth::DEVELOPMENT_SECRET.as_bytes(),
         &args.jwt_issuer,
@@ -281,9 +341,9 @@ fn print_banner(args: &ServeArgs, running: &[Component], admin: SocketAddr, vers
         Ok(token) => text.push_str(&format!(
             "\nThe mobile gateway (a demo token for {user}, valid 24 h; `lightbox token USER_ID` makes more):\n\
              \x20 export TOKEN={token}\n\
-             \x20 curl -H \"Authorization: Bearer $TOKEN\" http://{gateway}/v1/users/me/photos\n\
-             \x20 curl -N -H \"Authorization: Bearer $TOKEN\" http://{gateway}/v1/users/me/events\n\
-             \x20 curl http://{gateway}/openapi.json\n"
+             \x20 curl {curl}-H \"Authorization: Bearer $TOKEN\" {web}://{gateway}/v1/users/me/photos\n\
+             \x20 curl {curl}-N -H \"Authorization: Bearer $TOKEN\" {web}://{gateway}/v1/users/me/events\n\
+             \x20 curl {curl}{web}://{gateway}/openapi.json\n"
         )),
         Err(err) => text.push_str(&format!("\n(no demo token: {err})\n")),
     }

@@ -8,9 +8,11 @@ use std::{convert::Infallible, net::SocketAddr, path::PathBuf, sync::Arc, time::
 use anyhow::Context;
 use lightbox_cache::{CacheOptions, sources};
 use lightbox_changefeed::{Db, Feed, FeedOptions, FeedStats, Retention};
+use lightbox_client::Balanced;
 use lightbox_gateway::{AuthConfig, Gateway, GatewayOptions, Upstreams};
 use lightbox_photos::PhotosOptions;
 use lightbox_server::{Faults, ServerOptions, Shutdown, ShutdownTrigger};
+use lightbox_tls::{ClientTls, ClientTlsFiles, ServerTls, ServerTlsFiles};
 use tokio::{net::TcpListener, task::JoinHandle};
 
 use tonic::{
@@ -23,7 +25,7 @@ use tonic::{
     service::Routes,
 };
 
-use crate::{config::ServeArgs, target::Target};
+use crate::{config::ServeArgs, metrics::ProcessMetrics, target::Target};
 
 /// Everything a component needs to start, resolved from the command line
 /// (or built directly by tests).
@@ -54,26 +56,42 @@ pub struct Settings {
     pub server: ServerOptions,
     /// Load the demo data into an empty database on start.
     pub demo: bool,
+    /// The process's metrics (the same registry as `server.metrics` and
+    /// `gateway.metrics`), which each component reports into.
+    pub metrics: ProcessMetrics,
+    /// The gateway's TLS (never asking phones for certificates); `None`:
+    /// plaintext. The gRPC servers' is `server.tls`.
+    pub gateway_tls: Option<ServerTls>,
+    /// What clients trust (and present, under mutual TLS) when they reach
+    /// an upstream at an `https://` URL.
+    pub client_tls: Option<ClientTls>,
 }
 
 impl Settings {
     /// Settings from the command line; `dev` accepts development tokens.
     pub fn from_args(args: &ServeArgs, dev: bool) -> anyhow::Result<Settings> {
+        let metrics = ProcessMetrics::new();
+        let tls = tls(args)?;
+        // With a CA to trust, the upstreams left unset are reached over TLS.
+        let scheme = match tls.client {
+            Some(_) => "https",
+            None => "http",
+        };
         Ok(Settings {
             database_url: args.database_url.clone(),
             data_dir: args.data_dir.clone(),
             contracts_url: args
                 .contracts_url
                 .clone()
-                .unwrap_or_else(|| format!("http://{}", args.contracts_addr)),
+                .unwrap_or_else(|| format!("{scheme}://{}", args.contracts_addr)),
             users_url: args
                 .users_url
                 .clone()
-                .unwrap_or_else(|| format!("http://{}", args.users_addr)),
+                .unwrap_or_else(|| format!("{scheme}://{}", args.users_addr)),
             photos_url: args
                 .photos_url
                 .clone()
-                .unwrap_or_else(|| format!("http://{}", args.photos_addr)),
+                .unwrap_or_else(|| format!("{scheme}://{}", args.photos_addr)),
             gateway: GatewayOptions {
                 request_timeout: args.gateway_timeout,
                 max_body_bytes: args.gateway_max_body_bytes,
@@ -83,6 +101,7 @@ impl Settings {
                 phone_queue: args.gateway_phone_queue,
                 // Three progress intervals without a word: the stream is dead.
                 upstream_idle_timeout: args.progress_interval * 3,
+                metrics: metrics.registry().clone(),
                 ..GatewayOptions::new(auth(args, dev)?)
             },
             contract_timeout: args.contract_timeout,
@@ -110,10 +129,55 @@ impl Settings {
                 max_message_bytes: args.max_message_bytes,
                 drain_timeout: args.drain_timeout,
                 drain_delay: args.drain_delay,
+                metrics: metrics.registry().clone(),
+                tls: tls.grpc,
                 ..ServerOptions::default()
             },
             demo: false,
+            metrics,
+            gateway_tls: tls.gateway,
+            client_tls: tls.client,
         })
+    }
+
+    /// A client of the service `label` at `spec` (one URL or several,
+    /// comma-separated; a DNS name is re-resolved): balanced over its
+    /// healthy replicas, over TLS for `https://` URLs, its calls counted in
+    /// the process's metrics. Connects on first use.
+    pub fn upstream(&self, label: &str, spec: &str, connect_timeout: Duration) -> anyhow::Result<Balanced> {
+        let target =
+            lightbox_client::Target::parse(spec).with_context(|| format!("the {label} service's address {spec:?}"))?;
+        let types = lightbox_metrics::GrpcTypes::from_descriptor_set(lightbox_api::FILE_DESCRIPTOR_SET)
+            .context("the descriptors do not decode")?;
+        let options = lightbox_client::ConnectOptions {
+            label: Some(label.to_owned()),
+            tls: self.client_tls.clone(),
+            metrics: Some(lightbox_metrics::GrpcClientLayer::new(self.metrics.registry(), &types)),
+            ..lightbox_client::ConnectOptions::with_connect_timeout(connect_timeout)
+        };
+        lightbox_client::connect(&target, options).with_context(|| format!("cannot reach the {label} service"))
+    }
+
+    /// The scheme the servers' URLs start with, from what they serve.
+    pub fn scheme(&self) -> &'static str {
+        match self.client_tls {
+            Some(_) => "https",
+            None => "http",
+        }
+    }
+
+    /// Polls every certificate file for changes, until the handles are
+    /// dropped (see [`lightbox_tls::ServerTls::spawn_reloader`]).
+    pub fn spawn_tls_reloaders(&self) -> Vec<JoinHandle<()>> {
+        let every = Duration::from_secs(2);
+        let servers = [&self.server.tls, &self.gateway_tls];
+        let mut handles: Vec<JoinHandle<()>> = servers
+            .into_iter()
+            .flatten()
+            .map(|tls| tls.spawn_reloader(every))
+            .collect();
+        handles.extend(self.client_tls.iter().map(|tls| tls.spawn_reloader(every)));
+        handles
     }
 
     /// Opens the database of `component`.
@@ -130,6 +194,46 @@ impl Settings {
             }
         }
     }
+}
+
+/// The TLS of a process, from the command line.
+struct Tls {
+    /// The gRPC servers' (mutual TLS with a client CA).
+    grpc: Option<ServerTls>,
+    /// The gateway's (no client certificates).
+    gateway: Option<ServerTls>,
+    /// The clients'.
+    client: Option<ClientTls>,
+}
+
+/// Loads the certificates the flags name; a file that does not load fails
+/// the start, naming it.
+fn tls(args: &ServeArgs) -> anyhow::Result<Tls> {
+    let pair = args.tls_cert.clone().zip(args.tls_key.clone());
+    let server = |client_ca: Option<PathBuf>| -> anyhow::Result<Option<ServerTls>> {
+        pair.clone()
+            .map(|(cert, key)| ServerTls::load(ServerTlsFiles { cert, key, client_ca }))
+            .transpose()
+            .context("cannot load the TLS certificate (--tls-cert, --tls-key, --tls-client-ca)")
+    };
+    let grpc = server(args.tls_client_ca.clone())?
+        .map(|tls| tls.with_alpn(&[b"h2"]))
+        .transpose()
+        .context("cannot set up TLS for gRPC")?;
+    let client = args
+        .tls_ca
+        .clone()
+        .map(|ca| {
+            let (cert, key) = pair.clone().unzip();
+            ClientTls::load(ClientTlsFiles { ca, cert, key })
+        })
+        .transpose()
+        .context("cannot load the TLS CA (--tls-ca) or this process's certificate")?;
+    Ok(Tls {
+        grpc,
+        gateway: server(None)?,
+        client,
+    })
 }
 
 /// The gateway's token checks from the command line. Production keys come
@@ -201,18 +305,18 @@ pub async fn start(component: Target, settings: &Settings, listener: TcpListener
         return start_gateway(settings, listener);
     }
     let db = settings.database(component).await?;
-    let server = settings.server.clone();
-    let max = server.max_message_bytes;
+    let max = settings.server.max_message_bytes;
     match component {
         Target::Users => {
-            let contracts = lightbox_users::ContractsUpstream::new(&settings.contracts_url, settings.contract_timeout)
-                .map_err(anyhow::Error::msg)?;
+            let channel = settings.upstream("contracts", &settings.contracts_url, settings.contract_timeout)?;
+            let contracts = lightbox_users::ContractsUpstream::new(channel, settings.contract_timeout);
             let channel = contracts.channel();
             let service =
                 lightbox_users::UsersService::open(db, settings.feed.clone(), contracts, settings.cache.clone())
                     .await
                     .context("cannot open the users service")?;
             let copy = service.contracts_copy().clone();
+            report_copy(&settings.metrics, "users.contracts", copy.clone());
             let follow = Box::pin(async move { copy.follow(sources::ContractsSource::new(channel)).await });
             if settings.demo && service.feed().head() == 0 {
                 for user in crate::demo::users() {
@@ -221,7 +325,7 @@ pub async fn start(component: Target, settings: &Settings, listener: TcpListener
             }
             let feed = service.feed().clone();
             let server_svc = service.into_server(max);
-            launch(component, listener, server_svc, feed, server, Some(follow))
+            launch(component, listener, server_svc, feed, settings, Some(follow))
         }
         Target::Contracts => {
             let service = lightbox_contracts::ContractsService::open(db, settings.feed.clone())
@@ -237,12 +341,12 @@ pub async fn start(component: Target, settings: &Settings, listener: TcpListener
             }
             let feed = service.feed().clone();
             let server_svc = service.into_server(max);
-            launch(component, listener, server_svc, feed, server, None)
+            launch(component, listener, server_svc, feed, settings, None)
         }
         Target::Photos => {
             let timeout = settings.photos.fresh_timeout;
-            let users = sources::channel(&settings.users_url, timeout).map_err(anyhow::Error::msg)?;
-            let contracts = sources::channel(&settings.contracts_url, timeout).map_err(anyhow::Error::msg)?;
+            let users = settings.upstream("users", &settings.users_url, timeout)?;
+            let contracts = settings.upstream("contracts", &settings.contracts_url, timeout)?;
             let service = lightbox_photos::PhotosService::open(
                 db,
                 settings.feed.clone(),
@@ -258,9 +362,15 @@ pub async fn start(component: Target, settings: &Settings, listener: TcpListener
             }
             let follower = service.clone();
             let follow = Box::pin(async move { follower.follow().await });
+            report_copy(&settings.metrics, "photos.users", service.users_copy().clone());
+            report_copy(&settings.metrics, "photos.contracts", service.contracts_copy().clone());
+            let counted = service.clone();
+            settings
+                .metrics
+                .add_photos(Arc::new(move || (counted.sync_fallbacks(), counted.upstream_calls())));
             let feed = service.feed().clone();
             let server_svc = service.into_server(max);
-            launch(component, listener, server_svc, feed, server, Some(follow))
+            launch(component, listener, server_svc, feed, settings, Some(follow))
         }
         Target::Gateway | Target::All => anyhow::bail!("{component} has no database"),
     }
@@ -276,11 +386,10 @@ fn start_gateway(settings: &Settings, listener: TcpListener) -> anyhow::Result<C
         );
     }
     let timeout = settings.gateway.request_timeout;
-    let channel = |url: &str| sources::channel(url, timeout).map_err(anyhow::Error::msg);
     let upstreams = Upstreams {
-        users: channel(&settings.users_url)?,
-        contracts: channel(&settings.contracts_url)?,
-        photos: channel(&settings.photos_url)?,
+        users: settings.upstream("users", &settings.users_url, timeout)?,
+        contracts: settings.upstream("contracts", &settings.contracts_url, timeout)?,
+        photos: settings.upstream("photos", &settings.photos_url, timeout)?,
     };
     let (stop, shutdown) = Shutdown::new();
     // Event streams end once the drain delay is over, when phones resuming
@@ -291,8 +400,9 @@ fn start_gateway(settings: &Settings, listener: TcpListener) -> anyhow::Result<C
         .router();
     let addr = listener.local_addr().context("the listener has no local address")?;
     let (delay, drain) = (settings.server.drain_delay, settings.server.drain_timeout);
+    let tls = settings.gateway_tls.clone();
     let task = tokio::spawn(async move {
-        lightbox_gateway::serve(listener, router, shutdown, delay, drain)
+        lightbox_gateway::serve(listener, router, shutdown, delay, drain, tls)
             .await
             .context("the gateway server failed")
     });
@@ -306,6 +416,15 @@ fn start_gateway(settings: &Settings, listener: TcpListener) -> anyhow::Result<C
     })
 }
 
+/// Reports the copy `name` in the process's metrics.
+fn report_copy<T: lightbox_changefeed::feed::Entity>(
+    metrics: &ProcessMetrics,
+    name: &str,
+    copy: lightbox_cache::Cache<T>,
+) {
+    metrics.add_copy(name.to_owned(), Arc::new(move || copy.state()));
+}
+
 /// Serves `routes` on `listener` until stopped; on stop, ends the feed's
 /// watch streams (they tell clients where to resume) so the drain is quick.
 fn launch<T, S>(
@@ -313,7 +432,7 @@ fn launch<T, S>(
     listener: TcpListener,
     service: S,
     feed: Feed<T>,
-    mut options: ServerOptions,
+    settings: &Settings,
     background: Option<std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>>,
 ) -> anyhow::Result<Component>
 where
@@ -332,11 +451,16 @@ where
     let (stop, shutdown) = Shutdown::new();
     let faults = Faults::new();
     let addr = listener.local_addr().context("the listener has no local address")?;
-    options.service_name = target.name().to_owned();
+    let options = ServerOptions {
+        service_name: target.name().to_owned(),
+        ..settings.server.clone()
+    };
     let feed_stats: Arc<dyn Fn() -> FeedStats + Send + Sync> = {
         let feed = feed.clone();
         Arc::new(move || feed.stats())
     };
+    settings.metrics.add_feed(feed.name(), Arc::clone(&feed_stats));
+    settings.metrics.add_faults(target.name(), faults.clone());
     let task = {
         let faults = faults.clone();
         tokio::spawn(async move {

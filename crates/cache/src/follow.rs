@@ -15,7 +15,11 @@ impl<T: Entity> Cache<T> {
     pub async fn follow(&self, source: impl Source<T>) {
         let options = &self.inner.options;
         let mut backoff = options.backoff_min;
+        let mut first = true;
         loop {
+            if !std::mem::take(&mut first) {
+                self.inner.state.send_modify(|state| state.reconnects += 1);
+            }
             let cursor = self.state().applied_revision;
             match source.watch(cursor).await {
                 Ok(stream) => {

@@ -119,6 +119,12 @@ pub struct CacheState {
     pub entities: usize,
     /// An estimate of the memory they take (see [`Snapshot::approx_bytes`]).
     pub memory_bytes: usize,
+    /// Times the watch was opened again after a stream ended or failed to
+    /// open, since this process started.
+    pub reconnects: u64,
+    /// Times the guard rail held a snapshot or batch back, since this
+    /// process started.
+    pub holds: u64,
 }
 
 impl CacheState {
@@ -219,6 +225,8 @@ impl<T: Entity> Cache<T> {
             held: None,
             entities: snapshot.len(),
             memory_bytes: snapshot.approx_bytes(),
+            reconnects: 0,
+            holds: 0,
         });
         tracing::info!(
             cache = name,

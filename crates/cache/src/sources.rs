@@ -3,35 +3,36 @@
 
 use std::{future::Future, pin::Pin, time::Duration};
 
+use lightbox_client::Balanced;
+
 use futures_util::StreamExt;
 use lightbox_api::{
     contracts::{Contract, WatchContractsRequest, contracts_service_client::ContractsServiceClient},
     users::{User, WatchUsersRequest, users_service_client::UsersServiceClient},
 };
 use lightbox_changefeed::{Feed, Frame, feed::Entity, watch::WatchStream};
-use tonic::{Status, transport::Channel};
+use tonic::Status;
 
 use crate::Source;
 
 type Opening<T> = Pin<Box<dyn Future<Output = Result<WatchStream<T>, Status>> + Send>>;
 
-/// A channel to `url`, connected on first use and reconnected by itself.
-pub fn channel(url: &str, connect_timeout: Duration) -> Result<Channel, String> {
-    Ok(Channel::from_shared(url.to_owned())
-        .map_err(|err| format!("invalid address {url:?}: {err}"))?
-        .connect_timeout(connect_timeout)
-        .connect_lazy())
+/// A channel to the service at `spec` (a URL, or several, comma-separated:
+/// see [`lightbox_client::Target`]), balanced over its healthy replicas,
+/// connected on first use, with default options.
+pub fn channel(spec: &str, connect_timeout: Duration) -> Result<Balanced, String> {
+    lightbox_client::channel(spec, connect_timeout).map_err(|err| err.to_string())
 }
 
 /// The users service's `WatchUsers`.
 #[derive(Clone)]
 pub struct UsersSource {
-    client: UsersServiceClient<Channel>,
+    client: UsersServiceClient<Balanced>,
 }
 
 impl UsersSource {
     /// Watches every user through `channel`.
-    pub fn new(channel: Channel) -> UsersSource {
+    pub fn new(channel: Balanced) -> UsersSource {
         UsersSource {
             client: UsersServiceClient::new(channel),
         }
@@ -55,12 +56,12 @@ impl Source<User> for UsersSource {
 /// The contracts service's `WatchContracts`.
 #[derive(Clone)]
 pub struct ContractsSource {
-    client: ContractsServiceClient<Channel>,
+    client: ContractsServiceClient<Balanced>,
 }
 
 impl ContractsSource {
     /// Watches every contract through `channel`.
-    pub fn new(channel: Channel) -> ContractsSource {
+    pub fn new(channel: Balanced) -> ContractsSource {
         ContractsSource {
             client: ContractsServiceClient::new(channel),
         }

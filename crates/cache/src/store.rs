@@ -89,7 +89,10 @@ impl<T: Entity> Cache<T> {
 
     fn hold(&self, reason: String) {
         tracing::error!(cache = self.inner.name, %reason, "guard rail");
-        self.inner.state.send_modify(|state| state.held = Some(reason));
+        self.inner.state.send_modify(|state| {
+            state.held = Some(reason);
+            state.holds += 1;
+        });
     }
 
     /// Replaces the copy with a snapshot at `revision`: in the database in

@@ -28,7 +28,7 @@ pub struct Migrations {
 }
 
 /// The changefeed's own tables (`feed_state`, `feed_changes`,
-/// `feed_entities`), versions 1 to 499 (see [`Db::migrate`]).
+/// `feed_entities`, `leases`), versions 1 to 499 (see [`Db::migrate`]).
 pub static CHANGEFEED_MIGRATIONS: Migrations = Migrations {
     sqlite: &sqlx::migrate!("migrations/sqlite"),
     postgres: &sqlx::migrate!("migrations/postgres"),

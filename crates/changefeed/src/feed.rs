@@ -9,6 +9,7 @@ use tokio::task::JoinHandle;
 use crate::{
     db::{Backend, Db},
     hub::{self, Hub},
+    lease::{Lease, Term},
 };
 
 /// The PostgreSQL notification channel writers signal on commit, so that
@@ -65,6 +66,12 @@ pub enum Frame<T> {
 /// How much history a feed keeps. Counted in revisions: the changelog keeps
 /// the last `keep_changes` changes; tombstones of deleted entities are kept
 /// for the last `keep_tombstones` revisions, which must be at least as many.
+///
+/// Replicas of a service on one database trim once between them: the
+/// periodic retention runs on the replica holding the lease
+/// `retention:<feed>` ([`crate::lease`]), each compaction fenced by its
+/// term. A compaction is correct even if two run at once anyway (a paused
+/// holder waking up, a manual [`Feed::compact`]): see `compact`.
 #[derive(Debug, Clone)]
 pub struct Retention {
     /// Changes kept in the changelog.
@@ -179,6 +186,13 @@ pub struct FeedStats {
     /// Queries the tail made of the changelog since the feed opened: one per
     /// wake-up or poll, whatever the number of watchers.
     pub tail_reads: u64,
+    /// Changes sent on watch streams since the feed opened, every stream
+    /// counted.
+    pub events_sent: u64,
+    /// Watch streams ended for falling a whole ring behind (they resume).
+    pub slow_watchers_ended: u64,
+    /// Snapshots (`since_revision = 0`, or a reset) being read now.
+    pub snapshots: i64,
 }
 
 /// A page of the pull listing.
@@ -338,17 +352,7 @@ impl<T: Entity> Feed<T> {
             }
         }
         if let Some(every) = shared.options.retention.interval {
-            let shared = Arc::clone(&shared);
-            tasks.push(tokio::spawn(async move {
-                let mut tick = tokio::time::interval(every);
-                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-                loop {
-                    tick.tick().await;
-                    if let Err(err) = compact(&shared).await {
-                        tracing::warn!(feed = shared.name, %err, "changefeed retention failed; will retry");
-                    }
-                }
-            }));
+            tasks.push(tokio::spawn(retain(Arc::clone(&shared), every)));
         }
         Ok(Feed {
             inner: Arc::new(Inner { shared, tasks }),
@@ -384,6 +388,9 @@ impl<T: Entity> Feed<T> {
             head: hub.head(),
             watchers: hub.watchers.load(std::sync::atomic::Ordering::Relaxed),
             tail_reads: hub.tail_reads.load(std::sync::atomic::Ordering::Relaxed),
+            events_sent: hub.events_sent.load(std::sync::atomic::Ordering::Relaxed),
+            slow_watchers_ended: hub.slow_watchers_ended.load(std::sync::atomic::Ordering::Relaxed),
+            snapshots: hub.snapshots.load(std::sync::atomic::Ordering::Relaxed),
         }
     }
 
@@ -561,9 +568,20 @@ impl<T: Entity> Feed<T> {
         })
     }
 
-    /// Trims history now, per the retention policy.
+    /// Trims history now, per the retention policy, whether or not this
+    /// replica holds the retention lease (an operator's or a test's call):
+    /// compaction is safe to run on several replicas at once (see
+    /// [`Retention`]), so the lease only saves the repeated work.
     pub async fn compact(&self) -> Result<(), FeedError> {
-        compact(&self.inner.shared).await
+        compact(&self.inner.shared, None).await.map(|_| ())
+    }
+
+    /// Trims history now as the holder of this feed's retention lease
+    /// ([`crate::lease::retention_lease`]) at `term`: `Ok(false)`, with
+    /// nothing done, if the lease has changed hands since (the fence is
+    /// checked inside the compaction's transaction).
+    pub async fn compact_fenced(&self, term: Term) -> Result<bool, FeedError> {
+        compact(&self.inner.shared, Some(term)).await
     }
 }
 
@@ -910,10 +928,61 @@ pub(crate) async fn snapshot<T: Entity>(
     Ok((state.revision, changes))
 }
 
-/// Trims the changelog and the tombstones per the retention policy.
-async fn compact<T: Entity>(shared: &Shared<T>) -> Result<(), FeedError> {
+/// The periodic retention of a feed: every `every`, on the one replica that
+/// holds the feed's retention lease (taken or renewed each time, for three
+/// intervals: a replica that dies hands it over after at most that), a
+/// compaction fenced by the lease's term.
+async fn retain<T: Entity>(shared: Arc<Shared<T>>, every: Duration) {
+    let lease = crate::lease::retention_lease(shared.name);
+    let holder = crate::lease::holder_id();
+    let ttl = every.saturating_mul(3);
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let term = match Lease::try_acquire(&shared.db, &lease, &holder, ttl).await {
+            Ok(Some(term)) => term,
+            // Another replica holds it.
+            Ok(None) => continue,
+            Err(err) => {
+                tracing::warn!(feed = shared.name, %err, "changefeed retention cannot take its lease; will retry");
+                continue;
+            }
+        };
+        match compact(&shared, Some(term)).await {
+            Ok(true) => {}
+            Ok(false) => tracing::info!(
+                feed = shared.name,
+                %term,
+                "changefeed retention skipped: its lease changed hands meanwhile"
+            ),
+            Err(err) => tracing::warn!(feed = shared.name, %err, "changefeed retention failed; will retry"),
+        }
+    }
+}
+
+/// Trims the changelog and the tombstones per the retention policy; with a
+/// `fence`, only while the feed's retention lease is at that term (else
+/// `Ok(false)`, nothing done).
+///
+/// Safe to run on several replicas at once, fenced or not: every input
+/// (head, horizons) is read in the transaction under the counter row's
+/// lock, which concurrent compactions (and writers) take in turn, so the
+/// second one reads what the first committed; the horizons only move up
+/// (`max` with the stored ones); and the deletes are of ranges below them,
+/// which a repeat finds already gone.
+async fn compact<T: Entity>(shared: &Shared<T>, fence: Option<Term>) -> Result<bool, FeedError> {
     let retention = &shared.options.retention;
     let mut tx = shared.db.begin_write().await?;
+    // First the fence (so a stale holder never waits on the writers' lock):
+    // on PostgreSQL it locks the lease's row to commit, so the lease cannot
+    // change hands while this compaction is under way.
+    if let Some(term) = fence
+        && !Lease::fence(&mut tx, &crate::lease::retention_lease(shared.name), term).await?
+    {
+        tx.rollback().await?;
+        return Ok(false);
+    }
     // Lock: the counter row, so no writer commits between reading the head
     // and moving the horizons; held for two range deletes only.
     let row = sqlx::query(
@@ -928,7 +997,7 @@ async fn compact<T: Entity>(shared: &Shared<T>) -> Result<(), FeedError> {
     let tombstones_to = head - retention.keep_tombstones;
     if compact_to <= compacted && tombstones_to <= tombstones {
         tx.rollback().await?;
-        return Ok(());
+        return Ok(true);
     }
     let compact_to = compact_to.max(compacted);
     let tombstones_to = tombstones_to.max(tombstones);
@@ -950,5 +1019,5 @@ async fn compact<T: Entity>(shared: &Shared<T>) -> Result<(), FeedError> {
         .await?;
     tx.commit().await?;
     tracing::debug!(feed = shared.name, compact_to, tombstones_to, "changefeed compacted");
-    Ok(())
+    Ok(true)
 }

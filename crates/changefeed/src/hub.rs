@@ -35,6 +35,12 @@ pub(crate) struct Hub<T> {
     pub(crate) tail_reads: AtomicU64,
     /// Watch streams alive.
     pub(crate) watchers: AtomicI64,
+    /// Changes sent to watchers, every stream counted.
+    pub(crate) events_sent: AtomicU64,
+    /// Watchers ended for falling a whole ring behind.
+    pub(crate) slow_watchers_ended: AtomicU64,
+    /// Snapshots being read now.
+    pub(crate) snapshots: AtomicI64,
     /// Wakes the tail: local commits call it directly; on PostgreSQL the
     /// listener calls it on each notification from any replica.
     wake: Notify,
@@ -51,6 +57,9 @@ impl<T> Hub<T> {
             generation: AtomicU64::new(0),
             tail_reads: AtomicU64::new(0),
             watchers: AtomicI64::new(0),
+            events_sent: AtomicU64::new(0),
+            slow_watchers_ended: AtomicU64::new(0),
+            snapshots: AtomicI64::new(0),
             wake: Notify::new(),
         }
     }

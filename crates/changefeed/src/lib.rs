@@ -9,6 +9,9 @@
 //!   [`WriteTx`], the transactional outbox (entity + changelog row in one
 //!   transaction, revisions ordered by a per-feed counter row); reads,
 //!   the pull listing and retention.
+//! - [`lease`]: [`Lease`], leases in the database with a fencing [`Term`],
+//!   for singleton work across replicas (a feed's retention runs under
+//!   one).
 //! - [`hub`] (private): the one tail per feed and process that reads the
 //!   changelog and fans changes out to every watcher through a bounded ring.
 //! - [`memory`]: [`Snapshot`], entities in memory at one revision (a
@@ -46,6 +49,7 @@
 pub mod db;
 pub mod feed;
 mod hub;
+pub mod lease;
 pub mod memory;
 pub mod messages;
 pub mod view;
@@ -53,6 +57,7 @@ pub mod watch;
 
 pub use db::{Backend, Db, Migrations};
 pub use feed::{Change, ChangePage, Feed, FeedError, FeedOptions, FeedStats, Frame, Retention, WriteTx};
+pub use lease::{Lease, LeaseState, Term};
 pub use memory::{Published, Snapshot};
 pub use view::View;
 pub use watch::WatchFilter;

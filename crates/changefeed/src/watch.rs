@@ -220,6 +220,7 @@ impl<T: Entity> Watcher<T> {
         loop {
             if let Some(frame) = self.pending.pop_front() {
                 self.sent_since_tick = true;
+                self.count(&frame);
                 return Some(Ok(frame));
             }
             let result = match self.phase {
@@ -233,6 +234,7 @@ impl<T: Entity> Watcher<T> {
                     Ok(Some(frame @ Frame::Progress { .. })) => return Some(Ok(frame)),
                     Ok(Some(frame)) => {
                         self.sent_since_tick = true;
+                        self.count(&frame);
                         return Some(Ok(frame));
                     }
                     Ok(None) => Ok(()),
@@ -246,6 +248,14 @@ impl<T: Entity> Watcher<T> {
         }
     }
 
+    /// Counts a change sent (for the feed's stats).
+    fn count(&self, frame: &Frame<T>) {
+        if matches!(frame, Frame::Change(_)) {
+            let hub = &self.feed.inner.shared.hub;
+            hub.events_sent.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
     /// Queues a snapshot (after a reset frame if `reset` says why) and goes live.
     async fn snapshot(&mut self, reset: Option<String>) -> Result<(), Status> {
         let shared = &self.feed.inner.shared;
@@ -254,9 +264,11 @@ impl<T: Entity> Watcher<T> {
             ids.sort_unstable();
             ids
         });
-        let (revision, changes) = snapshot(shared, ids.as_deref(), self.scope.as_deref())
-            .await
-            .map_err(storage_error)?;
+        let read = {
+            let _counted = InProgress::new(&shared.hub.snapshots);
+            snapshot(shared, ids.as_deref(), self.scope.as_deref()).await
+        };
+        let (revision, changes) = read.map_err(storage_error)?;
         if let Some(reason) = reset {
             self.pending.push_back(Frame::Reset { revision, reason });
         }
@@ -333,6 +345,8 @@ impl<T: Entity> Watcher<T> {
         if change.revision != self.cursor + 1 {
             let hub = &self.feed.inner.shared.hub;
             return Err(if self.lagged {
+                hub.slow_watchers_ended
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 Status::resource_exhausted(format!(
                     "this watcher fell more than {} changes behind and was dropped; resume with since_revision={}",
                     hub.capacity(),
@@ -380,6 +394,23 @@ impl<T: Entity> Watcher<T> {
                 self.cursor
             ))
         }
+    }
+}
+
+/// Counts one in a gauge for as long as it lives (a dropped stream's
+/// snapshot stops counting too).
+struct InProgress<'a>(&'a std::sync::atomic::AtomicI64);
+
+impl<'a> InProgress<'a> {
+    fn new(gauge: &'a std::sync::atomic::AtomicI64) -> InProgress<'a> {
+        gauge.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        InProgress(gauge)
+    }
+}
+
+impl Drop for InProgress<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
     }
 }
 

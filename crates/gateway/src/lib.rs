@@ -50,6 +50,7 @@ pub mod events;
 mod fanout;
 mod join;
 pub mod json;
+mod metrics;
 pub mod openapi;
 mod phone;
 pub mod routes;
@@ -66,10 +67,11 @@ use axum::{
     routing::get,
 };
 use http::{HeaderMap, HeaderValue, StatusCode, header};
+use lightbox_client::Balanced;
 use lightbox_server::Shutdown;
 use prost_reflect::{DescriptorPool, MethodDescriptor};
 use tokio::{net::TcpListener, sync::Semaphore};
-use tonic::{Code, metadata::MetadataValue, transport::Channel};
+use tonic::{Code, metadata::MetadataValue};
 use tower_http::{
     classify::ServerErrorsFailureClass,
     request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer},
@@ -104,6 +106,9 @@ pub struct GatewayOptions {
     /// silent before it is taken for dead and reopened (from where it
     /// was): a few of the upstreams' progress intervals.
     pub upstream_idle_timeout: Duration,
+    /// The process's metrics, where the gateway counts its requests
+    /// (`lightbox_gateway_*`). Default: a registry of its own.
+    pub metrics: lightbox_metrics::Metrics,
 }
 
 impl GatewayOptions {
@@ -118,6 +123,7 @@ impl GatewayOptions {
             heartbeat: Duration::from_secs(15),
             phone_queue: 256,
             upstream_idle_timeout: Duration::from_secs(30),
+            metrics: lightbox_metrics::Metrics::new(),
         }
     }
 }
@@ -126,18 +132,18 @@ impl GatewayOptions {
 #[derive(Debug, Clone)]
 pub struct Upstreams {
     /// The users service.
-    pub users: Channel,
+    pub users: Balanced,
     /// The contracts service.
-    pub contracts: Channel,
+    pub contracts: Balanced,
     /// The photos service.
-    pub photos: Channel,
+    pub photos: Balanced,
 }
 
 /// The gateway's state, shared by every request.
 pub struct Gateway {
     options: GatewayOptions,
     routes: Vec<Route>,
-    channels: HashMap<String, Channel>,
+    channels: HashMap<String, Balanced>,
     requests: Arc<Semaphore>,
     streams: Arc<Semaphore>,
     /// The shared upstream watches and their phones; its followers stop at
@@ -199,39 +205,75 @@ impl Gateway {
 
     /// The axum router of the gateway, with request ids and tracing.
     pub fn router(self) -> Router {
+        let metrics = Arc::new(metrics::HttpMetrics::register(
+            &self.options.metrics,
+            Arc::clone(&self.streams),
+            self.options.max_event_streams,
+        ));
         let state = Arc::new(self);
+        let names = Arc::clone(&state);
         Router::new()
             .route("/openapi.json", get(serve_openapi))
             .route("/healthz", get(|| async { "ok\n" }))
             .route(events::PATH, get(events::handler))
             .fallback(dispatch)
             .with_state(state)
+            .layer(axum::middleware::from_fn_with_state(metrics, metrics::count))
             .layer(PropagateRequestIdLayer::x_request_id())
             .layer(
                 TraceLayer::new_for_http()
-                    .make_span_with(|request: &Request| {
+                    .make_span_with(move |request: &Request| {
                         let id = request
                             .headers()
                             .get("x-request-id")
                             .and_then(|v| v.to_str().ok())
                             .unwrap_or_default();
-                        tracing::info_span!("http", method = %request.method(), path = %request.uri().path(), request_id = %id)
+                        let span = tracing::info_span!(
+                            "http",
+                            method = %request.method(),
+                            path = %request.uri().path(),
+                            request_id = %id,
+                            otel.name = %names.span_name(request.method(), request.uri().path()),
+                            otel.kind = "server",
+                        );
+                        // A phone's trace context is continued (W3C).
+                        lightbox_metrics::continue_trace(&span, request.headers());
+                        span
                     })
                     // An error status was logged once already, at its level,
                     // where the error was answered (`HttpError`); the
                     // default would log every 5xx again, as ERROR, even an
                     // upstream's expected 503. Only a failure no answer
                     // says (a response body that broke off) is logged here.
-                    .on_failure(|failure: ServerErrorsFailureClass, latency: Duration, _: &tracing::Span| {
-                        if let ServerErrorsFailureClass::Error(error) = failure {
-                            tracing::warn!(%error, ?latency, "response failed");
-                        }
-                    }),
+                    .on_failure(
+                        |failure: ServerErrorsFailureClass, latency: Duration, _: &tracing::Span| {
+                            if let ServerErrorsFailureClass::Error(error) = failure {
+                                tracing::warn!(%error, ?latency, "response failed");
+                            }
+                        },
+                    ),
             )
             .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
     }
 
-    fn channel(&self, method: &MethodDescriptor) -> Option<Channel> {
+    /// The name of a request's span: its method and route template
+    /// (`GET /v1/users/{user_id}/photos`), few and stable as OpenTelemetry
+    /// asks; the path itself only for the gateway's fixed routes.
+    fn span_name(&self, method: &http::Method, path: &str) -> String {
+        let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+        let route = self
+            .routes
+            .iter()
+            .find(|route| route.verb == method && route.matches(&segments).is_some());
+        match route {
+            Some(route) => format!("{method} {}", route.template),
+            None if path == "/openapi.json" || path == "/healthz" => format!("{method} {path}"),
+            None if path.starts_with("/v1/users/") && path.ends_with("/events") => format!("{method} {}", events::PATH),
+            None => format!("{method} unmatched"),
+        }
+    }
+
+    fn channel(&self, method: &MethodDescriptor) -> Option<Balanced> {
         self.channels.get(method.parent_service().full_name()).cloned()
     }
 }
@@ -253,13 +295,15 @@ pub fn descriptors() -> Result<DescriptorPool, String> {
 /// (while the process's health says it is draining and load balancers move
 /// away, every request still succeeds), stops accepting and lets requests
 /// in progress finish for at most `drain` (open event streams end at once:
-/// clients resume them elsewhere with `Last-Event-ID`).
+/// clients resume them elsewhere with `Last-Event-ID`). With `tls`, serves
+/// HTTPS (HTTP/1.1 and h2 by ALPN), certificates reloaded as they change.
 pub async fn serve(
     listener: TcpListener,
     router: Router,
     shutdown: Shutdown,
     delay: Duration,
     drain: Duration,
+    tls: Option<lightbox_tls::ServerTls>,
 ) -> std::io::Result<()> {
     let deadline = {
         let shutdown = shutdown.clone();
@@ -268,11 +312,20 @@ pub async fn serve(
             tokio::time::sleep(delay + drain).await;
         }
     };
-    let server = axum::serve(listener, router.into_make_service_with_connect_info::<SocketAddr>())
-        .with_graceful_shutdown(async move {
-            shutdown.wait().await;
-            tokio::time::sleep(delay).await;
-        });
+    let stop = async move {
+        shutdown.wait().await;
+        tokio::time::sleep(delay).await;
+    };
+    let app = router.into_make_service_with_connect_info::<SocketAddr>();
+    let server: std::pin::Pin<Box<dyn std::future::Future<Output = std::io::Result<()>> + Send>> = match tls {
+        Some(tls) => {
+            use axum::serve::ListenerExt as _;
+            // `tap_io` gives the connections axum's `SocketAddr` connect info.
+            let incoming = tls.incoming(listener).tap_io(|_| {});
+            Box::pin(axum::serve(incoming, app).with_graceful_shutdown(stop).into_future())
+        }
+        None => Box::pin(axum::serve(listener, app).with_graceful_shutdown(stop).into_future()),
+    };
     tokio::select! {
         served = server => served,
         () = deadline => {
@@ -307,7 +360,7 @@ pub fn openapi_document() -> Result<serde_json::Value, String> {
 
 /// A client on `channel`, once it is ready to take a call; `UNAVAILABLE`
 /// naming `upstream` if it cannot be reached.
-pub(crate) async fn ready(channel: Channel, upstream: &str) -> Result<tonic::client::Grpc<Channel>, tonic::Status> {
+pub(crate) async fn ready(channel: Balanced, upstream: &str) -> Result<tonic::client::Grpc<Balanced>, tonic::Status> {
     let mut grpc = tonic::client::Grpc::new(channel);
     grpc.ready()
         .await
@@ -327,7 +380,8 @@ async fn dispatch(State(gateway): State<Arc<Gateway>>, request: Request) -> Resp
             .headers()
             .get(header::CONTENT_LENGTH)
             .is_some_and(|length| length.as_bytes() != b"0");
-    match serve_route(&gateway, request).await {
+    let mut route = None;
+    let mut response = match serve_route(&gateway, request, &mut route).await {
         Ok(response) => response,
         Err(error) => {
             // Logged once, by `HttpError::into_response`.
@@ -339,10 +393,16 @@ async fn dispatch(State(gateway): State<Arc<Gateway>>, request: Request) -> Resp
             }
             response
         }
+    };
+    if let Some(route) = route {
+        response.extensions_mut().insert(metrics::RouteLabel(route));
     }
+    response
 }
 
-async fn serve_route(gateway: &Gateway, request: Request) -> Result<Response, HttpError> {
+/// Serves a request of the route table; `matched` is set to the route's
+/// template once one matches (for the metrics, even if it then fails).
+async fn serve_route(gateway: &Gateway, request: Request, matched: &mut Option<String>) -> Result<Response, HttpError> {
     let _permit = gateway.requests.try_acquire().map_err(|_| {
         HttpError::new(
             Code::Unavailable,
@@ -372,6 +432,9 @@ async fn serve_route(gateway: &Gateway, request: Request) -> Result<Response, Ht
             }
             allowed.push(route.verb.as_str());
         }
+    }
+    if let Some((route, _)) = &found {
+        *matched = Some(route.template.clone());
     }
     let Some((route, mut bound)) = found else {
         if allowed.is_empty() {

@@ -6,9 +6,10 @@
 use std::sync::Arc;
 
 use http::uri::PathAndQuery;
+use lightbox_client::Balanced;
 use prost_reflect::{DynamicMessage, MethodDescriptor};
 use serde_json::{Value, json};
-use tonic::{Status, Streaming, transport::Channel};
+use tonic::{Status, Streaming};
 
 use crate::{codec::DynamicCodec, json as proto_json};
 
@@ -115,12 +116,12 @@ pub(crate) struct Upstream {
     source: Source,
     method: MethodDescriptor,
     path: PathAndQuery,
-    channel: Channel,
+    channel: Balanced,
 }
 
 impl Upstream {
     /// The watch of `source`, described by `method`, on `channel`.
-    pub(crate) fn new(source: Source, method: MethodDescriptor, channel: Channel) -> Result<Upstream, String> {
+    pub(crate) fn new(source: Source, method: MethodDescriptor, channel: Balanced) -> Result<Upstream, String> {
         let path = crate::routes::grpc_path(&method)?;
         Ok(Upstream {
             source,

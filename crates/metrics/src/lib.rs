@@ -18,6 +18,9 @@
 //!   `Canceled`, or `DeadlineExceeded` past the call's `grpc-timeout`).
 //! - `families`: the metric families, each method's handles into them
 //!   (looked up on first use, then kept), and one call's record.
+//! - `trace`: traces across hops: [`GrpcTraceLayer`] (a server's span per
+//!   call, child of the caller's W3C trace context), [`call_span`] and
+//!   [`inject`] for clients, [`SpanBody`] to keep a stream's span open.
 //!
 //! # The metrics
 //!
@@ -88,6 +91,7 @@ mod body;
 mod families;
 mod layer;
 mod registry;
+mod trace;
 mod types;
 
 pub use body::MeteredBody;
@@ -95,5 +99,6 @@ pub use layer::{GrpcClientLayer, GrpcClientService, GrpcServerLayer, GrpcServerS
 /// The metrics library, re-exported so that callers register metrics of
 /// the version this registry takes.
 pub use prometheus_client;
-pub use registry::{CONTENT_TYPE, GaugeFn, Metrics};
+pub use registry::{CONTENT_TYPE, CounterFn, GaugeFn, Metrics};
+pub use trace::{GrpcTrace, GrpcTraceLayer, SpanBody, WithSpan, call_span, continue_trace, inject};
 pub use types::{DescriptorSetError, GrpcType, GrpcTypes};

@@ -10,7 +10,7 @@ use std::{
 use prometheus_client::{
     collector::Collector,
     encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric as _},
-    metrics::{MetricType, gauge::ConstGauge},
+    metrics::{MetricType, counter::ConstCounter, gauge::ConstGauge},
     registry::{Metric, Registry},
 };
 
@@ -123,11 +123,45 @@ impl Metrics {
 ///
 /// The closure runs on the scraping task with the registry's read lock
 /// held: keep it quick, and never register metrics from it.
-pub struct GaugeFn<L, F> {
+pub struct GaugeFn<L, F>(ReadAtScrape<L, F>);
+
+/// A counter computed at each scrape by a closure, like [`GaugeFn`]: for
+/// counts kept elsewhere (an atomic in a component's stats). Name it
+/// without `_total`: the encoder adds it.
+///
+/// ```
+/// use lightbox_metrics::{CounterFn, Metrics};
+///
+/// let metrics = Metrics::new();
+/// metrics.register_collector(CounterFn::new(
+///     "lightbox_watch_events_sent",
+///     "Changes sent on watch streams",
+///     || vec![([("feed", "users")], 42)],
+/// ));
+/// assert!(metrics.encode().contains(r#"lightbox_watch_events_sent_total{feed="users"} 42"#));
+/// ```
+pub struct CounterFn<L, F>(ReadAtScrape<L, F>);
+
+/// What [`GaugeFn`] and [`CounterFn`] share: a name, a help, a closure.
+struct ReadAtScrape<L, F> {
     name: String,
     help: String,
     read: F,
     labels: PhantomData<fn() -> L>,
+}
+
+impl<L, F> ReadAtScrape<L, F> {
+    fn new(name: String, help: String, read: F) -> Self {
+        let mut help = help;
+        // As `Metrics::register` does.
+        help.push('.');
+        ReadAtScrape {
+            name,
+            help,
+            read,
+            labels: PhantomData,
+        }
+    }
 }
 
 impl<L, F> GaugeFn<L, F>
@@ -138,21 +172,34 @@ where
     /// A gauge named `name` with `help` (a full stop is added, as
     /// [`Metrics::register`] does), whose samples `read` returns.
     pub fn new(name: impl Into<String>, help: impl Into<String>, read: F) -> Self {
-        let mut help = help.into();
-        help.push('.');
-        GaugeFn {
-            name: name.into(),
-            help,
-            read,
-            labels: PhantomData,
-        }
+        GaugeFn(ReadAtScrape::new(name.into(), help.into(), read))
+    }
+}
+
+impl<L, F> CounterFn<L, F>
+where
+    L: EncodeLabelSet + 'static,
+    F: Fn() -> Vec<(L, u64)> + Send + Sync + 'static,
+{
+    /// A counter named `name` (rendered `name_total`) with `help` (a full
+    /// stop is added), whose samples `read` returns.
+    pub fn new(name: impl Into<String>, help: impl Into<String>, read: F) -> Self {
+        CounterFn(ReadAtScrape::new(name.into(), help.into(), read))
     }
 }
 
 impl<L, F> fmt::Debug for GaugeFn<L, F> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("GaugeFn")
-            .field("name", &self.name)
+            .field("name", &self.0.name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<L, F> fmt::Debug for CounterFn<L, F> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CounterFn")
+            .field("name", &self.0.name)
             .finish_non_exhaustive()
     }
 }
@@ -163,9 +210,25 @@ where
     F: Fn() -> Vec<(L, f64)> + Send + Sync + 'static,
 {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
-        let mut family = encoder.encode_descriptor(&self.name, &self.help, None, MetricType::Gauge)?;
-        for (labels, value) in (self.read)() {
+        let this = &self.0;
+        let mut family = encoder.encode_descriptor(&this.name, &this.help, None, MetricType::Gauge)?;
+        for (labels, value) in (this.read)() {
             ConstGauge::new(value).encode(family.encode_family(&labels)?)?;
+        }
+        Ok(())
+    }
+}
+
+impl<L, F> Collector for CounterFn<L, F>
+where
+    L: EncodeLabelSet + 'static,
+    F: Fn() -> Vec<(L, u64)> + Send + Sync + 'static,
+{
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
+        let this = &self.0;
+        let mut family = encoder.encode_descriptor(&this.name, &this.help, None, MetricType::Counter)?;
+        for (labels, value) in (this.read)() {
+            ConstCounter::new(value).encode(family.encode_family(&labels)?)?;
         }
         Ok(())
     }

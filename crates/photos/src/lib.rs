@@ -46,7 +46,8 @@ use lightbox_changefeed::{
     messages::{serve_list_changes, serve_watch},
     watch,
 };
-use tonic::{Request, Response, Status, transport::Channel};
+use lightbox_client::Balanced;
+use tonic::{Request, Response, Status};
 
 /// The name of the photos feed (in the service's database).
 pub const FEED: &str = "photos";
@@ -95,12 +96,15 @@ pub struct PhotosService {
     view: View<Photo>,
     users_copy: Cache<User>,
     contracts_copy: Cache<Contract>,
-    users_channel: Channel,
-    contracts_channel: Channel,
+    users_channel: Balanced,
+    contracts_channel: Balanced,
     options: PhotosOptions,
     /// Calls made to the upstreams (for the benchmark's "upstream calls per
     /// request").
     upstream_calls: Arc<AtomicU64>,
+    /// Cached reads that fell back to the synchronous path (an entity not
+    /// in the copies yet).
+    sync_fallbacks: Arc<AtomicU64>,
 }
 
 impl PhotosService {
@@ -111,8 +115,8 @@ impl PhotosService {
         db: Db,
         feed: FeedOptions,
         cache: CacheOptions,
-        users: Channel,
-        contracts: Channel,
+        users: Balanced,
+        contracts: Balanced,
         options: PhotosOptions,
     ) -> Result<PhotosService, FeedError> {
         db.migrate(&[&lightbox_cache::MIGRATIONS, &MIGRATIONS]).await?;
@@ -126,6 +130,7 @@ impl PhotosService {
             contracts_channel: contracts,
             options,
             upstream_calls: Arc::default(),
+            sync_fallbacks: Arc::default(),
         })
     }
 
@@ -160,6 +165,12 @@ impl PhotosService {
         self.upstream_calls.load(Ordering::Relaxed)
     }
 
+    /// Cached reads that fell back to the synchronous path so far (the user
+    /// was not in the copies yet).
+    pub fn sync_fallbacks(&self) -> u64 {
+        self.sync_fallbacks.load(Ordering::Relaxed)
+    }
+
     /// The tonic server for this service, with message size limits.
     pub fn into_server(self, max_message_bytes: usize) -> PhotosServiceServer<PhotosService> {
         PhotosServiceServer::new(self)
@@ -167,12 +178,12 @@ impl PhotosService {
             .max_encoding_message_size(max_message_bytes)
     }
 
-    fn contracts_client(&self) -> ContractsServiceClient<Channel> {
+    fn contracts_client(&self) -> ContractsServiceClient<Balanced> {
         self.upstream_calls.fetch_add(1, Ordering::Relaxed);
         ContractsServiceClient::new(self.contracts_channel.clone())
     }
 
-    fn users_client(&self) -> UsersServiceClient<Channel> {
+    fn users_client(&self) -> UsersServiceClient<Balanced> {
         self.upstream_calls.fetch_add(1, Ordering::Relaxed);
         UsersServiceClient::new(self.users_channel.clone())
     }

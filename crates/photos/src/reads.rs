@@ -183,6 +183,7 @@ pub(crate) async fn owner(photos: &PhotosService, user_id: &str, mode: Mode) -> 
 /// A cache miss (an entity just created, not arrived yet): the synchronous
 /// path with a short deadline, then a clear `UNAVAILABLE`.
 async fn miss(photos: &PhotosService, user_id: &str) -> Result<Owner, ApiError> {
+    photos.sync_fallbacks.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let timeout = photos.options.miss_timeout;
     synchronous(photos, user_id, timeout, ContractRead::UpstreamOrCache)
         .await

@@ -3,8 +3,10 @@
 
 mod abortable;
 
-use std::{io, net::SocketAddr, time::Duration};
+use std::{future::Future, io, net::SocketAddr, pin::Pin, time::Duration};
 
+use lightbox_metrics::{GrpcServerLayer, GrpcTraceLayer, GrpcTypes, Metrics};
+use lightbox_tls::ServerTls;
 use tokio::net::TcpListener;
 use tokio_stream::StreamExt as _;
 use tonic::{
@@ -122,6 +124,12 @@ pub struct ServerOptions {
     /// The process's health (its admin listener's), which this server's
     /// service statuses are copied into; `None`: this port's only.
     pub process_health: Option<ProcessHealth>,
+    /// The process's metrics, where this server counts its calls
+    /// (`grpc_server_*`). Default: a registry of its own, never scraped.
+    pub metrics: Metrics,
+    /// Serve TLS (mutual TLS if it has a client CA) with these
+    /// certificates, reloaded as they change; `None`: plaintext.
+    pub tls: Option<ServerTls>,
 }
 
 impl Default for ServerOptions {
@@ -132,6 +140,8 @@ impl Default for ServerOptions {
             service_name: "lightbox".to_owned(),
             drain_delay: Duration::ZERO,
             process_health: None,
+            metrics: Metrics::new(),
+            tls: None,
         }
     }
 }
@@ -153,6 +163,9 @@ pub enum ServeError {
     /// A descriptor set given to reflection did not decode.
     #[error("cannot build the reflection service")]
     Reflection(#[from] tonic_reflection::server::Error),
+    /// A descriptor set given to the metrics did not decode.
+    #[error("cannot read the methods' types for the metrics")]
+    Descriptors(#[source] lightbox_metrics::DescriptorSetError),
     /// The server failed while running.
     #[error("the gRPC server failed")]
     Transport(#[from] tonic::transport::Error),
@@ -277,9 +290,6 @@ pub async fn serve(
     // observer; the trigger lives in this function, so dropping the `serve`
     // future also cuts the connections (a dropped trigger counts as fired).
     let (abort_trigger, abort) = Shutdown::new();
-    let incoming = TcpIncoming::from(listener)
-        .with_nodelay(Some(true))
-        .map(move |conn| conn.map(|io| Abortable::new(io, abort.clone())));
 
     // tonic stops accepting once this completes, then waits for every
     // connection to finish; health goes NOT_SERVING before that, so that
@@ -311,13 +321,41 @@ pub async fn serve(
             .into_axum_router()
             .fallback(not_served(&served, FAULTS_ARE_ON_ADMIN)),
     );
-    let mut builder = Server::builder().layer(FaultLayer::new(faults).with_service_name(name));
-    let server = builder
-        .add_routes(routes)
-        .serve_with_incoming_shutdown(incoming, signal);
-    let mut server = std::pin::pin!(server);
+    // Metrics outside the faults: calls are counted as their callers see
+    // them, injected failures included.
+    let types = GrpcTypes::from_descriptor_set(lightbox_api::FILE_DESCRIPTOR_SET)
+        .and_then(|types| types.with_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET))
+        .and_then(|types| types.with_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET))
+        .and_then(|types| types.with_descriptor_set(tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET))
+        .map_err(ServeError::Descriptors)?;
+    let layers = tower::ServiceBuilder::new()
+        .layer(GrpcTraceLayer::server())
+        .layer(GrpcServerLayer::new(&options.metrics, &types))
+        .layer(FaultLayer::new(faults).with_service_name(name))
+        .into_inner();
+    let mut builder = Server::builder().layer(layers);
+    let router = builder.add_routes(routes);
+    let mut server: Pin<Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>> = match &options.tls {
+        Some(tls) => {
+            let incoming = tls
+                .incoming(listener)
+                .map(move |conn| conn.map(|io| Abortable::new(io, abort.clone())));
+            Box::pin(router.serve_with_incoming_shutdown(incoming, signal))
+        }
+        None => {
+            let incoming = TcpIncoming::from(listener)
+                .with_nodelay(Some(true))
+                .map(move |conn| conn.map(|io| Abortable::new(io, abort.clone())));
+            Box::pin(router.serve_with_incoming_shutdown(incoming, signal))
+        }
+    };
 
-    tracing::info!(service = %name, %addr, "serving gRPC");
+    let security = match &options.tls {
+        Some(tls) if tls.files().client_ca.is_some() => "mutual TLS",
+        Some(_) => "TLS",
+        None => "plaintext",
+    };
+    tracing::info!(service = %name, %addr, security, "serving gRPC");
 
     let drain_deadline = async {
         shutdown.wait().await;

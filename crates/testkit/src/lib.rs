@@ -227,6 +227,13 @@ impl Stack {
     /// Starts contracts, users and photos: contracts on `db`, the others on
     /// new databases of the same backend, with `feed` options.
     pub async fn start(db: TestDb, feed: FeedOptions) -> Stack {
+        Stack::start_with(db, feed, |_| {}).await
+    }
+
+    /// [`Stack::start`], with `tweak` applied to the settings before any
+    /// component starts (TLS, say: with `client_tls` set, the components
+    /// reach each other at `https://` URLs).
+    pub async fn start_with(db: TestDb, feed: FeedOptions, tweak: impl FnOnce(&mut Settings)) -> Stack {
         capture_logs();
         let mut dbs = HashMap::new();
         for target in [Target::Users, Target::Photos] {
@@ -253,6 +260,7 @@ impl Stack {
             idle_timeout: feed.progress_interval * 3,
             ..CacheOptions::default()
         };
+        let metrics = lightbox_app::ProcessMetrics::new();
         let settings = Settings {
             database_url: None,
             data_dir: PathBuf::from("unused"),
@@ -265,6 +273,7 @@ impl Stack {
                 // Generous: a busy test machine may hold a frame back a while,
                 // and a needless reconnect tells every phone about it.
                 upstream_idle_timeout: (feed.progress_interval * 10).max(Duration::from_secs(2)),
+                metrics: metrics.registry().clone(),
                 ..GatewayOptions::new(
                     AuthConfig::new(auth::DEFAULT_ISSUER, auth::DEFAULT_AUDIENCE).with_hs256_secret(TEST_JWT_SECRET),
                 )
@@ -277,9 +286,26 @@ impl Stack {
                 miss_timeout: Duration::from_millis(300),
                 wait_timeout: Duration::from_millis(500),
             },
-            server: lightbox_server_options(),
+            server: lightbox_server::ServerOptions {
+                metrics: metrics.registry().clone(),
+                ..lightbox_server_options()
+            },
             demo: false,
+            metrics,
+            gateway_tls: None,
+            client_tls: None,
         };
+        let mut settings = settings;
+        tweak(&mut settings);
+        if settings.scheme() == "https" {
+            for url in [
+                &mut settings.contracts_url,
+                &mut settings.users_url,
+                &mut settings.photos_url,
+            ] {
+                *url = url.replacen("http://", "https://", 1);
+            }
+        }
         let mut stack = Stack {
             settings,
             components: HashMap::new(),
@@ -300,6 +326,12 @@ impl Stack {
         settings.database_url = self.dbs.get(&target).map(|db| db.url().to_owned());
         let component = start(target, &settings, listener).await;
         self.components.insert(target, component);
+    }
+
+    /// The stack's metrics (one registry for the whole stack, as in one
+    /// process), as OpenMetrics text.
+    pub fn metrics_text(&self) -> String {
+        self.settings.metrics.encode()
     }
 
     /// Where `target` listens (also while stopped).
@@ -339,19 +371,32 @@ impl Stack {
         self.launch(target, listener).await;
     }
 
+    /// A channel to `target`, over TLS with the stack's client
+    /// certificate when the stack runs TLS.
+    async fn channel_to(&self, target: Target) -> Channel {
+        let addr = self.addr(target);
+        match &self.settings.client_tls {
+            None => channel(addr).await,
+            Some(tls) => match tonic::transport::Endpoint::from_shared(format!("https://{addr}")) {
+                Ok(endpoint) => tls.channel(endpoint),
+                Err(err) => panic!("bad address {addr}: {err}"),
+            },
+        }
+    }
+
     /// A users client.
     pub async fn users_client(&self) -> UsersServiceClient<Channel> {
-        UsersServiceClient::new(channel(self.addr(Target::Users)).await)
+        UsersServiceClient::new(self.channel_to(Target::Users).await)
     }
 
     /// A contracts client.
     pub async fn contracts_client(&self) -> ContractsServiceClient<Channel> {
-        ContractsServiceClient::new(channel(self.addr(Target::Contracts)).await)
+        ContractsServiceClient::new(self.channel_to(Target::Contracts).await)
     }
 
     /// A photos client.
     pub async fn photos_client(&self) -> PhotosServiceClient<Channel> {
-        PhotosServiceClient::new(channel(self.addr(Target::Photos)).await)
+        PhotosServiceClient::new(self.channel_to(Target::Photos).await)
     }
 
     /// The changefeed counters of a running service (`Users`, `Contracts`
@@ -471,6 +516,13 @@ fn local(listener: &tokio::net::TcpListener) -> SocketAddr {
     listener
         .local_addr()
         .unwrap_or_else(|err| panic!("bound listener has no address: {err}"))
+}
+
+/// A balanced client channel to `addr`, as the services use between
+/// themselves (connected lazily).
+pub fn upstream(addr: SocketAddr) -> lightbox_client::Balanced {
+    lightbox_client::channel(&format!("http://{addr}"), Duration::from_secs(5))
+        .unwrap_or_else(|err| panic!("bad address {addr}: {err}"))
 }
 
 /// A channel to `addr` (connected lazily).

@@ -11,34 +11,30 @@ use lightbox_api::{
     users::ContractRead,
 };
 use lightbox_cache::{Cache, upstream_freshness};
-use tonic::transport::Channel;
+use lightbox_client::Balanced;
 
 /// A client of the contracts service with the deadline `GetUser` gives it.
 #[derive(Clone)]
 pub struct ContractsUpstream {
-    client: ContractsServiceClient<Channel>,
-    channel: Channel,
+    client: ContractsServiceClient<Balanced>,
+    channel: Balanced,
     timeout: Duration,
 }
 
 impl ContractsUpstream {
-    /// A client of the contracts service at `url` (connected on first use,
-    /// and reconnected by the channel after failures).
-    pub fn new(url: &str, timeout: Duration) -> Result<ContractsUpstream, String> {
-        let channel = Channel::from_shared(url.to_owned())
-            .map_err(|err| format!("invalid contracts service address {url:?}: {err}"))?
-            .connect_timeout(timeout)
-            .connect_lazy();
-        Ok(ContractsUpstream {
+    /// A client of the contracts service over `channel` (balanced over its
+    /// replicas, connected on first use), giving each call `timeout`.
+    pub fn new(channel: Balanced, timeout: Duration) -> ContractsUpstream {
+        ContractsUpstream {
             client: ContractsServiceClient::new(channel.clone()),
             channel,
             timeout,
-        })
+        }
     }
 
     /// The channel to the contracts service (shared with the watch that
     /// feeds the local copy).
-    pub fn channel(&self) -> Channel {
+    pub fn channel(&self) -> Balanced {
         // A generated client has no channel accessor; a clone shares it.
         self.channel.clone()
     }

@@ -5,7 +5,8 @@
 
 use std::time::Duration;
 
-use tonic::{Code, Status, transport::Channel};
+use lightbox_client::{Balanced, ConnectOptions, HealthCheck};
+use tonic::{Code, Status};
 
 use super::Service;
 
@@ -135,11 +136,35 @@ pub(crate) struct Endpoint {
     /// Reached through its process's admin listener (`lightbox fault`,
     /// `lightbox health`), not its service port.
     admin: bool,
-    channel: Channel,
+    channel: Balanced,
 }
 
 /// Where a process's admin listener is by default (`--admin-addr`).
 pub(crate) const DEFAULT_ADMIN_URL: &str = "http://127.0.0.1:50050";
+
+/// What the tools trust for `https://` addresses: the CA in
+/// `LIGHTBOX_TLS_CA`, and the certificate they present under mutual TLS in
+/// `LIGHTBOX_TLS_CERT` and `LIGHTBOX_TLS_KEY` (the servers' variables).
+fn client_tls() -> Result<lightbox_tls::ClientTls, Failure> {
+    let var = |name: &str| {
+        std::env::var_os(name)
+            .filter(|v| !v.is_empty())
+            .map(std::path::PathBuf::from)
+    };
+    let ca = var("LIGHTBOX_TLS_CA").ok_or_else(|| {
+        Failure::new(
+            Kind::Usage,
+            "an https:// address needs the CA to trust in LIGHTBOX_TLS_CA (and, for mutual TLS, \
+             a certificate in LIGHTBOX_TLS_CERT and LIGHTBOX_TLS_KEY)",
+        )
+    })?;
+    let files = lightbox_tls::ClientTlsFiles {
+        ca,
+        cert: var("LIGHTBOX_TLS_CERT"),
+        key: var("LIGHTBOX_TLS_KEY"),
+    };
+    lightbox_tls::ClientTls::load(files).map_err(|e| Failure::new(Kind::Usage, format!("TLS: {e}")))
+}
 
 /// The URL to reach: `addr` (from `--addr`), or what `variable` says, or
 /// `default`.
@@ -171,10 +196,25 @@ impl Endpoint {
     }
 
     fn at(service: Service, url: String, command: &'static str, admin: bool) -> Result<Endpoint, Failure> {
-        let channel = Channel::from_shared(url.clone())
-            .map_err(|e| Failure::new(Kind::Usage, format!("--addr {url} is not an address: {e}")))?
-            .connect_timeout(Duration::from_secs(5))
-            .connect_lazy();
+        let target = lightbox_client::Target::parse(&url)
+            .map_err(|e| Failure::new(Kind::Usage, format!("--addr {url} is not an address: {e}")))?;
+        let tls = match target.addresses().iter().any(|a| a.is_https()) {
+            true => Some(client_tls()?),
+            false => None,
+        };
+        let options = ConnectOptions {
+            label: Some(service.name().to_owned()),
+            tls,
+            // An admin listener must be reached even while its process says
+            // NOT_SERVING (to read or clear a fault, to report the status).
+            health: match admin {
+                true => HealthCheck::Off,
+                false => ConnectOptions::default().health,
+            },
+            ..ConnectOptions::with_connect_timeout(Duration::from_secs(5))
+        };
+        let channel = lightbox_client::connect(&target, options)
+            .map_err(|e| Failure::new(Kind::Usage, format!("--addr {url}: {e}")))?;
         Ok(Endpoint {
             service,
             url,
@@ -194,7 +234,7 @@ impl Endpoint {
     }
 
     /// The channel to call on (cheap to clone).
-    pub(crate) fn channel(&self) -> Channel {
+    pub(crate) fn channel(&self) -> Balanced {
         self.channel.clone()
     }
 

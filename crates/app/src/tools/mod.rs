@@ -29,6 +29,7 @@
 //! Here: [`Service`] (which service a tool reaches, its default port) and
 //! [`Common`] (`--addr`, `--json`).
 
+pub mod certs;
 pub mod contracts;
 pub mod failure;
 pub mod fault;
@@ -94,8 +95,8 @@ impl std::fmt::Display for Service {
 /// Where to reach a service, and how to print.
 #[derive(Debug, Clone, Args)]
 pub struct Common {
-    /// The service's address, `HOST:PORT` or a URL (default: its local
-    /// default port).
+    /// The service's address, `HOST:PORT` or a URL, or its replicas'
+    /// comma-separated (default: its local default port).
     #[arg(long, global = true, value_name = "HOST:PORT", value_parser = parse_addr)]
     pub addr: Option<String>,
     /// Print the proto3 JSON mapping of the response (as the gateway writes
@@ -104,10 +105,21 @@ pub struct Common {
     pub json: bool,
 }
 
-/// `--addr`: `HOST:PORT` (plain-text HTTP/2) or a URL, as the URL the tools
-/// connect to. A malformed one is a usage error (exit 2), told by clap.
+/// `--addr`: `HOST:PORT` (plain-text HTTP/2) or a URL, or several of them
+/// comma-separated (the replicas of one service: calls go to a healthy one,
+/// and `watch` resumes on another when its replica dies), as the URLs the
+/// tools connect to. A malformed one is a usage error (exit 2), told by clap.
 pub(crate) fn parse_addr(addr: &str) -> Result<String, String> {
-    const EXPECTED: &str = "expected HOST:PORT, such as 127.0.0.1:50051, or a URL";
+    let urls = addr
+        .split(',')
+        .map(|one| parse_one_addr(one.trim()))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(urls.join(","))
+}
+
+/// One address of `--addr`.
+fn parse_one_addr(addr: &str) -> Result<String, String> {
+    const EXPECTED: &str = "expected HOST:PORT, such as 127.0.0.1:50051, or a URL (several: comma-separated)";
     let is_url = addr.contains("://");
     let url = if is_url {
         addr.to_owned()
@@ -177,7 +189,19 @@ mod tests {
             parse_addr("https://users.example.com").as_deref(),
             Ok("https://users.example.com")
         );
-        for bad in ["", "127.0.0.1", "no port", "127.0.0.1:port", ":50051"] {
+        assert_eq!(
+            parse_addr("127.0.0.1:1, http://127.0.0.1:2").as_deref(),
+            Ok("http://127.0.0.1:1,http://127.0.0.1:2")
+        );
+        for bad in [
+            "",
+            "127.0.0.1",
+            "no port",
+            "127.0.0.1:port",
+            ":50051",
+            "127.0.0.1:1,",
+            "a:1,,b:2",
+        ] {
             assert!(parse_addr(bad).is_err(), "{bad:?} accepted");
         }
     }
