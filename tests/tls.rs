@@ -143,3 +143,62 @@ async fn the_stack_runs_with_mutual_tls_refuses_strangers_and_picks_up_a_rotated
     .await;
     stack.stop().await;
 }
+
+/// Under mutual TLS, a client certificate from the admin listener's CA is
+/// an admin credential: faults can be set with it and no token; without a
+/// certificate nothing connects at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_certificate_is_an_admin_credential_under_mutual_tls() {
+    use lightbox_api::admin::{GetFaultRequest, fault_service_client::FaultServiceClient};
+    use lightbox_server::{AdminCredential, AdminOptions, Faults, ProcessHealth, Shutdown, serve_admin};
+
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    certs(dir.path());
+    let tls = ServerTls::load(ServerTlsFiles {
+        cert: dir.path().join("users.pem"),
+        key: dir.path().join("users.key"),
+        client_ca: Some(dir.path().join("ca.pem")),
+    })
+    .unwrap_or_else(|e| panic!("{e}"));
+    let listener = lightbox_server::bind(std::net::SocketAddr::from(([127, 0, 0, 1], 0)))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let addr = listener.local_addr().unwrap_or_else(|e| panic!("{e}"));
+    let (_stop, shutdown) = Shutdown::new();
+    let options = AdminOptions {
+        faults: true,
+        credential: AdminCredential::bearer("a-token-nobody-here-sends").unwrap_or_else(|e| panic!("{e}")),
+        metrics: None,
+        max_message_bytes: 1 << 20,
+        tls: Some(tls),
+    };
+    tokio::spawn(serve_admin(
+        listener,
+        ProcessHealth::new(),
+        vec![("users".to_owned(), Faults::new())],
+        options,
+        shutdown,
+    ));
+    let ca = dir.path().join("ca.pem");
+    let operator = (dir.path().join("operator.pem"), dir.path().join("operator.key"));
+    let channel = |identity: Option<(&Path, &Path)>| {
+        let tls = ClientTls::load(ClientTlsFiles {
+            ca: ca.clone(),
+            cert: identity.map(|(cert, _)| cert.to_owned()),
+            key: identity.map(|(_, key)| key.to_owned()),
+        })
+        .unwrap_or_else(|e| panic!("{e}"));
+        tls.channel(Endpoint::from_shared(format!("https://{addr}")).unwrap_or_else(|e| panic!("{e}")))
+    };
+    let answer = FaultServiceClient::new(channel(Some((&operator.0, &operator.1))))
+        .get_fault(GetFaultRequest {
+            component: "users".to_owned(),
+        })
+        .await
+        .unwrap_or_else(|s| panic!("the operator's certificate is a credential: {s:?}"));
+    assert_eq!(answer.into_inner().component, "users");
+    let refused = FaultServiceClient::new(channel(None))
+        .get_fault(GetFaultRequest::default())
+        .await;
+    assert!(refused.is_err(), "no certificate, no admin");
+}

@@ -115,6 +115,13 @@ pub struct ServeArgs {
     #[arg(long, env = "LIGHTBOX_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
 
+    /// Serve the admin listener over mutual TLS (with --tls-cert) and take a
+    /// client certificate from this CA (PEM) as the admin credential, as
+    /// well as the token. Kubernetes' gRPC probes cannot speak TLS: with it,
+    /// probe with `lightbox health` instead.
+    #[arg(long, env = "LIGHTBOX_ADMIN_CLIENT_CA")]
+    pub admin_client_ca: Option<PathBuf>,
+
     /// The certificate (PEM) the gRPC ports and the gateway serve TLS with,
     /// also presented to upstreams under mutual TLS. Reloaded when the file
     /// changes. Needs --tls-key.

@@ -95,6 +95,10 @@ async fn serve(args: ServeArgs, dev: Option<&str>) -> anyhow::Result<()> {
     refuse_plaintext_off_loopback(&args, &settings)?;
     let _reloaders = settings.spawn_tls_reloaders();
     let mut admin = admin_options(&args, dev.is_some())?;
+    let _admin_reloader = admin
+        .tls
+        .as_ref()
+        .map(|tls| tls.spawn_reloader(std::time::Duration::from_secs(2)));
     let scrape = settings.metrics.clone();
     admin.metrics = Some(std::sync::Arc::new(move || scrape.encode()));
     let health = ProcessHealth::new();
@@ -228,18 +232,34 @@ fn refuse_plaintext_off_loopback(args: &ServeArgs, settings: &Settings) -> anyho
 }
 
 /// What the admin listener serves, and to whom. In `dev`, fault injection
-/// is on and open on loopback; elsewhere it needs `--faults` and a token.
+/// is on and open on loopback; elsewhere it needs `--faults` and a
+/// credential: a token, or a client certificate under mutual TLS
+/// (`--admin-client-ca`).
 fn admin_options(args: &ServeArgs, dev: bool) -> anyhow::Result<AdminOptions> {
     let credential = match &args.admin_token {
         Some(token) => AdminCredential::bearer(token).map_err(|e| anyhow::anyhow!("--admin-token: {e}"))?,
         None => AdminCredential::Open,
     };
+    let tls = match (&args.admin_client_ca, &args.tls_cert, &args.tls_key) {
+        (None, _, _) => None,
+        (Some(ca), Some(cert), Some(key)) => Some(
+            lightbox_tls::ServerTls::load(lightbox_tls::ServerTlsFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+                client_ca: Some(ca.clone()),
+            })
+            .context("cannot set up mutual TLS on the admin listener (--admin-client-ca)")?,
+        ),
+        (Some(_), _, _) => {
+            anyhow::bail!("--admin-client-ca needs --tls-cert and --tls-key: the admin listener's own certificate")
+        }
+    };
     let faults = dev || args.faults;
-    let open = matches!(credential, AdminCredential::Open);
+    let open = matches!(credential, AdminCredential::Open) && tls.is_none();
     if faults && open && !dev {
         anyhow::bail!(
-            "--faults needs --admin-token (LIGHTBOX_ADMIN_TOKEN): outside `lightbox dev`, only callers \
-             with the credential may inject faults"
+            "--faults needs --admin-token (LIGHTBOX_ADMIN_TOKEN) or --admin-client-ca: outside \
+             `lightbox dev`, only callers with the credential may inject faults"
         );
     }
     if faults && open && !args.admin_addr.ip().is_loopback() {
@@ -254,6 +274,7 @@ fn admin_options(args: &ServeArgs, dev: bool) -> anyhow::Result<AdminOptions> {
         credential,
         metrics: None,
         max_message_bytes: args.max_message_bytes,
+        tls,
     })
 }
 

@@ -91,6 +91,11 @@ pub struct AdminOptions {
     pub metrics: Option<MetricsText>,
     /// The largest message accepted or sent, in bytes.
     pub max_message_bytes: usize,
+    /// Serve the admin listener over TLS; with a client CA (mutual TLS), a
+    /// client certificate from it is the admin credential, the token
+    /// then not needed. `None`: plaintext (what Kubernetes' gRPC probes
+    /// speak).
+    pub tls: Option<lightbox_tls::ServerTls>,
 }
 
 impl std::fmt::Debug for AdminOptions {
@@ -100,17 +105,29 @@ impl std::fmt::Debug for AdminOptions {
             .field("credential", &self.credential)
             .field("metrics", &self.metrics.is_some())
             .field("max_message_bytes", &self.max_message_bytes)
+            .field("tls", &self.tls.is_some())
             .finish()
     }
 }
 
 /// Checks the admin credential of every call it sees.
 #[derive(Debug, Clone)]
-struct RequireCredential(AdminCredential);
+struct RequireCredential {
+    credential: AdminCredential,
+    /// The listener verifies client certificates (mutual TLS): a caller
+    /// that presented one is an operator.
+    client_certificates: bool,
+}
 
 impl Interceptor for RequireCredential {
     fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
-        let AdminCredential::Bearer(token) = &self.0 else {
+        let certified = self.client_certificates
+            && lightbox_tls::TlsConnectInfo::from_extensions(request.extensions())
+                .is_some_and(|info| info.peer().is_some());
+        if certified {
+            return Ok(request);
+        }
+        let AdminCredential::Bearer(token) = &self.credential else {
             return Ok(request);
         };
         let Some(value) = request.metadata().get("authorization") else {
@@ -180,7 +197,10 @@ pub async fn serve_admin(
             .max_encoding_message_size(limit);
         routes = routes.add_service(tonic::service::interceptor::InterceptedService::new(
             faults,
-            RequireCredential(options.credential.clone()),
+            RequireCredential {
+                credential: options.credential.clone(),
+                client_certificates: options.tls.as_ref().is_some_and(|tls| tls.files().client_ca.is_some()),
+            },
         ));
     }
     let hint = match options.faults {
@@ -197,17 +217,24 @@ pub async fn serve_admin(
             }),
         );
     }
-    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-    tracing::info!(%addr, faults = options.faults, "serving admin (health, metrics{})", match options.faults {
+    tracing::info!(%addr, faults = options.faults, tls = options.tls.is_some(), "serving admin (health, metrics{})", match options.faults {
         true => ", faults",
         false => "",
     });
-    Server::builder()
-        // Prometheus scrapes `/metrics` over HTTP/1.1.
-        .accept_http1(true)
-        .add_routes(Routes::from(router))
-        .serve_with_incoming_shutdown(incoming, async move { shutdown.wait().await })
-        .await?;
+    // Prometheus scrapes `/metrics` over HTTP/1.1.
+    let server = Server::builder().accept_http1(true).add_routes(Routes::from(router));
+    let stop = async move { shutdown.wait().await };
+    match options.tls {
+        Some(tls) => {
+            server
+                .serve_with_incoming_shutdown(tls.incoming(listener), stop)
+                .await?
+        }
+        None => {
+            let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+            server.serve_with_incoming_shutdown(incoming, stop).await?;
+        }
+    }
     tracing::info!(%addr, "admin stopped");
     Ok(())
 }

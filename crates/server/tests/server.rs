@@ -237,6 +237,7 @@ async fn start_with(options: ServerOptions) -> Harness {
         credential: AdminCredential::bearer(TOKEN).expect("a long token"),
         metrics: None,
         max_message_bytes: 1024 * 1024,
+        tls: None,
     };
     tokio::spawn(serve_admin(
         admin_listener,
@@ -550,6 +551,7 @@ async fn an_admin_without_fault_injection_says_how_to_turn_it_on() {
         credential: AdminCredential::Open,
         metrics: None,
         max_message_bytes: 1024 * 1024,
+        tls: None,
     };
     tokio::spawn(serve_admin(
         listener,
