@@ -371,7 +371,8 @@ async fn grpcurl_lists_describes_calls_and_watches_without_proto_files() {
         let refused = run_grpcurl(&["-plaintext", "-d", "{}", addr, other]).await;
         assert!(refused.contains("Unimplemented"), "{addr}: {refused}");
     }
-    // The admin listener: the process's health and the fault service.
+    // The admin listener: the process's health, the fault service and the
+    // photo jobs.
     let admin = dev.admin.to_string();
     let listed = run_grpcurl(&["-plaintext", &admin, "list"]).await;
     let listed: Vec<&str> = listed.lines().collect();
@@ -382,6 +383,7 @@ async fn grpcurl_lists_describes_calls_and_watches_without_proto_files() {
             "grpc.reflection.v1.ServerReflection",
             "grpc.reflection.v1alpha.ServerReflection",
             "lightbox.admin.v1.FaultService",
+            "lightbox.photos.v1.PhotoJobsService",
         ]
     );
     let fault = run_grpcurl(&[

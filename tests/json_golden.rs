@@ -78,6 +78,7 @@ fn photo(id: &str, taken: Option<pbjson_types::Timestamp>) -> Photo {
         taken_time: taken,
         create_time: time(1_700_000_002, 500_000),
         revision: 7,
+        ..Photo::default()
     }
 }
 

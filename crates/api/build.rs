@@ -12,7 +12,9 @@ const FILES: &[&str] = &[
     "lightbox/users/v1/users.proto",
     "lightbox/contracts/v1/contracts.proto",
     "lightbox/photos/v1/photos.proto",
+    "lightbox/photos/v1/photo_jobs.proto",
     "lightbox/admin/v1/admin.proto",
+    "lightbox/events/v1/subscriptions.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

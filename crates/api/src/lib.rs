@@ -15,6 +15,16 @@ pub mod request;
 
 pub use error::{ApiError, call_upstream, http_status};
 
+/// The Google API types Lightbox's protos use: `google.api.HttpBody` (the
+/// raw answer of `GetPhotoThumbnail`), and the HTTP annotations.
+#[allow(missing_docs, clippy::all, clippy::unwrap_used)]
+pub mod google {
+    /// `google.api`.
+    pub mod api {
+        include!(concat!(env!("OUT_DIR"), "/google.api.rs"));
+    }
+}
+
 /// The generated code, one module per proto package.
 #[allow(missing_docs, clippy::all, clippy::unwrap_used)]
 pub mod lightbox {
@@ -58,10 +68,19 @@ pub mod lightbox {
             include!(concat!(env!("OUT_DIR"), "/lightbox.admin.v1.serde.rs"));
         }
     }
+    /// `lightbox.events.v1`: subscriptions that deliver changes to functions.
+    pub mod events {
+        /// Version 1.
+        pub mod v1 {
+            include!(concat!(env!("OUT_DIR"), "/lightbox.events.v1.rs"));
+            include!(concat!(env!("OUT_DIR"), "/lightbox.events.v1.serde.rs"));
+        }
+    }
 }
 
 pub use lightbox::{
-    admin::v1 as admin, contracts::v1 as contracts, feed::v1 as feed, photos::v1 as photos, users::v1 as users,
+    admin::v1 as admin, contracts::v1 as contracts, events::v1 as events, feed::v1 as feed, photos::v1 as photos,
+    users::v1 as users,
 };
 
 /// The encoded `FileDescriptorSet` of every Lightbox proto file, for server

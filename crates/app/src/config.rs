@@ -23,6 +23,15 @@ pub struct Cli {
     pub command: Option<Command>,
 }
 
+/// How the local copies follow their upstreams.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Follow {
+    /// Push: a watch stream delivers each change as it commits.
+    Watch,
+    /// Pull: the copy asks for the changes since its cursor, every interval.
+    Poll,
+}
+
 /// Log output formats.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
@@ -54,6 +63,9 @@ pub enum Command {
     Photos(tools::photos::PhotosArgs),
     /// Streams changes as they happen, resuming by itself after drops.
     Watch(tools::watch::WatchArgs),
+    /// Lists, retries and discards the photo processing jobs, through the
+    /// photos process's admin listener.
+    Jobs(tools::jobs::JobsArgs),
     /// Prints a development token for a user (the token alone, for
     /// scripts), signed with the development key unless `--jwt-secret` is
     /// given.
@@ -181,6 +193,16 @@ pub struct ServeArgs {
     #[arg(long, env = "LIGHTBOX_WATCHER_BUFFER", default_value_t = 1024)]
     pub watcher_buffer: usize,
 
+    /// How the local copies follow their upstreams: `watch` (push: a watch
+    /// stream delivers each change as it commits) or `poll` (pull: ask
+    /// `List…Changes` every --poll-interval). Both reach the same state.
+    #[arg(long, env = "LIGHTBOX_FOLLOW", value_enum, default_value_t = Follow::Watch)]
+    pub follow: Follow,
+
+    /// How often a copy polls its upstream with `--follow poll`.
+    #[arg(long, env = "LIGHTBOX_POLL_INTERVAL", value_parser = humantime::parse_duration, default_value = "1s")]
+    pub poll_interval: Duration,
+
     /// How often an idle watch stream gets a progress frame.
     #[arg(long, env = "LIGHTBOX_PROGRESS_INTERVAL", value_parser = humantime::parse_duration, default_value = "5s")]
     pub progress_interval: Duration,
@@ -256,6 +278,33 @@ pub struct ServeArgs {
     /// `Last-Event-ID`.
     #[arg(long, env = "LIGHTBOX_GATEWAY_PHONE_QUEUE", default_value_t = 256)]
     pub gateway_phone_queue: usize,
+
+    /// Photo jobs processed at once in this process (the worker pool's
+    /// size; 0: none here, other replicas process them). Default: the
+    /// number of cores.
+    #[arg(long, env = "LIGHTBOX_PHOTO_WORKERS")]
+    pub photo_workers: Option<usize>,
+
+    /// How long a worker holds a photo job without renewing its lease
+    /// (renewed every third of it); a job whose worker died is run again
+    /// this long after its last renewal, plus at most one poll.
+    #[arg(long, env = "LIGHTBOX_PHOTO_JOB_LEASE", value_parser = humantime::parse_duration, default_value = "15s")]
+    pub photo_job_lease: Duration,
+
+    /// How often the photo workers look for jobs without being woken (jobs
+    /// of other replicas, retries coming due, lapsed leases).
+    #[arg(long, env = "LIGHTBOX_PHOTO_JOB_POLL", value_parser = humantime::parse_duration, default_value = "2s")]
+    pub photo_job_poll: Duration,
+
+    /// Attempts a photo job gets before it is discarded (the dead letter).
+    #[arg(long, env = "LIGHTBOX_PHOTO_JOB_ATTEMPTS", default_value_t = 5)]
+    pub photo_job_attempts: u32,
+
+    /// Test knob: every photo job attempt lasts at least this long, holding
+    /// its lease, so that a test can kill a worker in the middle of one.
+    #[arg(long, env = "LIGHTBOX_PHOTO_JOB_MIN_DURATION", value_parser = humantime::parse_duration,
+          default_value = "0s", hide = true)]
+    pub photo_job_min_duration: Duration,
 
     /// Do not load demo data on first start (`dev` only).
     #[arg(long, env = "LIGHTBOX_NO_DEMO")]

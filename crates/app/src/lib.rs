@@ -73,6 +73,7 @@ async fn run_command(command: Option<Command>, version: &str) -> anyhow::Result<
         Some(Command::Contracts(args)) => tools::contracts::run(args).await,
         Some(Command::Photos(args)) => tools::photos::run(args).await,
         Some(Command::Watch(args)) => tools::watch::run(args).await,
+        Some(Command::Jobs(args)) => tools::jobs::run(args).await,
         Some(Command::Token(args)) => tools::token::run(&args),
         Some(Command::Openapi) => openapi(),
         Some(Command::Certs(args)) => tools::certs::run(&args),
@@ -139,10 +140,12 @@ async fn serve(args: ServeArgs, dev: Option<&str>) -> anyhow::Result<()> {
         .filter(|c| c.target != Target::Gateway)
         .map(|c| (c.target.name().to_owned(), c.faults.clone()))
         .collect();
-    let admin_task = tokio::spawn(lightbox_server::serve_admin(
+    let services = admin_services(&running, &admin, dev.is_some());
+    let admin_task = tokio::spawn(lightbox_server::serve_admin_with(
         admin_listener,
         health.clone(),
         faults,
+        services,
         admin,
         admin_shutdown,
     ));
@@ -276,6 +279,24 @@ fn admin_options(args: &ServeArgs, dev: bool) -> anyhow::Result<AdminOptions> {
         max_message_bytes: args.max_message_bytes,
         tls,
     })
+}
+
+/// The services the components add to the admin listener (Photos' jobs):
+/// behind the credential, so outside `dev` only when there is one (a token
+/// or client certificates); else they are left off, saying how to turn
+/// them on.
+fn admin_services(running: &[Component], admin: &AdminOptions, dev: bool) -> Vec<lightbox_server::AdminService> {
+    let services: Vec<_> = running.iter().flat_map(|c| c.admin_services.iter().cloned()).collect();
+    let credential = !matches!(admin.credential, AdminCredential::Open) || admin.tls.is_some();
+    if dev || credential || services.is_empty() {
+        return services;
+    }
+    let names: Vec<_> = services.iter().map(|s| s.name()).collect();
+    tracing::info!(
+        services = names.join(", "),
+        "admin services off: give --admin-token (LIGHTBOX_ADMIN_TOKEN) to serve them on the admin listener"
+    );
+    Vec::new()
 }
 
 /// The components `targets` name, each once, upstreams first.

@@ -10,8 +10,8 @@ use lightbox_cache::{CacheOptions, sources};
 use lightbox_changefeed::{Db, Feed, FeedOptions, FeedStats, Retention};
 use lightbox_client::Balanced;
 use lightbox_gateway::{AuthConfig, Gateway, GatewayOptions, Upstreams};
-use lightbox_photos::PhotosOptions;
-use lightbox_server::{Faults, ServerOptions, Shutdown, ShutdownTrigger};
+use lightbox_photos::{JobOptions, PhotosOptions};
+use lightbox_server::{AdminService, Faults, ServerOptions, Shutdown, ShutdownTrigger};
 use lightbox_tls::{ClientTls, ClientTlsFiles, ServerTls, ServerTlsFiles};
 use tokio::{net::TcpListener, task::JoinHandle};
 
@@ -108,11 +108,16 @@ impl Settings {
             cache: CacheOptions {
                 // Three progress intervals without a word: the stream is dead.
                 idle_timeout: args.progress_interval * 3,
+                follow: match args.follow {
+                    crate::config::Follow::Watch => lightbox_cache::FollowMode::Watch,
+                    crate::config::Follow::Poll => lightbox_cache::FollowMode::poll(args.poll_interval),
+                },
                 ..CacheOptions::default()
             },
             photos: PhotosOptions {
                 fresh_timeout: args.fresh_timeout,
                 miss_timeout: args.miss_timeout,
+                jobs: photo_jobs(args),
                 ..PhotosOptions::default()
             },
             feed: FeedOptions {
@@ -196,6 +201,19 @@ impl Settings {
     }
 }
 
+/// How the photos component processes images, from the command line.
+fn photo_jobs(args: &ServeArgs) -> JobOptions {
+    let defaults = JobOptions::default();
+    JobOptions {
+        workers: args.photo_workers.unwrap_or(defaults.workers),
+        lease: args.photo_job_lease,
+        poll_interval: args.photo_job_poll,
+        max_attempts: args.photo_job_attempts.max(1),
+        min_duration: args.photo_job_min_duration,
+        ..defaults
+    }
+}
+
 /// The TLS of a process, from the command line.
 struct Tls {
     /// The gRPC servers' (mutual TLS with a client CA).
@@ -264,6 +282,9 @@ pub struct Component {
     pub addr: SocketAddr,
     /// Its fault switches (also reachable over its admin service).
     pub faults: Faults,
+    /// The services it adds to its process's admin listener, behind the
+    /// admin credential (Photos' jobs).
+    pub admin_services: Vec<AdminService>,
     /// Reads its changefeed's counters (watch streams, head); `None` for
     /// the gateway, which keeps no data.
     feed_stats: Option<Arc<dyn Fn() -> FeedStats + Send + Sync>>,
@@ -317,7 +338,7 @@ pub async fn start(component: Target, settings: &Settings, listener: TcpListener
                     .context("cannot open the users service")?;
             let copy = service.contracts_copy().clone();
             report_copy(&settings.metrics, "users.contracts", copy.clone());
-            let follow = Box::pin(async move { copy.follow(sources::ContractsSource::new(channel)).await });
+            let follow = Box::pin(async move { copy.follow_upstream(sources::ContractsSource::new(channel)).await });
             if settings.demo && service.feed().head() == 0 {
                 for user in crate::demo::users() {
                     service.import(user).await.context("cannot load the demo users")?;
@@ -361,7 +382,10 @@ pub async fn start(component: Target, settings: &Settings, listener: TcpListener
                 crate::demo::load_photos(&service).await?;
             }
             let follower = service.clone();
-            let follow = Box::pin(async move { follower.follow().await });
+            // Beside the server: the copies of users and contracts, and the
+            // processing of uploaded images.
+            let follow = Box::pin(async move { tokio::join!(follower.follow(), follower.process_jobs()).0 });
+            let jobs = AdminService::new(service.jobs_admin().into_server(max));
             report_copy(&settings.metrics, "photos.users", service.users_copy().clone());
             report_copy(&settings.metrics, "photos.contracts", service.contracts_copy().clone());
             let counted = service.clone();
@@ -370,7 +394,9 @@ pub async fn start(component: Target, settings: &Settings, listener: TcpListener
                 .add_photos(Arc::new(move || (counted.sync_fallbacks(), counted.upstream_calls())));
             let feed = service.feed().clone();
             let server_svc = service.into_server(max);
-            launch(component, listener, server_svc, feed, settings, Some(follow))
+            let mut component = launch(component, listener, server_svc, feed, settings, Some(follow))?;
+            component.admin_services.push(jobs);
+            Ok(component)
         }
         Target::Gateway | Target::All => anyhow::bail!("{component} has no database"),
     }
@@ -410,6 +436,7 @@ fn start_gateway(settings: &Settings, listener: TcpListener) -> anyhow::Result<C
         target: Target::Gateway,
         addr,
         faults: Faults::new(),
+        admin_services: Vec::new(),
         feed_stats: None,
         stop,
         task,
@@ -490,6 +517,7 @@ where
         target,
         addr,
         faults,
+        admin_services: Vec::new(),
         feed_stats: Some(feed_stats),
         stop,
         task,

@@ -1,7 +1,7 @@
 //! [`Cache::follow`]: the one task that consumes a watch stream into the
 //! copy, and reconnects it.
 
-use std::sync::Arc;
+use std::{sync::Arc, time::Duration};
 
 use futures_util::{FutureExt, StreamExt};
 use lightbox_changefeed::{Change, Frame, feed::Entity, watch::WatchStream};
@@ -13,6 +13,12 @@ impl<T: Entity> Cache<T> {
     /// from the cursor, apply, reconnect with backoff when the stream fails,
     /// ends or falls silent. Run it in its own task.
     pub async fn follow(&self, source: impl Source<T>) {
+        self.follow_with(&source, self.inner.options.idle_timeout).await;
+    }
+
+    /// [`Cache::follow`], taking a stream silent for `idle` for dead (pull
+    /// mode polls on its own schedule).
+    pub(crate) async fn follow_with(&self, source: &impl Source<T>, idle: Duration) {
         let options = &self.inner.options;
         let mut backoff = options.backoff_min;
         let mut first = true;
@@ -24,7 +30,7 @@ impl<T: Entity> Cache<T> {
             match source.watch(cursor).await {
                 Ok(stream) => {
                     self.set_connected(true);
-                    let progressed = self.consume(stream).await;
+                    let progressed = self.consume(stream, idle).await;
                     self.set_connected(false);
                     if progressed {
                         backoff = options.backoff_min;
@@ -51,7 +57,12 @@ impl<T: Entity> Cache<T> {
 
     /// Consumes one stream until it fails, ends or falls silent. Returns
     /// whether anything was applied (to reset the backoff).
-    async fn consume(&self, mut stream: WatchStream<T>) -> bool {
+    ///
+    /// A batch of live changes with nothing ready behind it counts as the
+    /// upstream's head (the copy's age resets), unless the stream's
+    /// `size_hint` says more frames follow at once (pull mode between full
+    /// pages: see `pull`).
+    async fn consume(&self, mut stream: WatchStream<T>, idle: Duration) -> bool {
         let name = self.inner.name;
         let options = &self.inner.options;
         let mut progressed = false;
@@ -62,7 +73,7 @@ impl<T: Entity> Cache<T> {
         // replaces the copy even if the copy is ahead of it.
         let mut reset = false;
         loop {
-            let next = match tokio::time::timeout(options.idle_timeout, stream.next()).await {
+            let next = match tokio::time::timeout(idle, stream.next()).await {
                 Ok(Some(Ok(frame))) => frame,
                 Ok(Some(Err(status))) => {
                     tracing::info!(cache = name, code = ?status.code(), message = status.message(), "watch stream ended; resuming");
@@ -73,7 +84,11 @@ impl<T: Entity> Cache<T> {
                     return progressed;
                 }
                 Err(_) => {
-                    tracing::warn!(cache = name, idle = ?options.idle_timeout, "watch stream silent (no progress frames); reconnecting");
+                    tracing::warn!(
+                        cache = name,
+                        ?idle,
+                        "watch stream silent (no progress frames); reconnecting"
+                    );
                     return progressed;
                 }
             };
@@ -119,7 +134,7 @@ impl<T: Entity> Cache<T> {
                             _ => break,
                         }
                     }
-                    let drained = trailing.is_none() && batch.len() < options.batch_max;
+                    let drained = trailing.is_none() && batch.len() < options.batch_max && stream.size_hint().0 == 0;
                     match self.apply_batch(&batch).await {
                         Err(stop) => Err(stop),
                         Ok(()) => match trailing {

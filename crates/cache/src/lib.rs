@@ -20,6 +20,10 @@
 //!   the cursor, then the new in-memory snapshot published whole.
 //! - [`Source`], [`sources`]: where the watch stream comes from (the
 //!   Lightbox gRPC clients, or anything else that yields frames).
+//! - `pull` (private; [`PullSource`], [`PollOptions`], [`FollowMode`]):
+//!   [`Cache::poll`], pull mode: the `List…Changes` pages turned into the
+//!   frames a watch sends, consumed by the same loop;
+//!   [`Cache::follow_upstream`] picks the mode of [`CacheOptions::follow`].
 //!
 //! # Memory and persistence
 //!
@@ -32,8 +36,11 @@
 //! same way; this copy does both and survives restarts.
 
 mod follow;
+mod pull;
 pub mod sources;
 mod store;
+
+pub use pull::{FollowMode, Listing, MAX_PAGE_SIZE, PollOptions, PullSource};
 
 use std::{
     collections::HashMap,
@@ -83,6 +90,9 @@ pub struct CacheOptions {
     /// batch that would take it past this is held back like a mass
     /// deletion: reads keep the last good state and report why.
     pub max_entities: usize,
+    /// How [`Cache::follow_upstream`] follows: watching (push, the
+    /// default) or polling the change listing (pull).
+    pub follow: FollowMode,
 }
 
 impl Default for CacheOptions {
@@ -95,6 +105,7 @@ impl Default for CacheOptions {
             guard_max_delete_ratio: 0.5,
             guard_min_entities: 10,
             max_entities: 5_000_000,
+            follow: FollowMode::Watch,
         }
     }
 }
@@ -102,7 +113,8 @@ impl Default for CacheOptions {
 /// What a copy reports about itself.
 #[derive(Debug, Clone, PartialEq)]
 pub struct CacheState {
-    /// Whether the watch stream is connected now.
+    /// Whether the watch stream is connected now (pull mode: whether the
+    /// last poll was answered).
     pub connected: bool,
     /// When it last connected (if `connected`) or disconnected.
     pub since: SystemTime,
@@ -111,7 +123,8 @@ pub struct CacheState {
     /// The latest upstream revision the copy has heard of.
     pub upstream_revision: i64,
     /// When the copy last heard from its upstream (a change or a progress
-    /// frame); `None` if never since this process started.
+    /// frame; pull mode: a poll that reached the listing's head); `None`
+    /// if never since this process started.
     pub last_heard: Option<SystemTime>,
     /// Why a snapshot or batch is being held back by the guard rail, if one is.
     pub held: Option<String>,
@@ -125,6 +138,13 @@ pub struct CacheState {
     /// Times the guard rail held a snapshot or batch back, since this
     /// process started.
     pub holds: u64,
+    /// Pull mode: pages of the change listing answered since this process
+    /// started. Each cost the upstream one read transaction on its
+    /// database (its feed's state row and one page of rows); a watch costs
+    /// it nothing per copy once live (one tail per process, fanned out).
+    pub polls: u64,
+    /// Of `polls`, those that found nothing new: the price of asking.
+    pub empty_polls: u64,
 }
 
 impl CacheState {
@@ -227,6 +247,8 @@ impl<T: Entity> Cache<T> {
             memory_bytes: snapshot.approx_bytes(),
             reconnects: 0,
             holds: 0,
+            polls: 0,
+            empty_polls: 0,
         });
         tracing::info!(
             cache = name,

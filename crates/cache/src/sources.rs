@@ -1,19 +1,29 @@
-//! Watch sources: the Lightbox services over gRPC, and a feed in the same
-//! process (tests, and anything that needs no network hop).
+//! Watch and pull sources: the Lightbox services over gRPC, and a feed in
+//! the same process (tests, and anything that needs no network hop). Each
+//! is both a [`Source`] (its watch) and a [`PullSource`] (its change
+//! listing), so one value follows either way
+//! ([`crate::Cache::follow_upstream`]).
 
-use std::{future::Future, pin::Pin, time::Duration};
+use std::{future::Future, pin::Pin, sync::Arc, time::Duration};
 
 use lightbox_client::Balanced;
 
 use futures_util::StreamExt;
 use lightbox_api::{
-    contracts::{Contract, WatchContractsRequest, contracts_service_client::ContractsServiceClient},
-    users::{User, WatchUsersRequest, users_service_client::UsersServiceClient},
+    contracts::{
+        Contract, ListContractChangesRequest, WatchContractsRequest, WatchContractsResponse,
+        contracts_service_client::ContractsServiceClient, watch_contracts_response,
+    },
+    feed::Reset,
+    users::{
+        ListUserChangesRequest, User, WatchUsersRequest, WatchUsersResponse, users_service_client::UsersServiceClient,
+        watch_users_response,
+    },
 };
-use lightbox_changefeed::{Feed, Frame, feed::Entity, watch::WatchStream};
+use lightbox_changefeed::{ChangePage, Feed, Frame, feed::Entity, watch::WatchStream};
 use tonic::Status;
 
-use crate::Source;
+use crate::{PullSource, Source, pull::Listing};
 
 type Opening<T> = Pin<Box<dyn Future<Output = Result<WatchStream<T>, Status>> + Send>>;
 
@@ -88,4 +98,92 @@ impl<T: Entity> Source<T> for Feed<T> {
         let stream = Feed::watch(self, since_revision, Vec::new());
         Box::pin(async move { Ok(stream) })
     }
+}
+
+impl PullSource<User> for UsersSource {
+    fn list_changes(&self, since_revision: i64, page_size: i32, page_token: String) -> Listing<User> {
+        let mut client = self.client.clone();
+        Box::pin(async move {
+            let request = ListUserChangesRequest {
+                since_revision,
+                page_size,
+                page_token,
+            };
+            let page = client.list_user_changes(request).await?.into_inner();
+            let wrap = |change| WatchUsersResponse {
+                event: Some(watch_users_response::Event::Change(change)),
+            };
+            page_of(
+                page.changes,
+                wrap,
+                page.next_since_revision,
+                page.next_page_token,
+                page.reset,
+            )
+        })
+    }
+}
+
+impl PullSource<Contract> for ContractsSource {
+    fn list_changes(&self, since_revision: i64, page_size: i32, page_token: String) -> Listing<Contract> {
+        let mut client = self.client.clone();
+        Box::pin(async move {
+            let request = ListContractChangesRequest {
+                since_revision,
+                page_size,
+                page_token,
+            };
+            let page = client.list_contract_changes(request).await?.into_inner();
+            let wrap = |change| WatchContractsResponse {
+                event: Some(watch_contracts_response::Event::Change(change)),
+            };
+            page_of(
+                page.changes,
+                wrap,
+                page.next_since_revision,
+                page.next_page_token,
+                page.reset,
+            )
+        })
+    }
+}
+
+/// A feed's pull listing in the same process.
+impl<T: Entity> PullSource<T> for Feed<T> {
+    fn list_changes(&self, since_revision: i64, page_size: i32, page_token: String) -> Listing<T> {
+        let feed = self.clone();
+        Box::pin(async move {
+            feed.list_changes(since_revision, i64::from(page_size.max(1)), &page_token)
+                .await
+                .map_err(|err| Status::from(lightbox_api::ApiError::from(err)))
+        })
+    }
+}
+
+/// A listing's answer as a [`ChangePage`]: each change read as a watch's
+/// change frame is (`wrap` puts it in a watch response), with the same
+/// checks.
+fn page_of<T, C, W>(
+    changes: Vec<C>,
+    wrap: impl Fn(C) -> W,
+    next_since_revision: i64,
+    next_page_token: String,
+    reset: Option<Reset>,
+) -> Result<ChangePage<T>, Status>
+where
+    Frame<T>: TryFrom<W, Error = Status>,
+{
+    let changes = changes
+        .into_iter()
+        .map(|change| match Frame::try_from(wrap(change))? {
+            Frame::Change(change) => Ok(change),
+            _ => Err(Status::internal("a listed change read as another frame")),
+        })
+        .collect::<Result<Vec<Arc<_>>, Status>>()?;
+    Ok(ChangePage {
+        changes,
+        next_since_revision,
+        next_page_token,
+        reset: reset.map(|reset| reset.reason),
+    })
 }

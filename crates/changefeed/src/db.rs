@@ -123,7 +123,8 @@ impl Db {
     /// a service's) in order. Each set ignores the others' versions in the
     /// shared migrations table, so their version ranges must not overlap:
     /// changefeed 1-499, cache 500-999, users 1000-1999, contracts
-    /// 2000-2999, photos 3000-3999: one database can hold them all.
+    /// 2000-2999, photos 3000-3999, events 5000-5999: one database can hold
+    /// them all.
     pub async fn migrate(&self, others: &[&Migrations]) -> Result<(), crate::FeedError> {
         for set in std::iter::once(&CHANGEFEED_MIGRATIONS).chain(others.iter().copied()) {
             let source = match self.backend {

@@ -502,8 +502,31 @@ async fn serve_route(gateway: &Gateway, request: Request, matched: &mut Option<S
         },
         None => answer,
     };
+    if prost_reflect::ReflectMessage::descriptor(&answer).full_name() == HTTP_BODY {
+        return Ok(raw_body(&answer));
+    }
     let json = json::to_json(&answer).map_err(|e| HttpError::new(Code::Internal, e))?;
     Ok(Json(json).into_response())
+}
+
+/// The message a method answers to send raw bytes instead of JSON (an
+/// image), as grpc-gateway and Envoy's transcoder serve it.
+pub(crate) const HTTP_BODY: &str = "google.api.HttpBody";
+
+/// A `google.api.HttpBody` answer: its `data` as the body, with its
+/// `content_type` (`application/octet-stream` if unset or not a valid
+/// header value).
+fn raw_body(answer: &prost_reflect::DynamicMessage) -> Response {
+    let content_type = answer
+        .get_field_by_name("content_type")
+        .and_then(|v| v.as_str().and_then(|t| HeaderValue::from_str(t).ok()))
+        .filter(|t| !t.is_empty())
+        .unwrap_or(HeaderValue::from_static("application/octet-stream"));
+    let data = answer
+        .get_field_by_name("data")
+        .and_then(|v| v.as_bytes().cloned())
+        .unwrap_or_default();
+    ([(header::CONTENT_TYPE, content_type)], data).into_response()
 }
 
 fn deadline_exceeded(timeout: Duration) -> HttpError {
@@ -544,6 +567,23 @@ fn forward_context(headers: &HeaderMap, metadata: &mut tonic::metadata::Metadata
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_http_body_answer_is_its_bytes_with_its_content_type() {
+        let pool = descriptors().expect("descriptors");
+        let desc = pool.get_message_by_name(HTTP_BODY).expect("HttpBody is described");
+        let mut body = prost_reflect::DynamicMessage::new(desc);
+        body.set_field_by_name("content_type", prost_reflect::Value::String("image/jpeg".into()));
+        body.set_field_by_name(
+            "data",
+            prost_reflect::Value::Bytes(prost::bytes::Bytes::from_static(b"\xff\xd8\xff")),
+        );
+        let response = raw_body(&body);
+        assert_eq!(response.headers()[header::CONTENT_TYPE], "image/jpeg");
+        body.clear_field_by_name("content_type");
+        let response = raw_body(&body);
+        assert_eq!(response.headers()[header::CONTENT_TYPE], "application/octet-stream");
+    }
 
     #[test]
     fn me_is_the_subject_and_others_are_refused() {

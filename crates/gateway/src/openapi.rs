@@ -142,16 +142,25 @@ fn operation(route: &Route, schemas: &mut Schemas) -> Value {
         },
         None => method.output(),
     };
+    // Raw bytes (an image), not JSON: described as such.
+    let content = match output.full_name() == crate::HTTP_BODY {
+        true => Some(json!({ "*/*": { "schema": { "type": "string", "format": "binary" } } })),
+        false => body(schemas.reference(&output), false)["content"]
+            .as_object()
+            .cloned()
+            .map(Value::Object),
+    };
+    let answer = content.map_or(
+        json!({ "description": "OK" }),
+        |content| json!({ "description": "OK", "content": content }),
+    );
     let mut operation = json!({
         "operationId": format!("{}_{}", method.parent_service().name(), method.name()),
         "tags": [method.parent_service().name()],
         "summary": comment_of(method.parent_file().file_descriptor_proto(), method.path()).unwrap_or_default(),
         "parameters": parameters,
         "responses": {
-            "200": body(schemas.reference(&output), false)["content"].clone().as_object().map_or(
-                json!({ "description": "OK" }),
-                |content| json!({ "description": "OK", "content": content }),
-            ),
+            "200": answer,
             "default": {
                 "description": "An error: the gRPC code mapped to an HTTP status as grpc-gateway maps it.",
                 "content": { "application/json": { "schema": { "$ref": "#/components/schemas/Error" } } },
@@ -329,12 +338,14 @@ fn comment(field: &FieldDescriptor) -> Option<String> {
     comment_of(field.parent_file().file_descriptor_proto(), field.path())
 }
 
-/// The leading comment of the element at `path` in `file`, as one line.
+/// The leading comment of the element at `path` in `file`, as one line,
+/// without the lines meant for `buf lint` (`buf:lint:ignore …`).
 fn comment_of(file: &prost_reflect::prost_types::FileDescriptorProto, path: &[i32]) -> Option<String> {
     let info = file.source_code_info.as_ref()?;
     let location = info.location.iter().find(|l| l.path == path)?;
     let text = location.leading_comments.as_deref()?;
-    let text = text.split_whitespace().collect::<Vec<_>>().join(" ");
+    let prose = text.lines().filter(|line| !line.trim_start().starts_with("buf:lint:"));
+    let text = prose.flat_map(str::split_whitespace).collect::<Vec<_>>().join(" ");
     (!text.is_empty()).then_some(text)
 }
 
@@ -370,6 +381,11 @@ mod tests {
             "comments become descriptions: {photo}"
         );
         assert!(doc["paths"][crate::events::PATH]["get"].is_object());
+        let thumbnail = &doc["paths"]["/v1/users/{user_id}/photos/{id}/thumbnail"]["get"]["responses"]["200"];
+        assert_eq!(
+            thumbnail["content"]["*/*"]["schema"]["format"], "binary",
+            "an HttpBody answer is raw bytes: {thumbnail}"
+        );
         // One path, one spelling: creating and listing photos share theirs,
         // and every path parameter is a plain name declared by each of its
         // operations.

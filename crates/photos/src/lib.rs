@@ -16,9 +16,29 @@
 //!   contract: consistency modes (`CACHED`, `FRESH`), the fallback on a
 //!   cache miss, read-your-writes and `max_staleness`.
 //! - `validate` (private): what a photo must look like, and the quota.
+//! - Processing the image uploaded with a photo, after `CreatePhoto` has
+//!   answered (fire and forget, done safely): [`decode`] (limits from the
+//!   header, EXIF, thumbnail); `jobs` (the job table: outbox, claim, lease,
+//!   fencing) and `job_rows` (the operators' reads); `options`
+//!   ([`JobOptions`]); `worker` (the pool: wake-ups, leases, retries, dead
+//!   letter); `processing` (the photo's `Processing` state through the
+//!   feed, the thumbnails); [`PhotoJobsAdmin`] (the operators' RPCs, for
+//!   the admin listener).
 
+mod admin;
+pub mod decode;
+mod job_rows;
+mod jobs;
+mod options;
+mod processing;
 mod reads;
 mod validate;
+mod worker;
+
+pub use admin::PhotoJobsAdmin;
+pub use decode::{ImageLimits, Processed};
+pub use jobs::Claim;
+pub use options::{JobFailure, JobOptions, ProcessFn, Processor};
 
 use std::{
     sync::{
@@ -31,10 +51,12 @@ use std::{
 use lightbox_api::{
     ApiError,
     contracts::{Contract, contracts_service_client::ContractsServiceClient},
+    google::api::HttpBody,
     photos::{
         CreatePhotoRequest, CreatePhotoResponse, DeletePhotoRequest, DeletePhotoResponse, GetPhotoRequest,
-        GetPhotoResponse, GetProfileRequest, GetProfileResponse, ListPhotoChangesRequest, ListPhotoChangesResponse,
-        ListPhotosRequest, ListPhotosResponse, Photo, WatchPhotosRequest, WatchPhotosResponse,
+        GetPhotoResponse, GetPhotoThumbnailRequest, GetProfileRequest, GetProfileResponse, ListPhotoChangesRequest,
+        ListPhotoChangesResponse, ListPhotosRequest, ListPhotosResponse, Photo, WatchPhotosRequest,
+        WatchPhotosResponse,
         photos_service_server::{PhotosService as PhotosApi, PhotosServiceServer},
     },
     request,
@@ -75,6 +97,8 @@ pub struct PhotosOptions {
     /// How long a read waits for the copy to reach `min_*_revision` or
     /// `max_staleness` before failing.
     pub wait_timeout: Duration,
+    /// How the images uploaded with photos are processed.
+    pub jobs: JobOptions,
 }
 
 impl Default for PhotosOptions {
@@ -83,6 +107,7 @@ impl Default for PhotosOptions {
             fresh_timeout: Duration::from_secs(1),
             miss_timeout: Duration::from_millis(300),
             wait_timeout: Duration::from_secs(1),
+            jobs: JobOptions::default(),
         }
     }
 }
@@ -105,6 +130,8 @@ pub struct PhotosService {
     /// Cached reads that fell back to the synchronous path (an entity not
     /// in the copies yet).
     sync_fallbacks: Arc<AtomicU64>,
+    /// The photo jobs' options and wake-up, shared with the worker pool.
+    jobs: worker::Jobs,
 }
 
 impl PhotosService {
@@ -128,6 +155,7 @@ impl PhotosService {
             feed: photos,
             users_channel: users,
             contracts_channel: contracts,
+            jobs: worker::Jobs::new(options.jobs.clone()),
             options,
             upstream_calls: Arc::default(),
             sync_fallbacks: Arc::default(),
@@ -138,10 +166,10 @@ impl PhotosService {
     pub async fn follow(&self) {
         let users = self
             .users_copy
-            .follow(sources::UsersSource::new(self.users_channel.clone()));
+            .follow_upstream(sources::UsersSource::new(self.users_channel.clone()));
         let contracts = self
             .contracts_copy
-            .follow(sources::ContractsSource::new(self.contracts_channel.clone()));
+            .follow_upstream(sources::ContractsSource::new(self.contracts_channel.clone()));
         tokio::join!(users, contracts);
     }
 
@@ -171,10 +199,13 @@ impl PhotosService {
         self.sync_fallbacks.load(Ordering::Relaxed)
     }
 
-    /// The tonic server for this service, with message size limits.
+    /// The tonic server for this service, with message size limits; it
+    /// accepts requests of at least the largest image and 1 MiB more, so
+    /// that an upload is never refused for its transport.
     pub fn into_server(self, max_message_bytes: usize) -> PhotosServiceServer<PhotosService> {
+        let uploads = self.jobs.options.limits.max_bytes.saturating_add(1024 * 1024);
         PhotosServiceServer::new(self)
-            .max_decoding_message_size(max_message_bytes)
+            .max_decoding_message_size(max_message_bytes.max(uploads))
             .max_encoding_message_size(max_message_bytes)
     }
 
@@ -189,7 +220,7 @@ impl PhotosService {
     }
 
     async fn create(&self, request: CreatePhotoRequest) -> Result<Photo, ApiError> {
-        let mut photo = validate::new_photo(request.photo)?;
+        let (mut photo, image) = validate::new_photo(request.photo, self.jobs.options.limits.max_bytes)?;
         // The owner and their contract, from the copies (uploads keep working
         // when Users or Contracts is down); the synchronous path on a miss.
         let owner = reads::owner(self, &photo.user_id, reads::Mode::CACHED).await?;
@@ -207,10 +238,18 @@ impl PhotosService {
             .execute(tx.conn())
             .await
             .map_err(FeedError::from)?;
+        if let Some(image) = &image {
+            // The outbox: the job commits with the photo, or neither does.
+            worker::enqueue(self, &mut tx, &mut photo, image).await?;
+        }
         photo.revision = tx.next_revision();
         // Scoped by owner: `WatchPhotos` may follow one user's photos.
         tx.put_scoped(&photo.id, &photo.user_id, &photo).await?;
         let revision = tx.commit().await?;
+        if image.is_some() {
+            // After the commit: the job is there to be claimed.
+            self.jobs.wake.notify_one();
+        }
         self.settle(revision).await;
         Ok(photo)
     }
@@ -237,6 +276,9 @@ impl PhotosService {
             .execute(tx.conn())
             .await
             .map_err(FeedError::from)?;
+        // Its job, image and thumbnail go with it; a running attempt's
+        // outcome is then refused (no job to fence on).
+        jobs::forget(tx.conn(), &id).await.map_err(FeedError::from)?;
         if tx.delete(&id).await?.is_none() {
             return Err(photo_not_found(&id));
         }
@@ -352,6 +394,20 @@ impl PhotosApi for PhotosService {
 
     async fn get_profile(&self, request: Request<GetProfileRequest>) -> Result<Response<GetProfileResponse>, Status> {
         Ok(Response::new(self.profile(request.into_inner()).await?))
+    }
+
+    async fn get_photo_thumbnail(
+        &self,
+        request: Request<GetPhotoThumbnailRequest>,
+    ) -> Result<Response<HttpBody>, Status> {
+        let request = request.into_inner();
+        let photo = self
+            .get(GetPhotoRequest {
+                id: request.id,
+                user_id: request.user_id,
+            })
+            .await?;
+        Ok(Response::new(processing::thumbnail(self.feed.db(), &photo).await?))
     }
 
     type WatchPhotosStream = watch::MappedStream<WatchPhotosResponse>;

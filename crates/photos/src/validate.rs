@@ -11,11 +11,17 @@ use lightbox_api::{
 /// The largest photo accepted, in bytes.
 const MAX_SIZE_BYTES: i64 = 200 * 1024 * 1024;
 
-/// A photo to create, checked and completed (id, time).
-pub(crate) fn new_photo(photo: Option<Photo>) -> Result<Photo, ApiError> {
-    let photo = photo.ok_or_else(|| ApiError::InvalidArgument("photo is required".into()))?;
+/// A photo to create, checked and completed (id, time), and its image if
+/// one was given (at most `max_image_bytes`, a JPEG or a PNG: what would
+/// fail later is refused now); the photo returned carries no image.
+pub(crate) fn new_photo(photo: Option<Photo>, max_image_bytes: usize) -> Result<(Photo, Option<Vec<u8>>), ApiError> {
+    let mut photo = photo.ok_or_else(|| ApiError::InvalidArgument("photo is required".into()))?;
     let user_id = request::parse_id("photo.user_id", &photo.user_id)?.to_string();
     let title = request::text("photo.title", &photo.title, false, 200)?;
+    let image = photo.image.take();
+    if let Some(image) = &image {
+        image_fits(&mut photo, image, max_image_bytes)?;
+    }
     let content_type = photo.content_type.trim().to_ascii_lowercase();
     let valid_type = matches!(content_type.split_once('/'), Some((kind, sub)) if kind == "image" && !sub.is_empty()
         && sub.chars().all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c)));
@@ -34,7 +40,7 @@ pub(crate) fn new_photo(photo: Option<Photo>) -> Result<Photo, ApiError> {
     if let Some(taken) = &photo.taken_time {
         request::timestamp("photo.taken_time", taken)?;
     }
-    Ok(Photo {
+    let photo = Photo {
         id: request::new_id(),
         user_id,
         title,
@@ -43,7 +49,44 @@ pub(crate) fn new_photo(photo: Option<Photo>) -> Result<Photo, ApiError> {
         taken_time: photo.taken_time,
         create_time: Some(request::now()),
         revision: 0,
-    })
+        processing: None,
+        image: None,
+    };
+    Ok((photo, image))
+}
+
+/// Checks an uploaded image against its photo record, filling the size and
+/// the media type when they were left out.
+fn image_fits(photo: &mut Photo, image: &[u8], max_bytes: usize) -> Result<(), ApiError> {
+    if image.is_empty() || image.len() > max_bytes {
+        return Err(ApiError::InvalidArgument(format!(
+            "photo.image must have from 1 to {max_bytes} bytes (got {})",
+            image.len()
+        )));
+    }
+    let format = crate::decode::sniff(image).ok_or_else(|| {
+        ApiError::InvalidArgument("photo.image must be a JPEG or a PNG (its first bytes are neither)".into())
+    })?;
+    let size = i64::try_from(image.len()).unwrap_or(i64::MAX);
+    match photo.size_bytes {
+        0 => photo.size_bytes = size,
+        given if given != size => {
+            return Err(ApiError::InvalidArgument(format!(
+                "photo.size_bytes is {given} but photo.image has {size} bytes (leave size_bytes out to take the image's)"
+            )));
+        }
+        _ => {}
+    }
+    match photo.content_type.trim().to_ascii_lowercase().as_str() {
+        "" => photo.content_type = format.to_owned(),
+        given if given != format => {
+            return Err(ApiError::InvalidArgument(format!(
+                "photo.content_type is {given:?} but photo.image is {format}"
+            )));
+        }
+        _ => {}
+    }
+    Ok(())
 }
 
 /// Whether `user`, holding `contract`, may upload one more photo beside the
@@ -115,13 +158,39 @@ mod tests {
 
     #[test]
     fn photos_are_checked() {
-        assert!(new_photo(photo("image/jpeg", 10)).is_ok());
+        let max = 1024;
+        assert!(new_photo(photo("image/jpeg", 10), max).is_ok());
         assert!(
-            matches!(new_photo(photo("text/plain", 10)), Err(ApiError::InvalidArgument(m)) if m.contains("content_type"))
+            matches!(new_photo(photo("text/plain", 10), max), Err(ApiError::InvalidArgument(m)) if m.contains("content_type"))
         );
         assert!(
-            matches!(new_photo(photo("image/png", 0)), Err(ApiError::InvalidArgument(m)) if m.contains("size_bytes"))
+            matches!(new_photo(photo("image/png", 0), max), Err(ApiError::InvalidArgument(m)) if m.contains("size_bytes"))
         );
+    }
+
+    #[test]
+    fn images_must_be_jpeg_or_png_and_agree_with_the_record() {
+        let png = b"\x89PNG\r\n\x1a\n0000".to_vec();
+        let with = |content_type: &str, size: i64, image: &[u8]| {
+            let mut photo = photo(content_type, size);
+            if let Some(photo) = &mut photo {
+                photo.image = Some(image.to_vec());
+            }
+            new_photo(photo, 64)
+        };
+        let (created, image) = with("", 0, &png).expect("size and type taken from the image");
+        assert_eq!((created.size_bytes, created.content_type.as_str()), (12, "image/png"));
+        assert_eq!((image.as_deref(), created.image), (Some(png.as_slice()), None));
+        let refused = |result: Result<_, ApiError>, words: &str| {
+            assert!(
+                matches!(&result, Err(ApiError::InvalidArgument(m)) if m.contains(words)),
+                "{words}"
+            );
+        };
+        refused(with("", 0, b"GIF89a-not-accepted"), "JPEG or a PNG");
+        refused(with("image/jpeg", 0, &png), "content_type");
+        refused(with("", 5, &png), "size_bytes");
+        refused(with("", 0, &[0x89; 65]), "64 bytes");
     }
 
     #[test]

@@ -10,6 +10,8 @@
 //!   read-only; keep the listener off public networks);
 //! - `lightbox.admin.v1.FaultService`, only when [`AdminOptions::faults`]
 //!   is on, and then only to callers with the [`AdminCredential`];
+//! - the [`AdminService`]s the components add ([`serve_admin_with`]), such
+//!   as Photos' jobs: only to callers with the [`AdminCredential`] too;
 //! - reflection, listing what is served.
 
 use std::{net::SocketAddr, sync::Arc};
@@ -73,6 +75,54 @@ impl AdminCredential {
             ));
         }
         Ok(AdminCredential::Bearer(Arc::from(token)))
+    }
+}
+
+/// A gRPC service a component adds to its process's admin listener (an
+/// operator's controls, such as Photos' jobs), served only to callers with
+/// the [`AdminCredential`], like fault injection.
+#[derive(Clone)]
+pub struct AdminService {
+    name: &'static str,
+    /// Adds the service, behind the given credential check, to the routes.
+    add: Arc<dyn Fn(Routes, RequireCredential) -> Routes + Send + Sync>,
+}
+
+impl AdminService {
+    /// `service` (a generated tonic server), to serve on the admin listener.
+    pub fn new<S>(service: S) -> AdminService
+    where
+        S: tonic::codegen::Service<
+                http::Request<tonic::body::Body>,
+                Response = http::Response<tonic::body::Body>,
+                Error = std::convert::Infallible,
+            > + tonic::server::NamedService
+            + Clone
+            + Send
+            + Sync
+            + 'static,
+        S::Future: Send + 'static,
+    {
+        AdminService {
+            name: S::NAME,
+            add: Arc::new(move |routes, credential| {
+                routes.add_service(tonic::service::interceptor::InterceptedService::new(
+                    service.clone(),
+                    credential,
+                ))
+            }),
+        }
+    }
+
+    /// The service's full name (`lightbox.photos.v1.PhotoJobsService`).
+    pub fn name(&self) -> &'static str {
+        self.name
+    }
+}
+
+impl std::fmt::Debug for AdminService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("AdminService").field(&self.name).finish()
     }
 }
 
@@ -173,12 +223,30 @@ pub async fn serve_admin(
     options: AdminOptions,
     shutdown: Shutdown,
 ) -> Result<(), ServeError> {
+    serve_admin_with(listener, health, components, Vec::new(), options, shutdown).await
+}
+
+/// [`serve_admin`], with the `services` the components add, each served
+/// behind the admin credential.
+pub async fn serve_admin_with(
+    listener: TcpListener,
+    health: ProcessHealth,
+    components: Vec<(String, Faults)>,
+    services: Vec<AdminService>,
+    options: AdminOptions,
+    shutdown: Shutdown,
+) -> Result<(), ServeError> {
     let addr: SocketAddr = listener.local_addr().map_err(ServeError::LocalAddr)?;
     let limit = options.max_message_bytes;
     let mut served: Vec<String> = ADMIN_SERVICES.iter().map(|s| (*s).to_owned()).collect();
     if options.faults {
         served.push(FAULT_SERVICE.to_owned());
     }
+    served.extend(services.iter().map(|service| service.name.to_owned()));
+    let credential = RequireCredential {
+        credential: options.credential.clone(),
+        client_certificates: options.tls.as_ref().is_some_and(|tls| tls.files().client_ca.is_some()),
+    };
     let reflection = || {
         served.iter().fold(
             tonic_reflection::server::Builder::configure()
@@ -197,11 +265,11 @@ pub async fn serve_admin(
             .max_encoding_message_size(limit);
         routes = routes.add_service(tonic::service::interceptor::InterceptedService::new(
             faults,
-            RequireCredential {
-                credential: options.credential.clone(),
-                client_certificates: options.tls.as_ref().is_some_and(|tls| tls.files().client_ca.is_some()),
-            },
+            credential.clone(),
         ));
+    }
+    for service in &services {
+        routes = (service.add)(routes, credential.clone());
     }
     let hint = match options.faults {
         true => "",

@@ -15,7 +15,8 @@
 //!   which every server of the process copies its statuses into.
 //! - `admin` (re-exported): [`serve_admin`], the process's admin listener:
 //!   its health, metrics, and fault injection behind an
-//!   [`AdminCredential`] ([`AdminOptions`]).
+//!   [`AdminCredential`] ([`AdminOptions`]); [`serve_admin_with`] adds the
+//!   components' own [`AdminService`]s behind it too.
 //!
 //! # Use
 //!
@@ -38,7 +39,10 @@ mod health;
 mod server;
 pub mod shutdown;
 
-pub use admin::{AdminCredential, AdminOptions, METRICS_CONTENT_TYPE, MIN_TOKEN_LEN, MetricsText, serve_admin};
+pub use admin::{
+    AdminCredential, AdminOptions, AdminService, METRICS_CONTENT_TYPE, MIN_TOKEN_LEN, MetricsText, serve_admin,
+    serve_admin_with,
+};
 pub use fault::{FaultLayer, FaultServiceImpl, FaultSpec, Faults};
 pub use health::ProcessHealth;
 pub use server::{ServeError, ServerOptions, bind, serve};

@@ -285,6 +285,7 @@ impl Stack {
                 fresh_timeout: Duration::from_millis(800),
                 miss_timeout: Duration::from_millis(300),
                 wait_timeout: Duration::from_millis(500),
+                ..PhotosOptions::default()
             },
             server: lightbox_server::ServerOptions {
                 metrics: metrics.registry().clone(),

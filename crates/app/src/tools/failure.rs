@@ -142,6 +142,39 @@ pub(crate) struct Endpoint {
 /// Where a process's admin listener is by default (`--admin-addr`).
 pub(crate) const DEFAULT_ADMIN_URL: &str = "http://127.0.0.1:50050";
 
+/// The admin credential a tool sends: `authorization: Bearer TOKEN` with
+/// every call when there is a token (`--token`, `LIGHTBOX_ADMIN_TOKEN`).
+#[derive(Clone)]
+pub(crate) struct AdminToken(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
+
+impl AdminToken {
+    /// The credential of `token` (none if absent or empty); a usage error
+    /// if it cannot be an HTTP header.
+    pub(crate) fn new(token: Option<&str>) -> Result<AdminToken, Failure> {
+        match token.map(str::trim) {
+            None | Some("") => Ok(AdminToken(None)),
+            Some(token) => format!("Bearer {token}")
+                .parse()
+                .map(|value| AdminToken(Some(value)))
+                .map_err(|_| {
+                    Failure::new(
+                        Kind::Usage,
+                        "--token must be printable ASCII (it is sent as an HTTP header)",
+                    )
+                }),
+        }
+    }
+}
+
+impl tonic::service::Interceptor for AdminToken {
+    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, Status> {
+        if let Some(value) = &self.0 {
+            request.metadata_mut().insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
+
 /// What the tools trust for `https://` addresses: the CA in
 /// `LIGHTBOX_TLS_CA`, and the certificate they present under mutual TLS in
 /// `LIGHTBOX_TLS_CERT` and `LIGHTBOX_TLS_KEY` (the servers' variables).

@@ -9,9 +9,13 @@ use lightbox_api::admin::{
     ClearFaultRequest, Fault, GetFaultRequest, SetFaultRequest, fault_service_client::FaultServiceClient,
 };
 use lightbox_server::FaultSpec;
-use tonic::{Request, Status, metadata::MetadataValue, service::Interceptor};
 
-use super::{Failure, Kind, Service, failure::Endpoint, output::emit, parse_addr};
+use super::{
+    Failure, Kind, Service,
+    failure::{AdminToken, Endpoint},
+    output::emit,
+    parse_addr,
+};
 
 /// Arguments of `lightbox fault`.
 #[derive(Debug, Clone, Args)]
@@ -48,33 +52,12 @@ pub struct FaultArgs {
     pub clear: bool,
 }
 
-/// Sends `authorization: Bearer TOKEN` with every call, when there is one.
-#[derive(Clone)]
-struct Credential(Option<MetadataValue<tonic::metadata::Ascii>>);
-
-impl Interceptor for Credential {
-    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
-        if let Some(value) = &self.0 {
-            request.metadata_mut().insert("authorization", value.clone());
-        }
-        Ok(request)
-    }
-}
-
 /// Runs `lightbox fault …`; prints the fault in force afterwards
 /// ("contracts: down").
 pub async fn run(args: FaultArgs) -> anyhow::Result<()> {
     let endpoint = Endpoint::admin(args.target, args.addr.as_deref(), "fault")?;
-    let credential = match args.token.as_deref().map(str::trim) {
-        None | Some("") => None,
-        Some(token) => Some(format!("Bearer {token}").parse().map_err(|_| {
-            Failure::new(
-                Kind::Usage,
-                "--token must be printable ASCII (it is sent as an HTTP header)",
-            )
-        })?),
-    };
-    let mut client = FaultServiceClient::with_interceptor(endpoint.channel(), Credential(credential));
+    let token = AdminToken::new(args.token.as_deref())?;
+    let mut client = FaultServiceClient::with_interceptor(endpoint.channel(), token);
     let failed = |status| endpoint.failed(status);
     let component = args.target.name().to_owned();
     let fault = if args.clear {

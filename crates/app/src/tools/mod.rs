@@ -16,6 +16,8 @@
 //!   delete, one module per service, each with its arguments and its table.
 //! - [`watch`]: `lightbox watch`, which streams a feed and resumes by itself.
 //! - [`fault`]: `lightbox fault`, the client of a process's admin listener.
+//! - [`jobs`]: `lightbox jobs`, the photo processing jobs, on the admin
+//!   listener too.
 //! - [`health`]: `lightbox health`, a health check of a process, for
 //!   container health checks.
 //! - [`token`]: `lightbox token`, a development token for the gateway.
@@ -34,6 +36,7 @@ pub mod contracts;
 pub mod failure;
 pub mod fault;
 pub mod health;
+pub mod jobs;
 mod output;
 pub mod photos;
 pub mod token;
