@@ -42,9 +42,10 @@ fn export_requested() -> bool {
 /// unless `RUST_LOG` asks for them; a command-line tool (`server` false)
 /// logs only errors by default, as its own output says what happened.
 ///
-/// A server also gets the OpenTelemetry layer (trace context propagated
-/// always; spans exported only when [`export_requested`]). Call it inside
-/// the tokio runtime: the batch exporter runs on it.
+/// A server whose `OTEL_*` variables ask for export ([`export_requested`])
+/// also gets the OpenTelemetry layer: spans with their trace context,
+/// propagated to every hop and exported over OTLP. Call it inside the tokio
+/// runtime: the batch exporter runs on it.
 pub fn init(format: LogFormat, server: bool) -> Telemetry {
     let default = match server {
         true => "info,sqlx=warn,h2=warn,hyper=warn,tower=warn",
@@ -59,7 +60,9 @@ pub fn init(format: LogFormat, server: bool) -> Telemetry {
         LogFormat::Text => logs.boxed(),
         LogFormat::Json => logs.json().boxed(),
     };
-    let (provider, failed) = match server {
+    // Without an exporter there is nothing to propagate for: the layer (an
+    // OpenTelemetry span per call) would cost the hot path for nothing.
+    let (provider, failed) = match server && export_requested() {
         true => match tracer_provider() {
             Ok(provider) => (Some(provider), None),
             Err(err) => (None, Some(err)),
@@ -100,16 +103,14 @@ pub fn trace_filter() -> tracing_subscriber::filter::Targets {
         .with_target("sqlx", LevelFilter::OFF)
         .with_target("opentelemetry", LevelFilter::OFF)
         .with_target("opentelemetry_sdk", LevelFilter::OFF)
+        // The calls' spans are at debug, so that logs at info never pay for them.
+        .with_target("lightbox_metrics", LevelFilter::DEBUG)
 }
 
-/// The tracer provider: with the OTLP exporter when asked for (endpoint,
-/// headers, timeout and service name from the `OTEL_*` variables), else
-/// none, which still gives spans their trace context.
+/// The tracer provider with the OTLP exporter (endpoint, headers, timeout
+/// and service name from the `OTEL_*` variables).
 fn tracer_provider() -> Result<SdkTracerProvider, opentelemetry_otlp::ExporterBuildError> {
     let builder = SdkTracerProvider::builder();
-    if !export_requested() {
-        return Ok(builder.build());
-    }
     let exporter = opentelemetry_otlp::SpanExporter::builder().with_tonic().build()?;
     Ok(builder.with_batch_exporter(exporter).build())
 }

@@ -81,12 +81,14 @@ where
 
 /// A call's span, named as OpenTelemetry's RPC conventions say: the method
 /// (`package.Service/Method`), with `rpc.system`, `rpc.service` and
-/// `rpc.method`; `rpc.grpc.status_code` is recorded at the end.
+/// `rpc.method`; `rpc.grpc.status_code` is recorded at the end. At `debug`
+/// level: disabled, so nearly free, unless a subscriber asks for it (the
+/// OpenTelemetry layer does, when traces are exported).
 pub fn call_span(path: &str, kind: &'static str) -> Span {
     let name = path.trim_start_matches('/');
     let (service, method) = name.split_once('/').unwrap_or((name, ""));
     match kind {
-        "client" => tracing::info_span!(
+        "client" => tracing::debug_span!(
             "grpc.client",
             otel.name = %name,
             otel.kind = "client",
@@ -95,7 +97,7 @@ pub fn call_span(path: &str, kind: &'static str) -> Span {
             rpc.method = %method,
             rpc.grpc.status_code = tracing::field::Empty,
         ),
-        _ => tracing::info_span!(
+        _ => tracing::debug_span!(
             "grpc.server",
             otel.name = %name,
             otel.kind = "server",
