@@ -78,22 +78,11 @@ async fn open_cache(db: &TestDb, options: CacheOptions) -> Cache<User> {
 }
 
 async fn put(feed: &Feed<User>, id: &str, name: &str) -> i64 {
-    let mut tx = feed.begin().await.unwrap_or_else(|err| panic!("{err}"));
-    let user = User {
-        id: id.into(),
-        display_name: name.into(),
-        revision: tx.next_revision(),
-        ..User::default()
-    };
-    let revision = tx.put(id, &user).await.unwrap_or_else(|err| panic!("{err}"));
-    tx.commit().await.unwrap_or_else(|err| panic!("{err}"));
-    revision
+    lightbox_testkit::put_user(feed, id, name).await
 }
 
 async fn delete(feed: &Feed<User>, id: &str) {
-    let mut tx = feed.begin().await.unwrap_or_else(|err| panic!("{err}"));
-    tx.delete(id).await.unwrap_or_else(|err| panic!("{err}"));
-    tx.commit().await.unwrap_or_else(|err| panic!("{err}"));
+    lightbox_testkit::delete_entity(feed, id).await
 }
 
 /// The upstream's state: id -> (name, revision).

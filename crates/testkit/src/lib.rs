@@ -519,6 +519,28 @@ fn local(listener: &tokio::net::TcpListener) -> SocketAddr {
         .unwrap_or_else(|err| panic!("bound listener has no address: {err}"))
 }
 
+/// Writes the user `id` named `name` straight into `feed`, as the users
+/// service would; answers its revision.
+pub async fn put_user(feed: &lightbox_changefeed::Feed<User>, id: &str, name: &str) -> i64 {
+    let mut tx = feed.begin().await.unwrap_or_else(|err| panic!("{err}"));
+    let user = User {
+        id: id.into(),
+        display_name: name.into(),
+        revision: tx.next_revision(),
+        ..User::default()
+    };
+    let revision = tx.put(id, &user).await.unwrap_or_else(|err| panic!("{err}"));
+    tx.commit().await.unwrap_or_else(|err| panic!("{err}"));
+    revision
+}
+
+/// Deletes the entity `id` straight from `feed`.
+pub async fn delete_entity<T: lightbox_changefeed::feed::Entity>(feed: &lightbox_changefeed::Feed<T>, id: &str) {
+    let mut tx = feed.begin().await.unwrap_or_else(|err| panic!("{err}"));
+    tx.delete(id).await.unwrap_or_else(|err| panic!("{err}"));
+    tx.commit().await.unwrap_or_else(|err| panic!("{err}"));
+}
+
 /// A balanced client channel to `addr`, as the services use between
 /// themselves (connected lazily).
 pub fn upstream(addr: SocketAddr) -> lightbox_client::Balanced {
