@@ -490,10 +490,7 @@ async fn the_hop_fails_clearly_when_contracts_is_down_or_slow(db: TestDb) {
     })
     .await;
     expect_status(result, Code::DeadlineExceeded, "did not answer within");
-    assert!(
-        elapsed < timeout * 4,
-        "the deadline, not the upstream, ends the call"
-    );
+    assert!(elapsed < timeout * 4, "the deadline, not the upstream, ends the call");
 
     // Really stopped, not just refusing.
     faults.clear();
