@@ -132,3 +132,77 @@ mod tests {
         assert_eq!(health.overall(), ServingStatus::NotServing);
     }
 }
+
+/// A port's `grpc.health.v1.Health`: tonic's, except that its `Watch`
+/// streams end once the port closes. A watch never ends by itself, so a
+/// client watching (every replica's balancer does) would otherwise hold the
+/// graceful drain until its deadline; by then the watcher has heard
+/// `NOT_SERVING`, and the end tells it the connection is going too.
+pub(crate) struct ClosingHealth {
+    inner: tonic_health::server::HealthService,
+    closed: crate::Shutdown,
+}
+
+impl ClosingHealth {
+    /// The health service of `reporter`, whose watches end at `closed`.
+    pub(crate) fn server(
+        reporter: HealthReporter,
+        closed: crate::Shutdown,
+    ) -> tonic_health::pb::health_server::HealthServer<ClosingHealth> {
+        tonic_health::pb::health_server::HealthServer::new(ClosingHealth {
+            inner: tonic_health::server::HealthService::from_health_reporter(reporter),
+            closed,
+        })
+    }
+}
+
+type Watch = std::pin::Pin<
+    Box<dyn tokio_stream::Stream<Item = Result<tonic_health::pb::HealthCheckResponse, tonic::Status>> + Send>,
+>;
+
+#[tonic::async_trait]
+impl tonic_health::pb::health_server::Health for ClosingHealth {
+    async fn check(
+        &self,
+        request: tonic::Request<tonic_health::pb::HealthCheckRequest>,
+    ) -> Result<tonic::Response<tonic_health::pb::HealthCheckResponse>, tonic::Status> {
+        tonic_health::pb::health_server::Health::check(&self.inner, request).await
+    }
+
+    type WatchStream = Watch;
+
+    async fn watch(
+        &self,
+        request: tonic::Request<tonic_health::pb::HealthCheckRequest>,
+    ) -> Result<tonic::Response<Watch>, tonic::Status> {
+        let stream = tonic_health::pb::health_server::Health::watch(&self.inner, request)
+            .await?
+            .into_inner();
+        let closed = self.closed.clone();
+        let stream: Watch = Box::pin(Until {
+            stream,
+            end: Box::pin(async move { closed.wait().await }),
+        });
+        Ok(tonic::Response::new(stream))
+    }
+}
+
+/// `stream` until `end` completes.
+struct Until<S> {
+    stream: S,
+    end: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>,
+}
+
+impl<S: tokio_stream::Stream + Unpin> tokio_stream::Stream for Until<S> {
+    type Item = S::Item;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<S::Item>> {
+        if self.end.as_mut().poll(cx).is_ready() {
+            return std::task::Poll::Ready(None);
+        }
+        std::pin::Pin::new(&mut self.stream).poll_next(cx)
+    }
+}

@@ -230,7 +230,10 @@ pub async fn serve(
     // The reporter is shared by the health service (which reads it), the
     // fault follower and the shutdown future below (which flip it): clones
     // share one map.
-    let (reporter, health_service) = tonic_health::server::health_reporter();
+    // Its watches end when the port closes (`closed`, fired by `signal`).
+    let (closed_trigger, closed) = Shutdown::new();
+    let reporter = tonic_health::server::HealthReporter::new();
+    let health_service = crate::health::ClosingHealth::server(reporter.clone(), closed);
     let health = Health {
         reporter,
         process: options.process_health.clone(),
@@ -309,6 +312,7 @@ pub async fn serve(
             health.publish(ServingStatus::NotServing).await;
             tokio::time::sleep(drain_delay).await;
             tracing::info!(service = %name, %addr, "no longer accepting; draining calls in progress");
+            closed_trigger.trigger();
         }
     };
 

@@ -332,7 +332,8 @@ fn millis(ms: i32) -> pbjson_types::Duration {
 
 #[tokio::test]
 async fn health_is_serving_then_not_serving_after_shutdown() {
-    let h = start(Duration::from_secs(1)).await;
+    // A drain deadline far away: the server must not need it.
+    let h = start(Duration::from_secs(600)).await;
     let serving = ServingStatus::Serving as i32;
     assert_eq!(h.health_status("").await.expect("check ''"), serving);
     assert_eq!(h.health_status("test.Echo").await.expect("check test.Echo"), serving);
@@ -363,7 +364,12 @@ async fn health_is_serving_then_not_serving_after_shutdown() {
         .expect("a status");
     assert_eq!(next.status, ServingStatus::NotServing as i32);
 
-    drop(watch);
+    // Then the watch ends as the port closes: it does not hold the drain
+    // (every replica's balancer keeps one open).
+    let end = tokio::time::timeout(DEADLINE, watch.message())
+        .await
+        .expect("the watch ends in time");
+    assert!(matches!(end, Ok(None)), "the watch ends cleanly: {end:?}");
     tokio::time::timeout(DEADLINE, h.server)
         .await
         .expect("serve returned in time")
