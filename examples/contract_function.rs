@@ -13,11 +13,12 @@
 //! WEBHOOK_SECRET=whsec_… cargo run --example contract_function -- 127.0.0.1:8090
 //! ```
 //!
-//! then subscribe it (the secret is the one `create` printed; the delivery
-//! component must allow 127.0.0.1, as `lightbox dev` does):
+//! then subscribe it with the same secret (or leave `--secret` out, and start
+//! the function with the one `create` prints; the delivery component must
+//! allow 127.0.0.1, as `lightbox dev` does):
 //!
 //! ```text
-//! lightbox subscriptions create --endpoint http://127.0.0.1:8090/ --entity-types contract
+//! lightbox subscriptions create --endpoint http://127.0.0.1:8090/ --types contracts --secret "$WEBHOOK_SECRET"
 //! ```
 
 use std::{

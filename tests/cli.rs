@@ -11,14 +11,12 @@
 //! grpcurl tests are skipped with a notice when grpcurl is not installed,
 //! unless `LIGHTBOX_REQUIRE_GRPCURL=1` (set by CI) makes that a failure.
 
-use std::{
-    io::Write,
-    net::SocketAddr,
-    path::Path,
-    process::{Output, Stdio},
-    sync::{Arc, Mutex},
-};
+#[path = "support/dev.rs"]
+mod dev;
 
+use std::{io::Write, net::SocketAddr, path::Path, process::Stdio};
+
+use dev::{BIN, free_port, lightbox, start_dev, start_dev_logged, start_dev_with, tool};
 use lightbox_api::{
     contracts::{WatchContractsRequest, contracts_service_client::ContractsServiceClient},
     users::{ContractRead, GetUserRequest, users_service_client::UsersServiceClient},
@@ -26,176 +24,11 @@ use lightbox_api::{
 use lightbox_testkit::{DEADLINE, channel};
 use tokio::{
     io::{AsyncBufReadExt, BufReader},
-    process::{Child, Command},
+    process::Command,
 };
 use tonic::Code;
 
-const BIN: &str = env!("CARGO_BIN_EXE_lightbox");
 const ADA: &str = "00000000-0000-7000-8000-000000000001";
-
-/// `lightbox dev` on free ports, with its addresses read from the banner.
-struct Dev {
-    child: Child,
-    users: SocketAddr,
-    contracts: SocketAddr,
-    photos: SocketAddr,
-    gateway: SocketAddr,
-    /// The process's admin listener (health, metrics, faults).
-    admin: SocketAddr,
-    /// The demo token the banner prints.
-    token: String,
-    /// The `lightbox fault …` command the banner prints.
-    fault_command: String,
-    /// Its log lines so far (at `info`), when started by [`start_dev_logged`].
-    log: Option<Arc<Mutex<Vec<String>>>>,
-}
-
-async fn start_dev(data_dir: &Path) -> Dev {
-    start_dev_with(data_dir, &[]).await
-}
-
-async fn start_dev_with(data_dir: &Path, extra: &[&str]) -> Dev {
-    spawn_dev(data_dir, extra, false).await
-}
-
-/// `lightbox dev` whose log (stderr, at `info`) the test reads.
-async fn start_dev_logged(data_dir: &Path) -> Dev {
-    spawn_dev(data_dir, &[], true).await
-}
-
-async fn spawn_dev(data_dir: &Path, extra: &[&str], logged: bool) -> Dev {
-    let mut child = Command::new(BIN)
-        .args([
-            "dev",
-            "--users-addr",
-            "127.0.0.1:0",
-            "--contracts-addr",
-            "127.0.0.1:0",
-            "--photos-addr",
-            "127.0.0.1:0",
-            "--gateway-addr",
-            "127.0.0.1:0",
-            "--admin-addr",
-            "127.0.0.1:0",
-            "--data-dir",
-        ])
-        .arg(data_dir)
-        .args(extra)
-        .env("RUST_LOG", if logged { "info" } else { "warn" })
-        .stdout(Stdio::piped())
-        .stderr(if logged { Stdio::piped() } else { Stdio::inherit() })
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap_or_else(|err| panic!("cannot run {BIN}: {err}"));
-    let log = child.stderr.take().map(|stderr| {
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let lines = Arc::clone(&log);
-        tokio::spawn(async move {
-            let mut stderr = BufReader::new(stderr).lines();
-            while let Ok(Some(line)) = stderr.next_line().await {
-                lines.lock().unwrap_or_else(|e| e.into_inner()).push(line);
-            }
-        });
-        log
-    });
-    let stdout = child.stdout.take().unwrap_or_else(|| panic!("no stdout"));
-    let mut lines = BufReader::new(stdout).lines();
-    let (mut users, mut contracts, mut photos, mut gateway, mut admin, mut token) =
-        (None, None, None, None, None, None);
-    let mut fault_command = String::new();
-    let banner = async {
-        while users.is_none()
-            || contracts.is_none()
-            || photos.is_none()
-            || gateway.is_none()
-            || admin.is_none()
-            || token.is_none()
-        {
-            let line = match lines.next_line().await {
-                Ok(Some(line)) => line,
-                other => panic!("lightbox dev ended before printing its addresses: {other:?}"),
-            };
-            let mut words = line.split_whitespace();
-            let (Some(name), Some(url)) = (words.next(), words.next()) else {
-                continue;
-            };
-            let addr = url.strip_prefix("grpc://").and_then(|a| a.parse::<SocketAddr>().ok());
-            match name {
-                "users" => users = addr,
-                "contracts" => contracts = addr,
-                "photos" => photos = addr,
-                "admin" => admin = addr,
-                "gateway" => gateway = url.strip_prefix("http://").and_then(|a| a.parse().ok()),
-                "export" => token = url.strip_prefix("TOKEN=").map(str::to_owned),
-                "lightbox" if url == "fault" => {
-                    fault_command = line.split('#').next().unwrap_or_default().trim().to_owned();
-                }
-                _ => {}
-            }
-        }
-    };
-    tokio::time::timeout(DEADLINE, banner)
-        .await
-        .unwrap_or_else(|_| panic!("no banner within {DEADLINE:?}"));
-    // Keep draining stdout so the child never blocks on a full pipe.
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    match (users, contracts, photos, gateway, admin, token) {
-        (Some(users), Some(contracts), Some(photos), Some(gateway), Some(admin), Some(token)) => Dev {
-            child,
-            users,
-            contracts,
-            photos,
-            gateway,
-            admin,
-            token,
-            fault_command,
-            log,
-        },
-        _ => panic!("banner without addresses"),
-    }
-}
-
-impl Dev {
-    /// The log lines so far.
-    fn log(&self) -> Vec<String> {
-        let log = self
-            .log
-            .as_ref()
-            .unwrap_or_else(|| panic!("not started by start_dev_logged"));
-        log.lock().unwrap_or_else(|e| e.into_inner()).clone()
-    }
-
-    /// Waits (within the deadline) for a log line containing `needle`, and
-    /// answers every line so far.
-    async fn log_until(&self, needle: &str) -> Vec<String> {
-        let waited = tokio::time::timeout(DEADLINE, async {
-            loop {
-                let log = self.log();
-                if log.iter().any(|line| line.contains(needle)) {
-                    return log;
-                }
-                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-            }
-        });
-        match waited.await {
-            Ok(log) => log,
-            Err(_) => panic!("no log line with {needle:?} within {DEADLINE:?}: {:#?}", self.log()),
-        }
-    }
-
-    /// SIGTERM, then the exit status within the deadline.
-    async fn terminate(mut self) -> std::process::ExitStatus {
-        let pid = self.child.id().unwrap_or_else(|| panic!("already exited"));
-        let killed = std::process::Command::new("kill")
-            .args(["-TERM", &pid.to_string()])
-            .status();
-        assert!(killed.is_ok_and(|s| s.success()), "kill -TERM failed");
-        match tokio::time::timeout(DEADLINE, self.child.wait()).await {
-            Ok(Ok(status)) => status,
-            other => panic!("lightbox did not exit after SIGTERM: {other:?}"),
-        }
-    }
-}
 
 async fn get_ada(addr: SocketAddr) -> Result<lightbox_api::users::GetUserResponse, tonic::Status> {
     get_ada_reading(addr, ContractRead::Unspecified).await
@@ -214,14 +47,6 @@ async fn get_ada_reading(
         })
         .await
         .map(|r| r.into_inner())
-}
-
-async fn lightbox(args: &[&str]) -> Output {
-    let run = Command::new(BIN).args(args).output();
-    match tokio::time::timeout(DEADLINE, run).await {
-        Ok(Ok(output)) => output,
-        other => panic!("lightbox {args:?} failed: {other:?}"),
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -371,8 +196,8 @@ async fn grpcurl_lists_describes_calls_and_watches_without_proto_files() {
         let refused = run_grpcurl(&["-plaintext", "-d", "{}", addr, other]).await;
         assert!(refused.contains("Unimplemented"), "{addr}: {refused}");
     }
-    // The admin listener: the process's health, the fault service and the
-    // photo jobs.
+    // The admin listener: the process's health, the fault service, the
+    // event subscriptions and the photo jobs.
     let admin = dev.admin.to_string();
     let listed = run_grpcurl(&["-plaintext", &admin, "list"]).await;
     let listed: Vec<&str> = listed.lines().collect();
@@ -383,6 +208,7 @@ async fn grpcurl_lists_describes_calls_and_watches_without_proto_files() {
             "grpc.reflection.v1.ServerReflection",
             "grpc.reflection.v1alpha.ServerReflection",
             "lightbox.admin.v1.FaultService",
+            "lightbox.events.v1.SubscriptionsService",
             "lightbox.photos.v1.PhotoJobsService",
         ]
     );
@@ -587,15 +413,6 @@ async fn serve_locks_fault_injection_behind_the_admin_token() {
     let (code, _, err) = tool(&["health", "--addr", &admin]).await;
     assert_eq!(code, Some(0), "{err}");
     let _ = server.kill().await;
-}
-
-async fn tool(args: &[&str]) -> (Option<i32>, String, String) {
-    let out = lightbox(args).await;
-    (
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
 }
 
 /// The seed's back office in three commands: a user signs up with a plan
@@ -1007,14 +824,6 @@ async fn dev_prints_a_token_the_gateway_takes_and_token_prints_one_alone() {
     assert!(status.success(), "{status:?}");
 }
 
-/// A port nothing listens on (bound, then released).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .unwrap_or_else(|err| panic!("{err}"))
-        .port()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_tool_with_nothing_listening_names_the_address_and_exits_7() {
     let addr = format!("127.0.0.1:{}", free_port());
@@ -1305,7 +1114,7 @@ async fn certs_makes_a_development_ca_and_refuses_to_overwrite_it() {
     let out = out.to_string_lossy().into_owned();
     let (code, stdout, err) = tool(&["certs", "--out", &out, "--host", "users.example.internal"]).await;
     assert_eq!(code, Some(0), "{err}");
-    for name in ["ca", "users", "contracts", "photos", "gateway", "operator"] {
+    for name in ["ca", "users", "contracts", "photos", "gateway", "events", "operator"] {
         for ext in ["pem", "key"] {
             let path = Path::new(&out).join(format!("{name}.{ext}"));
             assert!(path.is_file(), "{} in {stdout}", path.display());

@@ -2,9 +2,15 @@
 //! stack: sign in with a token, list, create and delete photos, follow them
 //! and contract changes on the SSE stream (resuming after a dropped
 //! connection), keep answering with the upstreams stopped; and every way a
-//! request can be wrong or not allowed gets its status and leaks nothing.
+//! request can be wrong or not allowed gets its status and leaks nothing;
+//! uploads have their own size and concurrency limits.
+
+#[path = "support/images.rs"]
+mod images;
 
 use std::time::Duration;
+
+use base64::Engine as _;
 
 use jsonwebtoken::{EncodingKey, Header};
 use lightbox_api::{contracts::Contract, users::User};
@@ -386,7 +392,8 @@ async fn bad_requests_get_400_naming_the_field_and_change_nothing() {
             "{what}: {error}"
         );
     }
-    let huge = format!(r#"{{"title": "{}"}}"#, "x".repeat(2 * 1024 * 1024));
+    // Over even the upload limit (14 MiB).
+    let huge = format!(r#"{{"title": "{}"}}"#, "x".repeat(15 * 1024 * 1024));
     let response = phone
         .http
         .post(format!("{}/v1/users/me/photos", phone.base))
@@ -401,7 +408,7 @@ async fn bad_requests_get_400_naming_the_field_and_change_nothing() {
         .and_then(|r| r.headers().get("connection"))
         .is_some_and(|v| v == "close");
     let (status, error) = answer(response).await;
-    assert_eq!(status, StatusCode::BAD_REQUEST, "an oversized body: {error}");
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "an oversized body: {error}");
     assert!(
         closes,
         "the body left unread closes the connection, so the client does not reuse it"
@@ -734,5 +741,105 @@ async fn limits_answer_504_and_503_and_every_answer_carries_its_request_id() {
         "the first one still ran to its deadline"
     );
     photos.clear();
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uploads_have_their_own_body_limit_and_concurrency() {
+    let mut stack = Stack::start(TestDb::sqlite(), feed_options()).await;
+    let (ada, _) = signed_up(&stack, "ada@example.com").await;
+    stack.stop_component(Target::Gateway).await;
+    stack.settings.gateway.max_body_bytes = 8 * 1024;
+    stack.settings.gateway.max_upload_bytes = 256 * 1024;
+    stack.settings.gateway.max_concurrent_uploads = 1;
+    stack.start_component(Target::Gateway).await;
+    let phone = Phone::new(&stack, &ada.id);
+    let upload = |bytes: usize| {
+        let image = images::padded(&images::jpeg(64, 48), bytes);
+        json!({ "title": "Harbour", "image": base64::engine::general_purpose::STANDARD.encode(image) })
+    };
+
+    // Any other body stays within the small limit: 413, naming it.
+    let response = phone
+        .http
+        .get(format!("{}/v1/users/me/photos", phone.base))
+        .bearer_auth(&phone.token)
+        .json(&json!({ "padding": "x".repeat(16 * 1024) }))
+        .send()
+        .await;
+    let (status, error) = answer(response).await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{error}");
+    assert!(
+        error["message"].as_str().is_some_and(|m| m.contains("8192 bytes")),
+        "{error}"
+    );
+
+    // An image of 64 KiB (85 KiB in base64) is over that limit, within the
+    // upload's: taken, to be processed after the answer.
+    let image = images::padded(&images::jpeg(64, 48), 64 * 1024);
+    let body = json!({ "image": base64::engine::general_purpose::STANDARD.encode(&image) });
+    let (status, created) = phone.post("/v1/users/me/photos", body).await;
+    assert_eq!(status, StatusCode::OK, "{created}");
+    assert_eq!(created["photo"]["sizeBytes"], image.len().to_string(), "{created}");
+    assert_eq!(
+        created["photo"]["processing"]["state"], "PROCESSING_STATE_PENDING",
+        "{created}"
+    );
+
+    // 300 KiB (400 KiB in base64) is over the upload's limit.
+    let (status, error) = phone.post("/v1/users/me/photos", upload(300 * 1024)).await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{error}");
+    assert!(
+        error["message"].as_str().is_some_and(|m| m.contains("262144 bytes")),
+        "{error}"
+    );
+
+    // One upload read at a time: a phone sending its body slowly holds the
+    // only slot, and the next upload is refused at once with Retry-After.
+    let mut slow = tokio::net::TcpStream::connect(stack.addr(Target::Gateway))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let head = format!(
+        "POST /v1/users/me/photos HTTP/1.1\r\nhost: gateway\r\nauthorization: Bearer {}\r\n\
+         content-type: application/json\r\ncontent-length: 100000\r\n\r\n{{\"title\": \"",
+        phone.token
+    );
+    tokio::io::AsyncWriteExt::write_all(&mut slow, head.as_bytes())
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let refused = eventually("the slow upload to hold the only slot", || async {
+        let response = phone
+            .http
+            .post(format!("{}/v1/users/me/photos", phone.base))
+            .bearer_auth(&phone.token)
+            .json(&upload(1024))
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        (response.status() == StatusCode::SERVICE_UNAVAILABLE).then_some(response)
+    })
+    .await;
+    assert_eq!(
+        refused.headers().get("retry-after").and_then(|v| v.to_str().ok()),
+        Some("1")
+    );
+    let (_, error) = answer(Ok(refused)).await;
+    assert!(
+        error["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("limit of 1 uploads")),
+        "{error}"
+    );
+    // The slot is freed when that phone goes away.
+    drop(slow);
+    let created = eventually("the slot to be free again", || async {
+        let (status, created) = phone.post("/v1/users/me/photos", upload(1024)).await;
+        (status == StatusCode::OK).then_some(created)
+    })
+    .await;
+    assert_eq!(
+        created["photo"]["processing"]["state"], "PROCESSING_STATE_PENDING",
+        "{created}"
+    );
     stack.stop().await;
 }

@@ -66,6 +66,10 @@ pub enum Command {
     /// Lists, retries and discards the photo processing jobs, through the
     /// photos process's admin listener.
     Jobs(tools::jobs::JobsArgs),
+    /// Subscriptions of functions to events (users, contracts, photos):
+    /// create, list, pause, replay, rotate secrets, dead letters, through
+    /// the admin listener of the process delivering events.
+    Subscriptions(tools::subscriptions::SubscriptionsArgs),
     /// Prints a development token for a user (the token alone, for
     /// scripts), signed with the development key unless `--jwt-secret` is
     /// given.
@@ -80,7 +84,8 @@ pub enum Command {
 /// Settings of the servers.
 #[derive(Debug, Clone, Args)]
 pub struct ServeArgs {
-    /// The components to run: users, contracts, photos, gateway, or all.
+    /// The components to run: users, contracts, photos, gateway, events
+    /// (the delivery of events to functions), or all.
     #[arg(long, env = "LIGHTBOX_TARGET", value_delimiter = ',', default_value = "all")]
     pub target: Vec<Target>,
 
@@ -257,9 +262,20 @@ pub struct ServeArgs {
     #[arg(long, env = "LIGHTBOX_GATEWAY_TIMEOUT", value_parser = humantime::parse_duration, default_value = "10s")]
     pub gateway_timeout: Duration,
 
-    /// The largest request body the gateway accepts, in bytes.
+    /// The largest request body the gateway accepts, in bytes (uploads
+    /// have their own limit).
     #[arg(long, env = "LIGHTBOX_GATEWAY_MAX_BODY_BYTES", default_value_t = 1024 * 1024)]
     pub gateway_max_body_bytes: usize,
+
+    /// The largest body of an upload (`CreatePhoto` with its image, base64
+    /// in JSON) the gateway accepts, in bytes.
+    #[arg(long, env = "LIGHTBOX_GATEWAY_MAX_UPLOAD_BYTES", default_value_t = 14 * 1024 * 1024)]
+    pub gateway_max_upload_bytes: usize,
+
+    /// Uploads the gateway reads at once (each may hold its whole body in
+    /// memory); more get 503 at once.
+    #[arg(long, env = "LIGHTBOX_GATEWAY_MAX_UPLOADS", default_value_t = 16)]
+    pub gateway_max_uploads: usize,
 
     /// Requests the gateway serves at once; more get 503 at once.
     #[arg(long, env = "LIGHTBOX_GATEWAY_MAX_REQUESTS", default_value_t = 1024)]
@@ -305,6 +321,18 @@ pub struct ServeArgs {
     #[arg(long, env = "LIGHTBOX_PHOTO_JOB_MIN_DURATION", value_parser = humantime::parse_duration,
           default_value = "0s", hide = true)]
     pub photo_job_min_duration: Duration,
+
+    /// Networks the delivery of events may reach although they are not
+    /// public (private, loopback, link-local addresses are refused
+    /// otherwise), comma-separated: `10.0.0.0/8` for in-cluster functions.
+    /// `dev` allows loopback.
+    #[arg(
+        long,
+        env = "LIGHTBOX_EVENTS_ALLOW_NETWORKS",
+        value_delimiter = ',',
+        value_name = "CIDR"
+    )]
+    pub events_allow_network: Vec<lightbox_events::Cidr>,
 
     /// Do not load demo data on first start (`dev` only).
     #[arg(long, env = "LIGHTBOX_NO_DEMO")]

@@ -74,6 +74,7 @@ async fn run_command(command: Option<Command>, version: &str) -> anyhow::Result<
         Some(Command::Photos(args)) => tools::photos::run(args).await,
         Some(Command::Watch(args)) => tools::watch::run(args).await,
         Some(Command::Jobs(args)) => tools::jobs::run(args).await,
+        Some(Command::Subscriptions(args)) => tools::subscriptions::run(args).await,
         Some(Command::Token(args)) => tools::token::run(&args),
         Some(Command::Openapi) => openapi(),
         Some(Command::Certs(args)) => tools::certs::run(&args),
@@ -108,7 +109,7 @@ async fn serve(args: ServeArgs, dev: Option<&str>) -> anyhow::Result<()> {
     let admin_listener = lightbox_server::bind(args.admin_addr).await?;
     let admin_addr = admin_listener.local_addr()?;
     let mut listeners = Vec::new();
-    for component in components(&args.target) {
+    for component in components(&args.target).into_iter().filter(|c| c.listens()) {
         let listener = lightbox_server::bind(address(&args, component)).await?;
         // In one process, a component reaches another where it really
         // listens (which differs from the flag when the flag's port is 0).
@@ -124,11 +125,17 @@ async fn serve(args: ServeArgs, dev: Option<&str>) -> anyhow::Result<()> {
         }
         listeners.push((component, listener));
     }
+    let mut listeners = listeners.into_iter();
     let mut running = Vec::new();
-    for (component, listener) in listeners {
-        let started = targets::start(component, &settings, listener)
-            .await
-            .with_context(|| format!("cannot start the {component} component"))?;
+    for component in components(&args.target) {
+        let started = match component.listens() {
+            true => match listeners.next() {
+                Some((_, listener)) => targets::start(component, &settings, listener).await,
+                None => Err(anyhow::anyhow!("no listener was bound")),
+            },
+            false => targets::start_events(&settings, admin_addr).await,
+        }
+        .with_context(|| format!("cannot start the {component} component"))?;
         tracing::info!(component = %component, addr = %started.addr, "component started");
         running.push(started);
     }
@@ -137,7 +144,7 @@ async fn serve(args: ServeArgs, dev: Option<&str>) -> anyhow::Result<()> {
     let (admin_stop, admin_shutdown) = Shutdown::new();
     let faults = running
         .iter()
-        .filter(|c| c.target != Target::Gateway)
+        .filter(|c| c.target != Target::Gateway && c.target.listens())
         .map(|c| (c.target.name().to_owned(), c.faults.clone()))
         .collect();
     let services = admin_services(&running, &admin, dev.is_some());
@@ -217,7 +224,7 @@ fn refuse_plaintext_off_loopback(args: &ServeArgs, settings: &Settings) -> anyho
     if args.allow_plaintext {
         return Ok(());
     }
-    for component in components(&args.target) {
+    for component in components(&args.target).into_iter().filter(|c| c.listens()) {
         let addr = address(args, component);
         let tls = match component {
             Target::Gateway => settings.gateway_tls.is_some(),
@@ -281,7 +288,8 @@ fn admin_options(args: &ServeArgs, dev: bool) -> anyhow::Result<AdminOptions> {
     })
 }
 
-/// The services the components add to the admin listener (Photos' jobs):
+/// The services the components add to the admin listener (Photos' jobs,
+/// the subscriptions of the events component):
 /// behind the credential, so outside `dev` only when there is one (a token
 /// or client certificates); else they are left off, saying how to turn
 /// them on.
@@ -313,6 +321,8 @@ fn address(args: &ServeArgs, component: Target) -> SocketAddr {
         Target::Photos => args.photos_addr,
         Target::Gateway => args.gateway_addr,
         Target::Contracts | Target::All => args.contracts_addr,
+        // Its service is on the admin listener.
+        Target::Events => args.admin_addr,
     }
 }
 
@@ -322,7 +332,7 @@ fn print_banner(args: &ServeArgs, running: &[Component], admin: SocketAddr, vers
         None => format!("SQLite files under {}", args.data_dir.display()),
     };
     let mut text = format!("\nLightbox {version} is running (monolithic mode, {storage}):\n");
-    for component in running {
+    for component in running.iter().filter(|c| c.target.listens()) {
         let scheme = match (component.target == Target::Gateway, args.tls_cert.is_some()) {
             (true, false) => "http",
             (true, true) => "https",
@@ -335,10 +345,15 @@ fn print_banner(args: &ServeArgs, running: &[Component], admin: SocketAddr, vers
             component.addr
         ));
     }
-    text.push_str(&format!(
-        "  {:<10} grpc://{admin}   (health, metrics, faults)\n",
-        "admin"
-    ));
+    let runs = |target: Target| running.iter().any(|c| c.target == target);
+    let mut serves = vec!["health", "metrics", "faults"];
+    if runs(Target::Photos) {
+        serves.push("photo jobs");
+    }
+    if runs(Target::Events) {
+        serves.push("event subscriptions");
+    }
+    text.push_str(&format!("  {:<10} grpc://{admin}   ({})\n", "admin", serves.join(", ")));
     let addr_of =
         |target: Target, default: SocketAddr| running.iter().find(|c| c.target == target).map_or(default, |c| c.addr);
     let users = addr_of(Target::Users, args.users_addr);

@@ -15,13 +15,29 @@ pub enum Target {
     Photos,
     /// The mobile gateway (HTTP/JSON).
     Gateway,
+    /// The delivery of events to functions (CloudEvents over HTTP). It has
+    /// no port of its own: its `SubscriptionsService` is on the admin
+    /// listener.
+    Events,
     /// Every component.
     All,
 }
 
 impl Target {
     /// Every component `All` stands for, in start order (upstreams first).
-    pub const COMPONENTS: [Target; 4] = [Target::Contracts, Target::Users, Target::Photos, Target::Gateway];
+    pub const COMPONENTS: [Target; 5] = [
+        Target::Contracts,
+        Target::Users,
+        Target::Photos,
+        Target::Events,
+        Target::Gateway,
+    ];
+
+    /// Whether it serves on a port of its own (every component but
+    /// `Events`, which serves on the admin listener).
+    pub fn listens(self) -> bool {
+        !matches!(self, Target::Events | Target::All)
+    }
 
     /// The component's name, as written on the command line.
     pub fn name(self) -> &'static str {
@@ -30,6 +46,7 @@ impl Target {
             Target::Contracts => "contracts",
             Target::Photos => "photos",
             Target::Gateway => "gateway",
+            Target::Events => "events",
             Target::All => "all",
         }
     }
@@ -50,9 +67,10 @@ impl FromStr for Target {
             "contracts" => Ok(Target::Contracts),
             "photos" => Ok(Target::Photos),
             "gateway" => Ok(Target::Gateway),
+            "events" => Ok(Target::Events),
             "all" => Ok(Target::All),
             other => Err(format!(
-                "unknown target {other:?}: expected users, contracts, photos, gateway or all"
+                "unknown target {other:?}: expected users, contracts, photos, gateway, events or all"
             )),
         }
     }

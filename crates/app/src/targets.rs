@@ -9,6 +9,7 @@ use anyhow::Context;
 use lightbox_cache::{CacheOptions, sources};
 use lightbox_changefeed::{Db, Feed, FeedOptions, FeedStats, Retention};
 use lightbox_client::Balanced;
+use lightbox_events::{EventsOptions, EventsService, Sources};
 use lightbox_gateway::{AuthConfig, Gateway, GatewayOptions, Upstreams};
 use lightbox_photos::{JobOptions, PhotosOptions};
 use lightbox_server::{AdminService, Faults, ServerOptions, Shutdown, ShutdownTrigger};
@@ -52,6 +53,8 @@ pub struct Settings {
     pub cache: CacheOptions,
     /// Photos' deadlines on its upstreams.
     pub photos: PhotosOptions,
+    /// The delivery of events to functions.
+    pub events: EventsOptions,
     /// Server tuning (message size, drain deadline).
     pub server: ServerOptions,
     /// Load the demo data into an empty database on start.
@@ -95,6 +98,8 @@ impl Settings {
             gateway: GatewayOptions {
                 request_timeout: args.gateway_timeout,
                 max_body_bytes: args.gateway_max_body_bytes,
+                max_upload_bytes: args.gateway_max_upload_bytes,
+                max_concurrent_uploads: args.gateway_max_uploads,
                 max_concurrent_requests: args.gateway_max_requests,
                 max_event_streams: args.gateway_max_event_streams,
                 heartbeat: args.gateway_heartbeat,
@@ -120,6 +125,7 @@ impl Settings {
                 jobs: photo_jobs(args),
                 ..PhotosOptions::default()
             },
+            events: events(args, dev),
             feed: FeedOptions {
                 watcher_buffer: args.watcher_buffer,
                 progress_interval: args.progress_interval,
@@ -201,6 +207,24 @@ impl Settings {
     }
 }
 
+/// The delivery of events, from the command line: `dev` may deliver to
+/// functions on loopback (where `cargo run --example contract_function`
+/// listens).
+fn events(args: &ServeArgs, dev: bool) -> EventsOptions {
+    let mut allowed_networks = args.events_allow_network.clone();
+    if dev {
+        allowed_networks.extend(
+            ["127.0.0.0/8", "::1/128"]
+                .into_iter()
+                .filter_map(|net| net.parse::<lightbox_events::Cidr>().ok()),
+        );
+    }
+    EventsOptions {
+        allowed_networks,
+        ..EventsOptions::default()
+    }
+}
+
 /// How the photos component processes images, from the command line.
 fn photo_jobs(args: &ServeArgs) -> JobOptions {
     let defaults = JobOptions::default();
@@ -278,7 +302,8 @@ fn auth(args: &ServeArgs, dev: bool) -> anyhow::Result<AuthConfig> {
 pub struct Component {
     /// Which component.
     pub target: Target,
-    /// The address its gRPC server listens on.
+    /// The address its gRPC server listens on (for `Events`, which has no
+    /// port of its own, the admin listener's).
     pub addr: SocketAddr,
     /// Its fault switches (also reachable over its admin service).
     pub faults: Faults,
@@ -398,8 +423,45 @@ pub async fn start(component: Target, settings: &Settings, listener: TcpListener
             component.admin_services.push(jobs);
             Ok(component)
         }
-        Target::Gateway | Target::All => anyhow::bail!("{component} has no database"),
+        Target::Gateway | Target::Events | Target::All => {
+            anyhow::bail!("{component} does not start on a listener of its own")
+        }
     }
+}
+
+/// Starts the delivery of events to functions: it reads the services'
+/// watch streams at their URLs (connections are made on first use, so they
+/// may start later) and has no port of its own; its `SubscriptionsService`
+/// goes on the admin listener, at `admin` (behind the admin credential).
+pub async fn start_events(settings: &Settings, admin: SocketAddr) -> anyhow::Result<Component> {
+    let db = settings.database(Target::Events).await?;
+    let timeout = settings.photos.fresh_timeout;
+    let sources = Sources::grpc(
+        settings.upstream("users", &settings.users_url, timeout)?,
+        settings.upstream("contracts", &settings.contracts_url, timeout)?,
+        settings.upstream("photos", &settings.photos_url, timeout)?,
+    );
+    let service = EventsService::open(db, settings.events.clone(), sources)
+        .await
+        .context("cannot open the events component")?;
+    let subscriptions = AdminService::new(service.clone().into_bare_server(settings.server.max_message_bytes));
+    let (stop, shutdown) = Shutdown::new();
+    let task = tokio::spawn(async move {
+        let db = service.db().clone();
+        // Deliveries in flight finish (each within its timeout) on shutdown.
+        service.run(async move { shutdown.wait().await }).await;
+        db.close().await;
+        Ok(())
+    });
+    Ok(Component {
+        target: Target::Events,
+        addr: admin,
+        faults: Faults::new(),
+        admin_services: vec![subscriptions],
+        feed_stats: None,
+        stop,
+        task,
+    })
 }
 
 /// Starts the gateway: HTTP on `listener`, calling the services at their

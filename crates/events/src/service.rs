@@ -62,10 +62,16 @@ impl EventsService {
         max_message_bytes: usize,
     ) -> InterceptedService<SubscriptionsServiceServer<EventsService>, RequireToken> {
         let token = self.engine.options.api_token.as_deref().map(Arc::from);
-        let server = SubscriptionsServiceServer::new(self)
+        InterceptedService::new(self.into_bare_server(max_message_bytes), RequireToken(token))
+    }
+
+    /// The tonic server with message size limits and no token check of its
+    /// own, for a listener that checks its callers already (the admin
+    /// listener, behind its credential).
+    pub fn into_bare_server(self, max_message_bytes: usize) -> SubscriptionsServiceServer<EventsService> {
+        SubscriptionsServiceServer::new(self)
             .max_decoding_message_size(max_message_bytes)
-            .max_encoding_message_size(max_message_bytes);
-        InterceptedService::new(server, RequireToken(token))
+            .max_encoding_message_size(max_message_bytes)
     }
 }
 

@@ -90,8 +90,14 @@ pub struct GatewayOptions {
     pub auth: AuthConfig,
     /// The deadline of one upstream call (and of the whole request).
     pub request_timeout: Duration,
-    /// The largest request body accepted, in bytes.
+    /// The largest request body accepted, in bytes (but for uploads).
     pub max_body_bytes: usize,
+    /// The largest body of a route that carries raw bytes (an image in
+    /// `CreatePhoto`, base64 in JSON), in bytes.
+    pub max_upload_bytes: usize,
+    /// Uploads read at once (each holds up to `max_upload_bytes` in
+    /// memory); more get 503 at once.
+    pub max_concurrent_uploads: usize,
     /// Requests served at once; more get 503 at once rather than queueing.
     pub max_concurrent_requests: usize,
     /// Event streams open at once; more get 503.
@@ -118,6 +124,10 @@ impl GatewayOptions {
             auth,
             request_timeout: Duration::from_secs(10),
             max_body_bytes: 1024 * 1024,
+            // The photos service's 10 MiB image, in base64 (4/3), with room
+            // for the rest of the JSON.
+            max_upload_bytes: 14 * 1024 * 1024,
+            max_concurrent_uploads: 16,
             max_concurrent_requests: 1024,
             max_event_streams: 10_000,
             heartbeat: Duration::from_secs(15),
@@ -145,6 +155,7 @@ pub struct Gateway {
     routes: Vec<Route>,
     channels: HashMap<String, Balanced>,
     requests: Arc<Semaphore>,
+    uploads: Arc<Semaphore>,
     streams: Arc<Semaphore>,
     /// The shared upstream watches and their phones; its followers stop at
     /// `shutdown`, or when the gateway is dropped.
@@ -193,6 +204,7 @@ impl Gateway {
         let fanout = fanout::Fanout::new(upstreams, options.upstream_idle_timeout, shutdown.clone());
         Ok(Gateway {
             requests: Arc::new(Semaphore::new(options.max_concurrent_requests)),
+            uploads: Arc::new(Semaphore::new(options.max_concurrent_uploads)),
             streams: Arc::new(Semaphore::new(options.max_event_streams)),
             fanout,
             options,
@@ -453,11 +465,32 @@ async fn serve_route(gateway: &Gateway, request: Request, matched: &mut Option<S
         }
     }
 
-    let limit = gateway.options.max_body_bytes;
+    let (limit, _upload) = match route.uploads {
+        false => (gateway.options.max_body_bytes, None),
+        true => {
+            let permit = gateway.uploads.try_acquire().map_err(|_| {
+                HttpError::new(
+                    Code::Unavailable,
+                    format!(
+                        "the gateway is reading its limit of {} uploads; retry later",
+                        gateway.options.max_concurrent_uploads
+                    ),
+                )
+                .with_header(header::RETRY_AFTER, HeaderValue::from_static("1"))
+            })?;
+            (gateway.options.max_upload_bytes, Some(permit))
+        }
+    };
     let body = axum::body::to_bytes(body, limit).await.map_err(|e| {
-        HttpError::invalid(format!(
-            "the request body could not be read (at most {limit} bytes are accepted): {e}"
-        ))
+        let too_large = e.into_inner().is::<http_body_util::LengthLimitError>();
+        match too_large {
+            true => HttpError::invalid(format!(
+                "the request body is larger than the {limit} bytes accepted for {} {}",
+                route.verb, route.template
+            ))
+            .with_status(StatusCode::PAYLOAD_TOO_LARGE),
+            false => HttpError::invalid("the request body broke off before its end"),
+        }
     })?;
     if !body.is_empty() && !is_json(&parts.headers) {
         return Err(

@@ -161,6 +161,9 @@ pub struct Route {
     /// a literal `users` segment. Every route has one; the gateway checks it
     /// against the signed-in user.
     pub owner: FieldPath,
+    /// Whether the body can carry raw bytes (a `bytes` field, at any
+    /// depth: an uploaded image), which gets the upload limits.
+    pub uploads: bool,
 }
 
 impl Route {
@@ -319,15 +322,38 @@ fn route(method: &MethodDescriptor, rule: &DynamicMessage) -> Result<Route, Stri
     if owner.leaf().kind() != Kind::String {
         return Err(format!("`{template}`: the user variable must be a string field"));
     }
+    let uploads = match &body {
+        BodyRule::None => false,
+        BodyRule::Whole => carries_bytes(&method.input(), &mut Vec::new()),
+        BodyRule::Field(field) => match field.kind() {
+            Kind::Message(message) => carries_bytes(&message, &mut Vec::new()),
+            kind => kind == Kind::Bytes,
+        },
+    };
     Ok(Route {
         verb,
         template,
         segments,
         body,
+        uploads,
         response_body,
         grpc_path: grpc_path(method)?,
         method: method.clone(),
         owner,
+    })
+}
+
+/// Whether `message` has a `bytes` field, itself or in a message field at
+/// any depth (`seen`: the messages already looked at, for recursive types).
+fn carries_bytes(message: &prost_reflect::MessageDescriptor, seen: &mut Vec<String>) -> bool {
+    if seen.iter().any(|name| name == message.full_name()) {
+        return false;
+    }
+    seen.push(message.full_name().to_owned());
+    message.fields().any(|field| match field.kind() {
+        Kind::Bytes => true,
+        Kind::Message(inner) => carries_bytes(&inner, seen),
+        _ => false,
     })
 }
 

@@ -249,7 +249,7 @@ impl Stack {
         dbs.insert(Target::Contracts, db);
         let mut listeners = HashMap::new();
         let mut addrs = HashMap::new();
-        for target in Target::COMPONENTS {
+        for target in Target::COMPONENTS.into_iter().filter(|t| t.listens()) {
             let listener = bind_any().await;
             addrs.insert(target, local(&listener));
             listeners.insert(target, listener);
@@ -287,6 +287,7 @@ impl Stack {
                 wait_timeout: Duration::from_millis(500),
                 ..PhotosOptions::default()
             },
+            events: lightbox_events::EventsOptions::default(),
             server: lightbox_server::ServerOptions {
                 metrics: metrics.registry().clone(),
                 ..lightbox_server_options()
@@ -313,7 +314,7 @@ impl Stack {
             addrs,
             dbs,
         };
-        for target in Target::COMPONENTS {
+        for target in Target::COMPONENTS.into_iter().filter(|t| t.listens()) {
             if let Some(listener) = listeners.remove(&target) {
                 stack.launch(target, listener).await;
             }

@@ -9,13 +9,13 @@ use super::{Failure, Kind, output::emit};
 
 /// The certificates made: one per component, and one for an operator (the
 /// CLI, grpcurl).
-const NAMES: &[&str] = &["users", "contracts", "photos", "gateway", "operator"];
+const NAMES: &[&str] = &["users", "contracts", "photos", "gateway", "events", "operator"];
 
 /// Arguments of `lightbox certs`.
 #[derive(Debug, Clone, Args)]
 pub struct CertsArgs {
     /// The directory to write `ca.pem`, `ca.key`, and `NAME.pem`, `NAME.key`
-    /// for users, contracts, photos, gateway and operator.
+    /// for users, contracts, photos, gateway, events and operator.
     #[arg(long, default_value = "certs")]
     pub out: PathBuf,
 

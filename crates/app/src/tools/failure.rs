@@ -1,7 +1,8 @@
 //! How the tools fail: a [`Failure`] is one line and an exit code
-//! ([`Kind`]). An `Endpoint` is a service at an address; a call that fails
-//! there becomes a [`Failure`] naming both, and the next step, built once
-//! (not from a chain of causes that repeat each other).
+//! ([`Kind`]). An `Endpoint` is a service (or a process's subscriptions)
+//! at an address; a call that fails there becomes a [`Failure`] naming
+//! both, and the next step, built once (not from a chain of causes that
+//! repeat each other).
 
 use std::time::Duration;
 
@@ -124,11 +125,42 @@ pub fn exit_code(err: &anyhow::Error) -> u8 {
         .map_or(Kind::Other.exit_code(), Failure::exit_code)
 }
 
-/// A service at an address, as a tool reaches it: the channel, and what
-/// to say when a call fails there.
+/// What an `Endpoint` reaches, for the words of its failures.
+///
+/// Not a [`Service`] variant: `lightbox watch` and `lightbox fault` take a
+/// [`Service`] on the command line, and the subscriptions are neither a
+/// feed to watch nor a server to inject faults into.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Subject {
+    /// A service: on its own port, or on its process's admin listener (its
+    /// faults, its health, its photo jobs).
+    Service(Service),
+    /// The subscriptions of a process delivering events (`lightbox
+    /// subscriptions`), on its admin listener only.
+    Subscriptions,
+}
+
+impl Subject {
+    /// Its name, as the tools' commands spell it.
+    fn name(self) -> &'static str {
+        match self {
+            Subject::Service(service) => service.name(),
+            Subject::Subscriptions => "subscriptions",
+        }
+    }
+}
+
+impl std::fmt::Display for Subject {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A service (or the subscriptions) at an address, as a tool reaches it:
+/// the channel, and what to say when a call fails there.
 #[derive(Debug, Clone)]
 pub(crate) struct Endpoint {
-    service: Service,
+    subject: Subject,
     url: String,
     /// The tool's command group (`users`, `watch`, `fault`, …), for the
     /// `--help` the next step points to.
@@ -218,17 +250,25 @@ impl Endpoint {
     /// unreachable service fails that call (and says so), not this.
     pub(crate) fn new(service: Service, addr: Option<&str>, command: &'static str) -> Result<Endpoint, Failure> {
         let url = resolve(addr, service.env_var(), service.default_url())?;
-        Endpoint::at(service, url, command, false)
+        Endpoint::at(Subject::Service(service), url, command, false)
     }
 
     /// The admin listener of the process running `service`: at `addr`, or
     /// where `LIGHTBOX_ADMIN_ADDR` says, or at 127.0.0.1:50050.
     pub(crate) fn admin(service: Service, addr: Option<&str>, command: &'static str) -> Result<Endpoint, Failure> {
         let url = resolve(addr, "LIGHTBOX_ADMIN_ADDR", DEFAULT_ADMIN_URL)?;
-        Endpoint::at(service, url, command, true)
+        Endpoint::at(Subject::Service(service), url, command, true)
     }
 
-    fn at(service: Service, url: String, command: &'static str, admin: bool) -> Result<Endpoint, Failure> {
+    /// The subscriptions of the process delivering events, on its admin
+    /// listener: at `addr`, or where `LIGHTBOX_ADMIN_ADDR` says, or at
+    /// 127.0.0.1:50050.
+    pub(crate) fn subscriptions(addr: Option<&str>) -> Result<Endpoint, Failure> {
+        let url = resolve(addr, "LIGHTBOX_ADMIN_ADDR", DEFAULT_ADMIN_URL)?;
+        Endpoint::at(Subject::Subscriptions, url, "subscriptions", true)
+    }
+
+    fn at(subject: Subject, url: String, command: &'static str, admin: bool) -> Result<Endpoint, Failure> {
         let target = lightbox_client::Target::parse(&url)
             .map_err(|e| Failure::new(Kind::Usage, format!("--addr {url} is not an address: {e}")))?;
         let tls = match target.addresses().iter().any(|a| a.is_https()) {
@@ -236,7 +276,7 @@ impl Endpoint {
             false => None,
         };
         let options = ConnectOptions {
-            label: Some(service.name().to_owned()),
+            label: Some(subject.name().to_owned()),
             tls,
             // An admin listener must be reached even while its process says
             // NOT_SERVING (to read or clear a fault, to report the status).
@@ -249,7 +289,7 @@ impl Endpoint {
         let channel = lightbox_client::connect(&target, options)
             .map_err(|e| Failure::new(Kind::Usage, format!("--addr {url}: {e}")))?;
         Ok(Endpoint {
-            service,
+            subject,
             url,
             command,
             admin,
@@ -262,7 +302,7 @@ impl Endpoint {
     fn place(&self) -> String {
         match self.admin {
             true => "the admin listener".to_owned(),
-            false => format!("the {} service", self.service),
+            false => format!("the {} service", self.subject),
         }
     }
 
@@ -312,42 +352,55 @@ impl Endpoint {
 
     /// What to do about a call that ended with `status`.
     fn next_step(&self, status: &Status) -> String {
-        let (service, command) = (self.service, self.command);
+        let (subject, command) = (self.subject, self.command);
+        let subscriptions = subject == Subject::Subscriptions;
         match status.code() {
             Code::Unauthenticated if self.admin => {
                 "nothing was changed; give the server's admin token with --token or LIGHTBOX_ADMIN_TOKEN".to_owned()
             }
+            Code::Unimplemented if subscriptions => format!(
+                "is {} the admin listener (its --admin-addr) of a process delivering events \
+                 (`lightbox dev`, or `lightbox serve` with the events target)?",
+                self.url
+            ),
+            Code::NotFound if subscriptions => {
+                "check the name; `lightbox subscriptions list` lists the subscriptions".to_owned()
+            }
+            Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled if subscriptions => {
+                "try again later; the process's log says more".to_owned()
+            }
+            Code::Aborted | Code::ResourceExhausted if subscriptions => "nothing was changed".to_owned(),
             Code::Unimplemented if self.admin => format!(
                 "is {} a process's admin listener (its --admin-addr; 127.0.0.1:50050 by default), \
                  started with --faults?",
                 self.url
             ),
-            Code::NotFound if service == Service::Photos => {
+            Code::NotFound if subject == Subject::Service(Service::Photos) => {
                 "check the id; `lightbox photos list --user USER_ID` lists a user's photos".to_owned()
             }
-            Code::NotFound => format!("check the id; `lightbox {service} list` lists the {service}"),
+            Code::NotFound => format!("check the id; `lightbox {subject} list` lists the {subject}"),
             Code::InvalidArgument | Code::OutOfRange => {
                 format!("nothing was changed; see `lightbox {command} --help`")
             }
             Code::Aborted => format!(
-                "nothing was changed; `lightbox {service} get ID` shows the current revision, \
+                "nothing was changed; `lightbox {subject} get ID` shows the current revision, \
                  to pass as --expected-revision"
             ),
             Code::AlreadyExists | Code::FailedPrecondition | Code::PermissionDenied | Code::Unauthenticated => {
                 "nothing was changed".to_owned()
             }
-            Code::ResourceExhausted if service == Service::Photos => {
+            Code::ResourceExhausted if subject == Subject::Service(Service::Photos) => {
                 "nothing was changed; `lightbox contracts list --holder USER_ID` shows the owner's contract".to_owned()
             }
             Code::ResourceExhausted => "nothing was changed; try again later".to_owned(),
             Code::Unavailable if status.message().contains("fault injection") => {
-                format!("`lightbox fault {service} --clear` brings it back")
+                format!("`lightbox fault {subject} --clear` brings it back")
             }
             Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled => {
-                format!("try again later (`lightbox fault {service}` shows the faults injected into it)")
+                format!("try again later (`lightbox fault {subject}` shows the faults injected into it)")
             }
             Code::Unimplemented => format!(
-                "is {} the {service} service's port? By default users is on 50051, \
+                "is {} the {subject} service's port? By default users is on 50051, \
                  contracts on 50052, photos on 50053",
                 self.url
             ),
@@ -355,12 +408,12 @@ impl Endpoint {
             _ if status.message().contains("while receiving response with status") => match self.admin {
                 true => format!("{} does not speak gRPC: is it a process's admin listener?", self.url),
                 false => format!(
-                    "{} does not speak gRPC: is it the {service} service's port (not the gateway's)?",
+                    "{} does not speak gRPC: is it the {subject} service's port (not the gateway's)?",
                     self.url
                 ),
             },
             _ if self.admin => "the process's log says more".to_owned(),
-            _ => format!("the {service} service's log says more"),
+            _ => format!("the {subject} service's log says more"),
         }
     }
 }
@@ -479,6 +532,24 @@ mod tests {
             error_line(&down).ends_with("; `lightbox fault users --clear` brings it back"),
             "{down}"
         );
+    }
+
+    #[tokio::test]
+    async fn the_subscriptions_next_steps_name_their_own_commands() {
+        let subscriptions = Endpoint::subscriptions(Some("http://127.0.0.1:1")).expect("a valid address");
+        let missing = subscriptions.failed(Status::not_found("there is no subscription subscriptions/x"));
+        assert_eq!(exit_code(&missing), 3);
+        assert_eq!(
+            error_line(&missing),
+            "the admin listener at http://127.0.0.1:1 answered NOT_FOUND: there is no subscription \
+             subscriptions/x; check the name; `lightbox subscriptions list` lists the subscriptions"
+        );
+        let elsewhere = error_line(&subscriptions.failed(Status::unimplemented("")));
+        assert!(elsewhere.contains("a process delivering events"), "{elsewhere}");
+        let bad = error_line(&subscriptions.failed(Status::invalid_argument("subscription.endpoint")));
+        assert!(bad.ends_with("see `lightbox subscriptions --help`"), "{bad}");
+        let down = error_line(&subscriptions.failed(Status::unavailable("database")));
+        assert!(!down.contains("lightbox fault"), "{down}");
     }
 
     #[test]

@@ -1,7 +1,9 @@
 //! The command-line tools: the seed's Back Office App (`lightbox users`),
 //! Support App (`lightbox contracts`), `lightbox photos`, the streaming
 //! watcher (`lightbox watch`), fault injection (`lightbox fault`), health
-//! checks (`lightbox health`) and development tokens (`lightbox token`).
+//! checks (`lightbox health`), the photo jobs (`lightbox jobs`), the event
+//! subscriptions (`lightbox subscriptions`) and development tokens
+//! (`lightbox token`).
 //!
 //! Output is a readable table by default, and with `--json` the proto3 JSON
 //! mapping of the call's response, written by the gateway's own code
@@ -18,13 +20,16 @@
 //! - [`fault`]: `lightbox fault`, the client of a process's admin listener.
 //! - [`jobs`]: `lightbox jobs`, the photo processing jobs, on the admin
 //!   listener too.
+//! - [`subscriptions`]: `lightbox subscriptions`, the subscriptions of
+//!   functions to events and their dead letters, on the admin listener of
+//!   the process delivering events.
 //! - [`health`]: `lightbox health`, a health check of a process, for
 //!   container health checks.
 //! - [`token`]: `lightbox token`, a development token for the gateway.
 //! - [`failure`]: [`Failure`] and its exit code ([`Kind`]); `Endpoint`, a
-//!   service at an address, which turns a failed call into a [`Failure`]
-//!   that names both and says what to do next; [`error_line`] and
-//!   [`exit_code`], what the binary prints and returns.
+//!   service (or the subscriptions) at an address, which turns a failed
+//!   call into a [`Failure`] that names both and says what to do next;
+//!   [`error_line`] and [`exit_code`], what the binary prints and returns.
 //! - `output` (private): tables, JSON through the gateway's mapping, and
 //!   stdout.
 //!
@@ -39,6 +44,7 @@ pub mod health;
 pub mod jobs;
 mod output;
 pub mod photos;
+pub mod subscriptions;
 pub mod token;
 pub mod users;
 pub mod watch;
