@@ -111,28 +111,6 @@ impl ProcessHealth {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[tokio::test]
-    async fn the_process_serves_only_while_every_component_does_and_not_while_draining() {
-        let health = ProcessHealth::new();
-        assert_eq!(health.overall(), ServingStatus::Serving);
-        health.set("a.A", ServingStatus::Serving).await;
-        health.set("b.B", ServingStatus::Serving).await;
-        assert_eq!(health.overall(), ServingStatus::Serving);
-        health.set("b.B", ServingStatus::NotServing).await;
-        assert_eq!(health.overall(), ServingStatus::NotServing);
-        health.set("b.B", ServingStatus::Serving).await;
-        assert_eq!(health.overall(), ServingStatus::Serving);
-        health.drain().await;
-        assert_eq!(health.overall(), ServingStatus::NotServing);
-        health.set("a.A", ServingStatus::Serving).await;
-        assert_eq!(health.overall(), ServingStatus::NotServing);
-    }
-}
-
 /// A port's `grpc.health.v1.Health`: tonic's, except that its `Watch`
 /// streams end once the port closes. A watch never ends by itself, so a
 /// client watching (every replica's balancer does) would otherwise hold the
@@ -204,5 +182,27 @@ impl<S: tokio_stream::Stream + Unpin> tokio_stream::Stream for Until<S> {
             return std::task::Poll::Ready(None);
         }
         std::pin::Pin::new(&mut self.stream).poll_next(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn the_process_serves_only_while_every_component_does_and_not_while_draining() {
+        let health = ProcessHealth::new();
+        assert_eq!(health.overall(), ServingStatus::Serving);
+        health.set("a.A", ServingStatus::Serving).await;
+        health.set("b.B", ServingStatus::Serving).await;
+        assert_eq!(health.overall(), ServingStatus::Serving);
+        health.set("b.B", ServingStatus::NotServing).await;
+        assert_eq!(health.overall(), ServingStatus::NotServing);
+        health.set("b.B", ServingStatus::Serving).await;
+        assert_eq!(health.overall(), ServingStatus::Serving);
+        health.drain().await;
+        assert_eq!(health.overall(), ServingStatus::NotServing);
+        health.set("a.A", ServingStatus::Serving).await;
+        assert_eq!(health.overall(), ServingStatus::NotServing);
     }
 }
