@@ -3,94 +3,21 @@
 
 use std::{sync::Arc, time::Duration};
 
-use sqlx::{Any, AnyConnection, Row, Transaction, any::AnyRow};
+use sqlx::{Any, AnyConnection, Transaction};
 use tokio::task::JoinHandle;
 
+pub use crate::{
+    change::{Change, ChangePage, Entity, Frame},
+    error::{FeedError, is_transient},
+    retention::Retention,
+};
 use crate::{
     db::{Backend, Db},
     hub::{self, Hub},
-    lease::{Lease, Term},
+    lease::Term,
+    log::{CatchUp, NOTIFY_CHANNEL, catch_up, decode_row, get_entity, now_micros, read_state},
+    retention,
 };
-
-/// The PostgreSQL notification channel writers signal on commit, so that
-/// every replica's tail wakes at once instead of waiting for its poll.
-pub(crate) const NOTIFY_CHANNEL: &str = "lightbox_changefeed";
-
-/// One committed change to an entity.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Change<T> {
-    /// The revision of the change.
-    pub revision: i64,
-    /// The entity's id.
-    pub entity_id: String,
-    /// The scope the entity belongs to (its owner's id, see
-    /// [`WriteTx::put_scoped`]; empty for none). A deletion carries the
-    /// scope of the entity it deleted. The API's watch messages carry it
-    /// where the entity has an owner (`ContractChange.holder_user_id`,
-    /// `PhotoChange.user_id`), and it is read back from them; a change read
-    /// back from a watch of users has the empty scope.
-    pub scope: String,
-    /// The entity after the change; `None` for a deletion.
-    pub entity: Option<T>,
-}
-
-/// One frame of a watch stream.
-#[derive(Debug, Clone)]
-pub enum Frame<T> {
-    /// A change (in a snapshot, the entity's current state at its revision).
-    Change(Arc<Change<T>>),
-    /// A snapshot at `revision` starts.
-    SnapshotBegin {
-        /// The revision the snapshot is taken at.
-        revision: i64,
-    },
-    /// The snapshot at `revision` is complete.
-    SnapshotEnd {
-        /// The revision the snapshot is taken at.
-        revision: i64,
-    },
-    /// Every matching change up to `revision` was delivered.
-    Progress {
-        /// The revision the watcher is now at.
-        revision: i64,
-    },
-    /// The watch cannot resume; a snapshot at `revision` follows.
-    Reset {
-        /// The revision of the snapshot that follows.
-        revision: i64,
-        /// Why, for people and logs.
-        reason: String,
-    },
-}
-
-/// How much history a feed keeps. Counted in revisions: the changelog keeps
-/// the last `keep_changes` changes; tombstones of deleted entities are kept
-/// for the last `keep_tombstones` revisions, which must be at least as many.
-///
-/// Replicas of a service on one database trim once between them: the
-/// periodic retention runs on the replica holding the lease
-/// `retention:<feed>` ([`crate::lease`]), each compaction fenced by its
-/// term. A compaction is correct even if two run at once anyway (a paused
-/// holder waking up, a manual [`Feed::compact`]): see `compact`.
-#[derive(Debug, Clone)]
-pub struct Retention {
-    /// Changes kept in the changelog.
-    pub keep_changes: i64,
-    /// Revisions for which deletions are remembered (tombstones).
-    pub keep_tombstones: i64,
-    /// How often the feed trims; `None`: only when [`Feed::compact`] is called.
-    pub interval: Option<Duration>,
-}
-
-impl Default for Retention {
-    fn default() -> Self {
-        Retention {
-            keep_changes: 100_000,
-            keep_tombstones: 1_000_000,
-            interval: Some(Duration::from_secs(60)),
-        }
-    }
-}
 
 /// Tuning of a feed.
 #[derive(Debug, Clone)]
@@ -119,63 +46,6 @@ impl Default for FeedOptions {
     }
 }
 
-/// A failure of the changefeed's storage.
-#[derive(Debug, thiserror::Error)]
-pub enum FeedError {
-    /// The database failed.
-    #[error("database error: {0}")]
-    Db(#[from] sqlx::Error),
-    /// A stored payload does not decode: a bug or a corrupted database.
-    #[error("stored entity {entity_id:?} at revision {revision} does not decode: {source}")]
-    Decode {
-        /// The entity.
-        entity_id: String,
-        /// Its revision.
-        revision: i64,
-        /// The decoder's complaint.
-        source: prost::DecodeError,
-    },
-    /// The database could not be migrated.
-    #[error("database migration failed: {0}")]
-    Migrate(#[from] sqlx::migrate::MigrateError),
-    /// A request to the feed is malformed (a forged page token, a token
-    /// given with a revision).
-    #[error("{0}")]
-    InvalidRequest(String),
-    /// A feed option is out of range.
-    #[error("invalid feed options: {0}")]
-    Options(String),
-}
-
-impl From<FeedError> for lightbox_api::ApiError {
-    fn from(err: FeedError) -> Self {
-        match err {
-            FeedError::InvalidRequest(message) => lightbox_api::ApiError::InvalidArgument(message),
-            // A database that is down, restarting or out of connections is
-            // an outage callers retry, not a bug: UNAVAILABLE (503), saying so.
-            FeedError::Db(err) if is_transient(&err) => {
-                lightbox_api::ApiError::Unavailable(format!("the database is unreachable ({err}); retry in a moment"))
-            }
-            other => lightbox_api::ApiError::internal(other),
-        }
-    }
-}
-
-/// Whether a database error is the database being unreachable, restarting
-/// or out of connections (an outage that passes), rather than a bug: a lost
-/// or refused connection, a pool that timed out or was closed, PostgreSQL's
-/// connection-exception class (08) and shutdown / too-many-connections
-/// codes, SQLite's busy and locked.
-pub fn is_transient(err: &sqlx::Error) -> bool {
-    match err {
-        sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::WorkerCrashed => true,
-        sqlx::Error::Database(db) => db.code().is_some_and(|code| {
-            code.starts_with("08") || matches!(code.as_ref(), "57P01" | "57P02" | "57P03" | "53300" | "5" | "6")
-        }),
-        _ => false,
-    }
-}
-
 /// Counters of a feed in one process.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FeedStats {
@@ -193,32 +63,6 @@ pub struct FeedStats {
     pub slow_watchers_ended: u64,
     /// Snapshots (`since_revision = 0`, or a reset) being read now.
     pub snapshots: i64,
-}
-
-/// A page of the pull listing.
-#[derive(Debug, Clone)]
-pub struct ChangePage<T> {
-    /// The changes, in revision order (in entity id order while listing the
-    /// state from 0).
-    pub changes: Vec<Arc<Change<T>>>,
-    /// The revision to list from next (0 while the state listing goes on).
-    pub next_since_revision: i64,
-    /// While listing the state from 0: the token of the next page.
-    pub next_page_token: String,
-    /// Set when the requested revision cannot be resumed from: the client
-    /// drops its copy and lists again from 0. Holds the reason.
-    pub reset: Option<String>,
-}
-
-impl<T> ChangePage<T> {
-    fn reset(reason: String) -> ChangePage<T> {
-        ChangePage {
-            changes: Vec::new(),
-            next_since_revision: 0,
-            next_page_token: String::new(),
-            reset: Some(reason),
-        }
-    }
 }
 
 /// The position of a state listing: the revision it lists the state at,
@@ -244,27 +88,6 @@ impl StatePage {
         Some((at.parse().ok()?, after.to_owned()))
     }
 }
-
-/// What the feed_state row says.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct FeedState {
-    pub revision: i64,
-    pub compacted_revision: i64,
-    pub tombstone_revision: i64,
-}
-
-/// The answer to "what comes after revision N".
-pub(crate) enum CatchUp<T> {
-    /// Changes after N in revision order (at most the page size), and the
-    /// head they were read at.
-    Page { changes: Vec<Arc<Change<T>>>, head: i64 },
-    /// N cannot be resumed from; the client needs a snapshot.
-    Reset { reason: String },
-}
-
-/// Bound on what an entity type must be to travel through a feed.
-pub trait Entity: prost::Message + Default + Clone + Send + Sync + 'static {}
-impl<T: prost::Message + Default + Clone + Send + Sync + 'static> Entity for T {}
 
 /// A named feed of entities of type `T` (a protobuf message) in a database.
 ///
@@ -301,7 +124,7 @@ impl<T> Drop for Inner<T> {
 pub(crate) struct Shared<T> {
     pub(crate) name: &'static str,
     pub(crate) db: Db,
-    pub(crate) hub: Hub<T>,
+    pub(crate) hub: Arc<Hub<T>>,
     pub(crate) options: FeedOptions,
 }
 
@@ -334,14 +157,21 @@ impl<T: Entity> Feed<T> {
         let state = read_state(&mut *db.pool().acquire().await?, name).await?;
         let shared = Arc::new(Shared {
             name,
-            hub: Hub::new(options.watcher_buffer, state.revision),
+            hub: Arc::new(Hub::new(options.watcher_buffer, state.revision)),
             db,
             options,
         });
-        let mut tasks = vec![tokio::spawn(hub::tail(Arc::clone(&shared)))];
+        let (hub, db, name, poll) = (&shared.hub, &shared.db, shared.name, shared.options.poll_interval);
+        let mut tasks = vec![tokio::spawn(hub::tail(Arc::clone(hub), db.clone(), name, poll))];
         if shared.db.backend() == Backend::Postgres {
             let (ready, listening) = tokio::sync::oneshot::channel();
-            tasks.push(tokio::spawn(hub::listen(Arc::clone(&shared), ready)));
+            tasks.push(tokio::spawn(hub::listen(
+                Arc::clone(hub),
+                db.clone(),
+                name,
+                poll,
+                ready,
+            )));
             // Ready to be woken by other replicas before answering anyone; if
             // the listener cannot connect, the poll still finds every change.
             if tokio::time::timeout(Duration::from_secs(5), listening).await.is_err() {
@@ -352,7 +182,12 @@ impl<T: Entity> Feed<T> {
             }
         }
         if let Some(every) = shared.options.retention.interval {
-            tasks.push(tokio::spawn(retain(Arc::clone(&shared), every)));
+            tasks.push(tokio::spawn(retention::retain(
+                shared.db.clone(),
+                shared.name,
+                shared.options.retention.clone(),
+                every,
+            )));
         }
         Ok(Feed {
             inner: Arc::new(Inner { shared, tasks }),
@@ -505,7 +340,7 @@ impl<T: Entity> Feed<T> {
                     "page_token continues a listing from since_revision 0 only".into(),
                 ));
             }
-            let (changes, head) = match catch_up(shared, since, limit, None).await? {
+            let (changes, head) = match catch_up(&shared.db, shared.name, since, limit, None).await? {
                 CatchUp::Page { changes, head } => (changes, head),
                 CatchUp::Reset { reason } => return Ok(ChangePage::reset(reason)),
             };
@@ -573,7 +408,10 @@ impl<T: Entity> Feed<T> {
     /// compaction is safe to run on several replicas at once (see
     /// [`Retention`]), so the lease only saves the repeated work.
     pub async fn compact(&self) -> Result<(), FeedError> {
-        compact(&self.inner.shared, None).await.map(|_| ())
+        let shared = &self.inner.shared;
+        retention::compact(&shared.db, shared.name, &shared.options.retention, None)
+            .await
+            .map(|_| ())
     }
 
     /// Trims history now as the holder of this feed's retention lease
@@ -581,7 +419,8 @@ impl<T: Entity> Feed<T> {
     /// nothing done, if the lease has changed hands since (the fence is
     /// checked inside the compaction's transaction).
     pub async fn compact_fenced(&self, term: Term) -> Result<bool, FeedError> {
-        compact(&self.inner.shared, Some(term)).await
+        let shared = &self.inner.shared;
+        retention::compact(&shared.db, shared.name, &shared.options.retention, Some(term)).await
     }
 }
 
@@ -717,307 +556,4 @@ impl<T: Entity> WriteTx<T> {
         self.feed.inner.shared.hub.wake();
         Ok(self.revision)
     }
-}
-
-pub(crate) fn now_micros() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_micros() as i64)
-        .unwrap_or(0)
-}
-
-pub(crate) async fn read_state(conn: &mut AnyConnection, feed: &str) -> Result<FeedState, FeedError> {
-    let row = sqlx::query("SELECT revision, compacted_revision, tombstone_revision FROM feed_state WHERE feed = $1")
-        .bind(feed)
-        .fetch_one(conn)
-        .await?;
-    Ok(FeedState {
-        revision: row.try_get(0)?,
-        compacted_revision: row.try_get(1)?,
-        tombstone_revision: row.try_get(2)?,
-    })
-}
-
-async fn get_entity<T: Entity>(conn: &mut AnyConnection, feed: &str, id: &str) -> Result<Option<T>, FeedError> {
-    let row = sqlx::query(
-        "SELECT entity_id, revision, payload, scope FROM feed_entities WHERE feed = $1 AND entity_id = $2 AND deleted = 0",
-    )
-    .bind(feed)
-    .bind(id)
-    .fetch_optional(conn)
-    .await?;
-    match row {
-        Some(row) => Ok(decode_row::<T>(&row)?.entity),
-        None => Ok(None),
-    }
-}
-
-/// Decodes a row of `(entity_id, revision, payload, scope)`; a NULL payload
-/// is a deletion.
-pub(crate) fn decode_row<T: Entity>(row: &AnyRow) -> Result<Change<T>, FeedError> {
-    let entity_id: String = row.try_get(0)?;
-    let revision: i64 = row.try_get(1)?;
-    let payload: Option<Vec<u8>> = row.try_get(2)?;
-    let scope: String = row.try_get(3)?;
-    let entity = match payload {
-        Some(bytes) => Some(T::decode(bytes.as_slice()).map_err(|source| FeedError::Decode {
-            entity_id: entity_id.clone(),
-            revision,
-            source,
-        })?),
-        None => None,
-    };
-    Ok(Change {
-        revision,
-        entity_id,
-        scope,
-        entity,
-    })
-}
-
-/// Changes after `cursor` from the changelog, in revision order; with a
-/// `scope`, only the changes in it (the page then ends at the last of them).
-pub(crate) async fn changes_since<T: Entity>(
-    conn: &mut AnyConnection,
-    feed: &str,
-    cursor: i64,
-    limit: i64,
-    scope: Option<&str>,
-) -> Result<Vec<Arc<Change<T>>>, FeedError> {
-    let sql = [
-        "SELECT entity_id, revision, payload, scope FROM feed_changes \
-         WHERE feed = $1 AND revision > $2 ORDER BY revision LIMIT $3",
-        "SELECT entity_id, revision, payload, scope FROM feed_changes \
-         WHERE feed = $1 AND revision > $2 AND scope = $4 ORDER BY revision LIMIT $3",
-    ];
-    rows_since(conn, sql, feed, cursor, limit, scope).await
-}
-
-/// The latest state of each entity written after `cursor`, deletions
-/// included, in revision order (the consolidated delta); with a `scope`,
-/// only the entities in it.
-pub(crate) async fn entities_since<T: Entity>(
-    conn: &mut AnyConnection,
-    feed: &str,
-    cursor: i64,
-    limit: i64,
-    scope: Option<&str>,
-) -> Result<Vec<Arc<Change<T>>>, FeedError> {
-    let sql = [
-        "SELECT entity_id, revision, payload, scope FROM feed_entities \
-         WHERE feed = $1 AND revision > $2 ORDER BY revision LIMIT $3",
-        "SELECT entity_id, revision, payload, scope FROM feed_entities \
-         WHERE feed = $1 AND revision > $2 AND scope = $4 ORDER BY revision LIMIT $3",
-    ];
-    rows_since(conn, sql, feed, cursor, limit, scope).await
-}
-
-/// Runs `sql` (`[unscoped, scoped]`: the second binds the scope as `$4`)
-/// and decodes the rows.
-async fn rows_since<T: Entity>(
-    conn: &mut AnyConnection,
-    [unscoped, scoped]: [&'static str; 2],
-    feed: &str,
-    cursor: i64,
-    limit: i64,
-    scope: Option<&str>,
-) -> Result<Vec<Arc<Change<T>>>, FeedError> {
-    let mut query = sqlx::query(if scope.is_some() { scoped } else { unscoped })
-        .bind(feed)
-        .bind(cursor)
-        .bind(limit);
-    if let Some(scope) = scope {
-        query = query.bind(scope);
-    }
-    let rows = query.fetch_all(conn).await?;
-    rows.iter().map(|row| decode_row(row).map(Arc::new)).collect()
-}
-
-/// What comes after `cursor` (> 0): changelog replay while the history is
-/// kept, the consolidated delta once it was trimmed, a reset past the
-/// tombstones or past the head. Reads state and rows in one snapshot. With a
-/// `scope`, the page holds only that scope's changes, and a short page still
-/// means everything up to the head was read.
-pub(crate) async fn catch_up<T: Entity>(
-    shared: &Shared<T>,
-    cursor: i64,
-    limit: i64,
-    scope: Option<&str>,
-) -> Result<CatchUp<T>, FeedError> {
-    let mut tx = shared.db.begin_snapshot().await?;
-    let state = read_state(&mut tx, shared.name).await?;
-    let result = if cursor > state.revision {
-        CatchUp::Reset {
-            reason: format!(
-                "revision {cursor} is ahead of this server's latest revision {} (was its database replaced?)",
-                state.revision
-            ),
-        }
-    } else if cursor < state.tombstone_revision {
-        CatchUp::Reset {
-            reason: format!(
-                "revision {cursor} is older than the deletions this server keeps (from revision {})",
-                state.tombstone_revision
-            ),
-        }
-    } else if cursor >= state.compacted_revision {
-        CatchUp::Page {
-            changes: changes_since(&mut tx, shared.name, cursor, limit, scope).await?,
-            head: state.revision,
-        }
-    } else {
-        CatchUp::Page {
-            changes: entities_since(&mut tx, shared.name, cursor, limit, scope).await?,
-            head: state.revision,
-        }
-    };
-    tx.commit().await?;
-    Ok(result)
-}
-
-/// The current state at one revision, which it returns: of the entities in
-/// `ids` if given (in id order), else of every entity; with a `scope`, only
-/// those in it (through the `feed_entities_by_scope` index).
-pub(crate) async fn snapshot<T: Entity>(
-    shared: &Shared<T>,
-    ids: Option<&[String]>,
-    scope: Option<&str>,
-) -> Result<(i64, Vec<Arc<Change<T>>>), FeedError> {
-    let mut tx = shared.db.begin_snapshot().await?;
-    let state = read_state(&mut tx, shared.name).await?;
-    let mut changes = Vec::new();
-    match ids {
-        Some(ids) => {
-            for id in ids {
-                let row = sqlx::query(
-                    "SELECT entity_id, revision, payload, scope FROM feed_entities \
-                     WHERE feed = $1 AND entity_id = $2 AND deleted = 0",
-                )
-                .bind(shared.name)
-                .bind(id.as_str())
-                .fetch_optional(&mut *tx)
-                .await?;
-                if let Some(row) = row {
-                    let change = decode_row(&row)?;
-                    if scope.is_none_or(|scope| change.scope == scope) {
-                        changes.push(Arc::new(change));
-                    }
-                }
-            }
-        }
-        None => {
-            let query = match scope {
-                None => sqlx::query(
-                    "SELECT entity_id, revision, payload, scope FROM feed_entities \
-                     WHERE feed = $1 AND deleted = 0 ORDER BY entity_id",
-                )
-                .bind(shared.name),
-                Some(scope) => sqlx::query(
-                    "SELECT entity_id, revision, payload, scope FROM feed_entities \
-                     WHERE feed = $1 AND scope = $2 AND deleted = 0 ORDER BY entity_id",
-                )
-                .bind(shared.name)
-                .bind(scope),
-            };
-            for row in &query.fetch_all(&mut *tx).await? {
-                changes.push(Arc::new(decode_row(row)?));
-            }
-        }
-    }
-    tx.commit().await?;
-    Ok((state.revision, changes))
-}
-
-/// The periodic retention of a feed: every `every`, on the one replica that
-/// holds the feed's retention lease (taken or renewed each time, for three
-/// intervals: a replica that dies hands it over after at most that), a
-/// compaction fenced by the lease's term.
-async fn retain<T: Entity>(shared: Arc<Shared<T>>, every: Duration) {
-    let lease = crate::lease::retention_lease(shared.name);
-    let holder = crate::lease::holder_id();
-    let ttl = every.saturating_mul(3);
-    let mut tick = tokio::time::interval(every);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tick.tick().await;
-        let term = match Lease::try_acquire(&shared.db, &lease, &holder, ttl).await {
-            Ok(Some(term)) => term,
-            // Another replica holds it.
-            Ok(None) => continue,
-            Err(err) => {
-                tracing::warn!(feed = shared.name, %err, "changefeed retention cannot take its lease; will retry");
-                continue;
-            }
-        };
-        match compact(&shared, Some(term)).await {
-            Ok(true) => {}
-            Ok(false) => tracing::info!(
-                feed = shared.name,
-                %term,
-                "changefeed retention skipped: its lease changed hands meanwhile"
-            ),
-            Err(err) => tracing::warn!(feed = shared.name, %err, "changefeed retention failed; will retry"),
-        }
-    }
-}
-
-/// Trims the changelog and the tombstones per the retention policy; with a
-/// `fence`, only while the feed's retention lease is at that term (else
-/// `Ok(false)`, nothing done).
-///
-/// Safe to run on several replicas at once, fenced or not: every input
-/// (head, horizons) is read in the transaction under the counter row's
-/// lock, which concurrent compactions (and writers) take in turn, so the
-/// second one reads what the first committed; the horizons only move up
-/// (`max` with the stored ones); and the deletes are of ranges below them,
-/// which a repeat finds already gone.
-async fn compact<T: Entity>(shared: &Shared<T>, fence: Option<Term>) -> Result<bool, FeedError> {
-    let retention = &shared.options.retention;
-    let mut tx = shared.db.begin_write().await?;
-    // First the fence (so a stale holder never waits on the writers' lock):
-    // on PostgreSQL it locks the lease's row to commit, so the lease cannot
-    // change hands while this compaction is under way.
-    if let Some(term) = fence
-        && !Lease::fence(&mut tx, &crate::lease::retention_lease(shared.name), term).await?
-    {
-        tx.rollback().await?;
-        return Ok(false);
-    }
-    // Lock: the counter row, so no writer commits between reading the head
-    // and moving the horizons; held for two range deletes only.
-    let row = sqlx::query(
-        "UPDATE feed_state SET revision = revision WHERE feed = $1 \
-         RETURNING revision, compacted_revision, tombstone_revision",
-    )
-    .bind(shared.name)
-    .fetch_one(&mut *tx)
-    .await?;
-    let (head, compacted, tombstones): (i64, i64, i64) = (row.try_get(0)?, row.try_get(1)?, row.try_get(2)?);
-    let compact_to = head - retention.keep_changes;
-    let tombstones_to = head - retention.keep_tombstones;
-    if compact_to <= compacted && tombstones_to <= tombstones {
-        tx.rollback().await?;
-        return Ok(true);
-    }
-    let compact_to = compact_to.max(compacted);
-    let tombstones_to = tombstones_to.max(tombstones);
-    sqlx::query("DELETE FROM feed_changes WHERE feed = $1 AND revision <= $2")
-        .bind(shared.name)
-        .bind(compact_to)
-        .execute(&mut *tx)
-        .await?;
-    sqlx::query("DELETE FROM feed_entities WHERE feed = $1 AND deleted = 1 AND revision <= $2")
-        .bind(shared.name)
-        .bind(tombstones_to)
-        .execute(&mut *tx)
-        .await?;
-    sqlx::query("UPDATE feed_state SET compacted_revision = $2, tombstone_revision = $3 WHERE feed = $1")
-        .bind(shared.name)
-        .bind(compact_to)
-        .bind(tombstones_to)
-        .execute(&mut *tx)
-        .await?;
-    tx.commit().await?;
-    tracing::debug!(feed = shared.name, compact_to, tombstones_to, "changefeed compacted");
-    Ok(true)
 }

@@ -5,14 +5,21 @@
 //! for watchers; a watcher that falls a whole ring behind learns it (lag) and
 //! its stream is ended for it to resume, instead of skipping changes.
 
-use std::sync::{
-    Arc, RwLock,
-    atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering},
+use std::{
+    sync::{
+        Arc, RwLock,
+        atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering},
+    },
+    time::Duration,
 };
 
 use tokio::sync::{Notify, broadcast};
 
-use crate::feed::{Change, Entity, NOTIFY_CHANNEL, Shared, changes_since};
+use crate::{
+    change::{Change, Entity},
+    db::Db,
+    log::{NOTIFY_CHANNEL, changes_since},
+};
 
 /// The ring and the head of one feed in this process.
 pub(crate) struct Hub<T> {
@@ -138,23 +145,23 @@ impl<T> Hub<T> {
 }
 
 /// The tail: reads every change after the last published one, publishes it,
-/// sleeps until woken (or the poll interval), repeats. Runs for the life of
-/// the feed.
-pub(crate) async fn tail<T: Entity>(shared: Arc<Shared<T>>) {
-    let mut cursor = shared.hub.head();
+/// sleeps until woken (or `poll`), repeats. Runs for the life of the feed
+/// `name` in `db`.
+pub(crate) async fn tail<T: Entity>(hub: Arc<Hub<T>>, db: Db, name: &'static str, poll: Duration) {
+    let mut cursor = hub.head();
     loop {
         loop {
-            shared.hub.tail_reads.fetch_add(1, Ordering::Relaxed);
+            hub.tail_reads.fetch_add(1, Ordering::Relaxed);
             let batch = async {
-                let mut conn = shared.db.pool().acquire().await?;
-                changes_since::<T>(&mut conn, shared.name, cursor, 512, None).await
+                let mut conn = db.pool().acquire().await?;
+                changes_since::<T>(&mut conn, name, cursor, 512, None).await
             }
             .await;
             let changes = match batch {
                 Ok(changes) => changes,
                 Err(err) => {
                     // Loud, and retried at the next wake-up or poll: never skipped.
-                    tracing::error!(feed = shared.name, cursor, %err, "changefeed tail cannot read the changelog");
+                    tracing::error!(feed = name, cursor, %err, "changefeed tail cannot read the changelog");
                     break;
                 }
             };
@@ -164,23 +171,23 @@ pub(crate) async fn tail<T: Entity>(shared: Arc<Shared<T>>) {
                     // Only possible if history was trimmed under a tail that fell
                     // behind: make every watcher resume from the database.
                     tracing::warn!(
-                        feed = shared.name,
+                        feed = name,
                         cursor,
                         next = change.revision,
                         "changefeed tail found a hole; restarting watchers"
                     );
-                    shared.hub.restart();
+                    hub.restart();
                 }
                 cursor = change.revision;
-                shared.hub.publish(change);
+                hub.publish(change);
             }
             if !full {
                 break;
             }
         }
         tokio::select! {
-            _ = shared.hub.wake.notified() => {}
-            _ = tokio::time::sleep(shared.options.poll_interval) => {}
+            _ = hub.wake.notified() => {}
+            _ = tokio::time::sleep(poll) => {}
         }
     }
 }
@@ -188,27 +195,33 @@ pub(crate) async fn tail<T: Entity>(shared: Arc<Shared<T>>) {
 /// On PostgreSQL: wakes the tail on every commit to this feed by any
 /// replica. Reconnects by itself; what it misses meanwhile, the poll catches.
 /// `ready` is told once the first subscription is in place.
-pub(crate) async fn listen<T: Entity>(shared: Arc<Shared<T>>, ready: tokio::sync::oneshot::Sender<()>) {
+pub(crate) async fn listen<T: Entity>(
+    hub: Arc<Hub<T>>,
+    db: Db,
+    name: &'static str,
+    poll: Duration,
+    ready: tokio::sync::oneshot::Sender<()>,
+) {
     let mut ready = Some(ready);
     loop {
         let result: Result<(), sqlx::Error> = async {
-            let mut listener = sqlx::postgres::PgListener::connect(shared.db.url()).await?;
+            let mut listener = sqlx::postgres::PgListener::connect(db.url()).await?;
             listener.listen(NOTIFY_CHANNEL).await?;
             if let Some(ready) = ready.take() {
                 let _ = ready.send(());
             }
             loop {
                 let notification = listener.recv().await?;
-                if notification.payload() == shared.name {
-                    shared.hub.wake();
+                if notification.payload() == name {
+                    hub.wake();
                 }
             }
         }
         .await;
         if let Err(err) = result {
-            tracing::warn!(feed = shared.name, %err, "changefeed listener lost its connection; polling until it is back");
+            tracing::warn!(feed = name, %err, "changefeed listener lost its connection; polling until it is back");
         }
-        shared.hub.wake();
-        tokio::time::sleep(shared.options.poll_interval).await;
+        hub.wake();
+        tokio::time::sleep(poll).await;
     }
 }

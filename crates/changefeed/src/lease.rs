@@ -41,8 +41,8 @@ use std::time::Duration;
 use sqlx::{AnyConnection, Row};
 
 use crate::{
-    FeedError,
     db::{Backend, Db},
+    error::FeedError,
 };
 
 /// The fencing term of a lease: higher each time the lease changed hands.

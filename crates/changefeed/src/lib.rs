@@ -4,16 +4,27 @@
 //!
 //! # Layout
 //!
+//! - [`change`]: what travels through a feed: [`Entity`], [`Change`],
+//!   [`Frame`], [`ChangePage`]. Depends on no other module.
+//! - [`error`]: [`FeedError`], and [`is_transient`] (an outage, not a bug).
 //! - [`db`]: [`Db`], one pool over SQLite or PostgreSQL, and migrations.
+//! - `log` (private): the changelog's reads (changes and consolidated
+//!   deltas after a revision, catch-up, the state at one revision), by
+//!   database and feed name, shared by the feed, its tail and its watches.
 //! - [`feed`]: [`Feed`], a named stream of entity changes in a database;
 //!   [`WriteTx`], the transactional outbox (entity + changelog row in one
 //!   transaction, revisions ordered by a per-feed counter row); reads,
-//!   the pull listing and retention.
+//!   the pull listing.
+//! - [`retention`]: [`Retention`], how much history a feed keeps; the
+//!   periodic trim under a lease, and the compaction.
 //! - [`lease`]: [`Lease`], leases in the database with a fencing [`Term`],
 //!   for singleton work across replicas (a feed's retention runs under
 //!   one).
-//! - [`hub`] (private): the one tail per feed and process that reads the
+//! - `hub` (private): the one tail per feed and process that reads the
 //!   changelog and fans changes out to every watcher through a bounded ring.
+//!
+//! Modules depend one way: `change`, `error` ← `log` ← `hub`, `retention`
+//! ← `feed` ← `watch`, `messages`, `view`.
 //! - [`memory`]: [`Snapshot`], entities in memory at one revision (a
 //!   persistent map, so each batch makes a new one cheaply), and
 //!   [`Published`], the lock-free cell readers load it from.
@@ -46,18 +57,25 @@
 //! left (they would need the previous scope on the change row, and on the
 //! consolidated delta, which only knows the latest state).
 
+pub mod change;
 pub mod db;
+pub mod error;
 pub mod feed;
 mod hub;
 pub mod lease;
+mod log;
 pub mod memory;
 pub mod messages;
+pub mod retention;
 pub mod view;
 pub mod watch;
 
+pub use change::{Change, ChangePage, Entity, Frame};
 pub use db::{Backend, Db, Migrations};
-pub use feed::{Change, ChangePage, Feed, FeedError, FeedOptions, FeedStats, Frame, Retention, WriteTx};
+pub use error::{FeedError, is_transient};
+pub use feed::{Feed, FeedOptions, FeedStats, WriteTx};
 pub use lease::{Lease, LeaseState, Term};
 pub use memory::{Published, Snapshot};
+pub use retention::Retention;
 pub use view::View;
 pub use watch::WatchFilter;

@@ -18,7 +18,7 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use imbl::{HashMap, OrdSet};
 
-use crate::feed::{Change, Entity};
+use crate::change::{Change, Entity};
 
 /// The state of a set of entities at one revision, immutable once
 /// published. Cheap to clone (structure is shared).

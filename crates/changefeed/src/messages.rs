@@ -11,7 +11,7 @@
 use lightbox_api::{contracts, feed as frames, photos, users};
 
 use crate::{
-    feed::{Change, ChangePage, Frame},
+    change::{Change, ChangePage, Entity, Frame},
     watch::WatchFilter,
 };
 
@@ -160,7 +160,7 @@ use photos::{ListPhotoChangesResponse, PhotoChange, WatchPhotosResponse};
 /// Serves a `Watch…` request (the same for every feed): checks the
 /// arguments (see [`watch_args`]), then streams the feed's frames as the
 /// API's responses.
-pub fn serve_watch<T: crate::feed::Entity, R: From<Frame<T>> + Send + 'static>(
+pub fn serve_watch<T: Entity, R: From<Frame<T>> + Send + 'static>(
     feed: &crate::Feed<T>,
     since_revision: i64,
     ids: (&str, Vec<String>),
@@ -172,7 +172,7 @@ pub fn serve_watch<T: crate::feed::Entity, R: From<Frame<T>> + Send + 'static>(
 
 /// Serves a `List…Changes` request (the same for every feed): checks the
 /// arguments, lists, converts.
-pub async fn serve_list_changes<T: crate::feed::Entity, R: From<ChangePage<T>>>(
+pub async fn serve_list_changes<T: Entity, R: From<ChangePage<T>>>(
     feed: &crate::Feed<T>,
     since_revision: i64,
     page_size: i32,

@@ -15,7 +15,8 @@ use futures_util::{FutureExt, StreamExt};
 use tokio::{sync::watch, task::JoinHandle};
 
 use crate::{
-    feed::{Entity, Feed, Frame},
+    change::{Entity, Frame},
+    feed::Feed,
     memory::{Published, Snapshot},
     watch::WatchFilter,
 };

@@ -39,7 +39,12 @@ use tokio::{
 };
 use tonic::Status;
 
-use crate::feed::{CatchUp, Change, Entity, Feed, FeedError, Frame, catch_up, snapshot};
+use crate::{
+    change::{Change, Entity, Frame},
+    error::FeedError,
+    feed::Feed,
+    log::{CatchUp, catch_up, snapshot},
+};
 
 /// A watch stream, as a tonic server-streaming handler returns it.
 pub type WatchStream<T> = Pin<Box<dyn Stream<Item = Result<Frame<T>, Status>> + Send + 'static>>;
@@ -266,7 +271,7 @@ impl<T: Entity> Watcher<T> {
         });
         let read = {
             let _counted = InProgress::new(&shared.hub.snapshots);
-            snapshot(shared, ids.as_deref(), self.scope.as_deref()).await
+            snapshot(&shared.db, shared.name, ids.as_deref(), self.scope.as_deref()).await
         };
         let (revision, changes) = read.map_err(storage_error)?;
         if let Some(reason) = reset {
@@ -283,7 +288,7 @@ impl<T: Entity> Watcher<T> {
     /// Queues the next page of what follows the cursor in the database.
     async fn catch_up(&mut self) -> Result<(), Status> {
         let shared = &self.feed.inner.shared;
-        let page = catch_up(shared, self.cursor, PAGE, self.scope.as_deref())
+        let page = catch_up(&shared.db, shared.name, self.cursor, PAGE, self.scope.as_deref())
             .await
             .map_err(storage_error)?;
         match page {
