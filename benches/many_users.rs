@@ -56,10 +56,18 @@
 //! what the rest of the machine used meanwhile (a warning says when that
 //! was much: the numbers were contended).
 
+#[path = "support/cpu.rs"]
+mod cpu;
+#[path = "support/customer.rs"]
+mod customer;
+#[path = "support/harness.rs"]
+mod harness;
+#[path = "support/role.rs"]
+mod role;
+#[path = "support/rss.rs"]
+mod rss;
+
 use std::{
-    error::Error,
-    os::unix::process::CommandExt,
-    process::Stdio,
     sync::{
         Arc,
         atomic::{AtomicUsize, Ordering},
@@ -67,6 +75,12 @@ use std::{
     time::{Duration, Instant},
 };
 
+use cpu::cpu_seconds;
+use customer::create_customer;
+use harness::{
+    Args, Dev, IDLE, NOT_PINNED, Res, connect, cpus_allowed, create_user, machine_busy_seconds, machine_cores,
+    machine_line, median, pin_self, quantile, rename, status_text, tokio_workers, wait_for_idle,
+};
 use lightbox_api::{
     admin::{
         ClearFaultRequest, ClearFaultResponse, Fault, GetFaultRequest, GetFaultResponse, SetFaultRequest,
@@ -74,35 +88,32 @@ use lightbox_api::{
         fault_service_client::FaultServiceClient,
         fault_service_server::{FaultService, FaultServiceServer},
     },
-    contracts::{
-        Contract, ContractOption, CreateContractRequest, Plan, contracts_service_client::ContractsServiceClient,
-    },
     feed::{Freshness, Source},
     photos::{
         Consistency, CreatePhotoRequest, GetProfileRequest, ListPhotosRequest, ListPhotosResponse, Photo,
         photos_service_client::PhotosServiceClient,
     },
-    users::{CreateUserRequest, UpdateUserRequest, User, users_service_client::UsersServiceClient},
+    users::{User, users_service_client::UsersServiceClient},
 };
 use lightbox_gateway::auth::{DEFAULT_AUDIENCE, DEFAULT_ISSUER, DEVELOPMENT_SECRET, hs256_token};
+use role::start_role;
+use rss::rss_kib;
 use tokio::{
-    io::{AsyncBufReadExt, BufReader},
-    process::{Child, Command},
+    process::Child,
     sync::{Semaphore, mpsc},
     task::JoinSet,
 };
 use tonic::{
     Request, Response, Status,
-    transport::{Channel, Endpoint, Server, server::TcpIncoming},
+    transport::{Channel, Server, server::TcpIncoming},
 };
 
-type Res<T> = Result<T, Box<dyn Error>>;
-
-const BIN: &str = env!("CARGO_BIN_EXE_lightbox");
 /// Set to `minimal` in the minimal server's environment.
 const ROLE: &str = "MANY_USERS_ROLE";
 /// Set once this process runs under `taskset -c 1`.
 const PINNED: &str = "MANY_USERS_PINNED";
+/// The listeners of the `lightbox dev` under test.
+const LISTENERS: [&str; 4] = ["users", "contracts", "photos", "gateway"];
 const CONNECTIONS: usize = 4;
 const PER_CONNECTION: usize = 32;
 const PAGE: usize = 10;
@@ -111,9 +122,6 @@ const SOURCES: usize = 3;
 /// Phones connecting at once (the rest wait), so the gateway's accept
 /// backlog never overflows into SYN retries.
 const OPENING: usize = 256;
-/// The most of a core the rest of the machine may use for it to count as
-/// idle.
-const IDLE: f64 = 0.3;
 /// The display name of write `n` is this followed by `n`.
 const WRITE_PREFIX: &str = "write ";
 
@@ -124,45 +132,9 @@ fn main() -> Res<()> {
     let args: Vec<String> = std::env::args().collect();
     let settings = Settings::parse(&args)?;
     let cores = machine_cores();
-    let pinned = pin_self(cores, &args);
+    let pinned = pin_self("many_users", PINNED, cores, &args);
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     runtime.block_on(run(settings, cores, pinned))
-}
-
-/// Re-runs this bench under `taskset -c 1` (replacing this process) unless
-/// it already is, or cannot be; answers whether the processes are pinned.
-fn pin_self(cores: usize, args: &[String]) -> bool {
-    if std::env::var(PINNED).is_ok_and(|p| p == "1") {
-        return true;
-    }
-    if cores < 2 {
-        eprintln!("many_users: {cores} core(s): nothing is pinned");
-        return false;
-    }
-    let works = std::process::Command::new("taskset")
-        .args(["-c", "1", "true"])
-        .status()
-        .is_ok_and(|s| s.success());
-    if !works {
-        eprintln!("many_users: `taskset -c 1` does not work here: nothing is pinned");
-        return false;
-    }
-    let exe = match std::env::current_exe() {
-        Ok(exe) => exe,
-        Err(err) => {
-            eprintln!("many_users: cannot find this bench's binary ({err}): nothing is pinned");
-            return false;
-        }
-    };
-    // Only returns if the exec failed.
-    let err = std::process::Command::new("taskset")
-        .args(["-c", "1"])
-        .arg(exe)
-        .args(args.iter().skip(1))
-        .env(PINNED, "1")
-        .exec();
-    eprintln!("many_users: cannot re-run under taskset ({err}): nothing is pinned");
-    false
 }
 
 /// The command line.
@@ -181,39 +153,21 @@ struct Settings {
 
 impl Settings {
     fn parse(args: &[String]) -> Res<Settings> {
-        let value = |name: &str| {
-            args.iter()
-                .position(|a| a == name)
-                .and_then(|i| args.get(i + 1))
-                .cloned()
-        };
-        let quick = args.iter().any(|a| a == "--quick");
-        let number = |name: &str, default: f64| -> Res<f64> {
-            match value(name) {
-                Some(text) => Ok(text.parse().map_err(|e| format!("{name} {text:?}: {e}"))?),
-                None => Ok(default),
-            }
-        };
-        let phones = match value("--phones") {
-            Some(list) => list
-                .split(',')
-                .map(|n| n.trim().parse::<usize>().map_err(|e| format!("--phones {list:?}: {e}")))
-                .collect::<Result<Vec<_>, _>>()?,
-            None if quick => vec![100],
-            None => vec![100, 1000, 10_000],
-        };
+        let args = Args(args);
+        let quick = args.flag("--quick");
+        let phones = args.counts("--phones", if quick { vec![100] } else { vec![100, 1000, 10_000] })?;
         if phones.contains(&0) {
             return Err("--phones: every count must be at least 1".into());
         }
         let settings = Settings {
             quick,
-            seconds: Duration::from_secs_f64(number("--seconds", if quick { 1.0 } else { 5.0 })?),
-            warmup: Duration::from_secs_f64(number("--warmup", if quick { 0.5 } else { 1.0 })?),
-            rounds: number("--rounds", if quick { 1.0 } else { 2.0 })? as usize,
+            seconds: args.seconds("--seconds", if quick { 1.0 } else { 5.0 })?,
+            warmup: args.seconds("--warmup", if quick { 0.5 } else { 1.0 })?,
+            rounds: args.number("--rounds", if quick { 1.0 } else { 2.0 })? as usize,
             phones,
-            writes: number("--writes", if quick { 20.0 } else { 200.0 })? as usize,
-            write_rate: number("--write-rate", 20.0)?,
-            idle_wait: Duration::from_secs_f64(number("--idle-wait", if quick { 2.0 } else { 30.0 })?),
+            writes: args.number("--writes", if quick { 20.0 } else { 200.0 })? as usize,
+            write_rate: args.number("--write-rate", 20.0)?,
+            idle_wait: args.seconds("--idle-wait", if quick { 2.0 } else { 30.0 })?,
         };
         if settings.rounds == 0 || settings.writes == 0 || settings.write_rate <= 0.0 {
             return Err("--rounds, --writes and --write-rate must be positive".into());
@@ -224,22 +178,16 @@ impl Settings {
 
 async fn run(settings: Settings, cores: usize, pinned: bool) -> Res<()> {
     let minimal = MinimalServer::start(pinned).await?;
-    let server = Lightbox::start(pinned, &[]).await?;
+    let server = Dev::start_fresh(pinned, &LISTENERS, &[]).await?;
 
     println!("\n## Many users: Photos reads against a minimal tonic server, and phones on SSE\n");
-    println!(
-        "- machine: {cores} cores ({}), load average {}",
-        cpu_model(),
-        std::fs::read_to_string("/proc/loadavg")
-            .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-            .unwrap_or_else(|_| "unknown".into())
-    );
+    println!("{}", machine_line(cores));
     println!(
         "- pinning: {}; minimal server CPUs {} ({} tokio worker(s)); lightbox dev CPUs {} ({} tokio worker(s)); load generator CPUs {} (one thread)",
         if pinned {
             "servers on core 0, load generator on core 1"
         } else {
-            "NONE (one core, or no taskset): numbers share cores"
+            NOT_PINNED
         },
         cpus_allowed(minimal.pid),
         tokio_workers(minimal.pid),
@@ -267,7 +215,7 @@ async fn run(settings: Settings, cores: usize, pinned: bool) -> Res<()> {
 
     let customer = Arc::new(setup_customer(&server).await?);
     let minimal_channels = connect_many(&minimal.url).await?;
-    let photos_channels = connect_many(&server.photos).await?;
+    let photos_channels = connect_many(&server.url("photos")).await?;
     let channels = |cell: Cell| match cell {
         Cell::Minimal => &minimal_channels,
         _ => &photos_channels,
@@ -504,17 +452,6 @@ fn serve_minimal() -> Res<()> {
     })
 }
 
-/// A command, under `taskset -c 0` when pinning.
-fn on_core_0(pinned: bool, program: impl AsRef<std::ffi::OsStr>) -> Command {
-    if pinned {
-        let mut command = Command::new("taskset");
-        command.args(["-c", "0"]).arg(program);
-        command
-    } else {
-        Command::new(program)
-    }
-}
-
 struct MinimalServer {
     child: Child,
     pid: u32,
@@ -523,104 +460,17 @@ struct MinimalServer {
 
 impl MinimalServer {
     async fn start(pinned: bool) -> Res<MinimalServer> {
-        let mut child = on_core_0(pinned, std::env::current_exe()?)
-            .env(ROLE, "minimal")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .kill_on_drop(true)
-            .spawn()?;
-        let pid = child.id().ok_or("the minimal server exited at once")?;
-        let stdout = child.stdout.take().ok_or("no stdout")?;
-        let mut lines = BufReader::new(stdout).lines();
-        let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
-            .await
-            .map_err(|_| "the minimal server did not say where it listens within 30 s")??
-            .ok_or("the minimal server ended before saying where it listens")?;
+        let (child, pid, line) = start_role(pinned, &[(ROLE, "minimal")], "the minimal server").await?;
         let addr = line
             .strip_prefix("minimal ")
             .ok_or_else(|| format!("the minimal server said {line:?}"))?;
         let url = format!("http://{addr}");
-        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
         Ok(MinimalServer { child, pid, url })
     }
 
     async fn stop(mut self) {
         let _ = self.child.kill().await;
     }
-}
-
-/// A `lightbox dev` child process and where its components listen.
-struct Lightbox {
-    child: Child,
-    pid: u32,
-    users: String,
-    photos: String,
-    contracts: String,
-    gateway: String,
-    _dir: tempfile::TempDir,
-}
-
-impl Lightbox {
-    async fn start(pinned: bool, extra: &[String]) -> Res<Lightbox> {
-        let dir = tempfile::tempdir()?;
-        let mut child = on_core_0(pinned, BIN)
-            .args(["dev", "--users-addr", "127.0.0.1:0", "--contracts-addr", "127.0.0.1:0"])
-            .args(["--photos-addr", "127.0.0.1:0", "--gateway-addr", "127.0.0.1:0"])
-            .arg("--data-dir")
-            .arg(dir.path())
-            .args(extra)
-            .env("RUST_LOG", "error")
-            .env("TOKIO_WORKER_THREADS", "1")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .kill_on_drop(true)
-            .spawn()?;
-        let pid = child.id().ok_or("lightbox dev exited at once")?;
-        let stdout = child.stdout.take().ok_or("no stdout")?;
-        let mut lines = BufReader::new(stdout).lines();
-        let (mut users, mut contracts, mut photos, mut gateway) = (None, None, None, None);
-        let banner = async {
-            while users.is_none() || contracts.is_none() || photos.is_none() || gateway.is_none() {
-                let line = lines.next_line().await?.ok_or("lightbox dev ended before its banner")?;
-                let words: Vec<&str> = line.split_whitespace().collect();
-                let grpc = |url: &str| url.replace("grpc://", "http://");
-                match words.as_slice() {
-                    ["users", url] => users = Some(grpc(url)),
-                    ["contracts", url] => contracts = Some(grpc(url)),
-                    ["photos", url] => photos = Some(grpc(url)),
-                    ["gateway", url] => gateway = Some((*url).to_owned()),
-                    _ => {}
-                }
-            }
-            Ok::<_, Box<dyn Error>>(())
-        };
-        tokio::time::timeout(Duration::from_secs(120), banner)
-            .await
-            .map_err(|_| "lightbox dev printed no banner within 120 s")??;
-        // Drain the rest of the banner so the child never blocks on its pipe.
-        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        Ok(Lightbox {
-            child,
-            pid,
-            users: users.ok_or("no users address")?,
-            contracts: contracts.ok_or("no contracts address")?,
-            photos: photos.ok_or("no photos address")?,
-            gateway: gateway.ok_or("no gateway address")?,
-            _dir: dir,
-        })
-    }
-
-    async fn stop(mut self) {
-        let _ = self.child.kill().await;
-    }
-}
-
-async fn connect(url: &str) -> Res<Channel> {
-    Ok(Endpoint::from_shared(url.to_owned())?
-        .connect_timeout(Duration::from_secs(10))
-        .connect()
-        .await
-        .map_err(|e| format!("cannot connect to {url}: {e}"))?)
 }
 
 /// [`CONNECTIONS`] channels, each its own HTTP/2 connection.
@@ -642,52 +492,9 @@ struct Customer {
 
 /// A user, a contract (photo quota 100), the link, and [`PAGE`] photos,
 /// created over gRPC; answers once Photos' copies hold them.
-async fn setup_customer(server: &Lightbox) -> Res<Customer> {
-    let mut users = UsersServiceClient::new(connect(&server.users).await?);
-    let mut contracts = ContractsServiceClient::new(connect(&server.contracts).await?);
-    let mut photos = PhotosServiceClient::new(connect(&server.photos).await?);
-    let user = users
-        .create_user(CreateUserRequest {
-            user: Some(User {
-                display_name: "Many Photos".into(),
-                email: "many-photos@example.com".into(),
-                ..User::default()
-            }),
-        })
-        .await?
-        .into_inner()
-        .user
-        .ok_or("CreateUser answered no user")?;
-    let contract = contracts
-        .create_contract(CreateContractRequest {
-            contract: Some(Contract {
-                holder_user_id: user.id.clone(),
-                plan: Plan::Standard as i32,
-                options: vec![ContractOption {
-                    code: "photo_quota".into(),
-                    value: "100".into(),
-                    enabled: true,
-                }],
-                ..Contract::default()
-            }),
-        })
-        .await?
-        .into_inner()
-        .contract
-        .ok_or("CreateContract answered no contract")?;
-    let user = users
-        .update_user(UpdateUserRequest {
-            user: Some(User {
-                contract_id: contract.id.clone(),
-                ..user
-            }),
-            update_mask: None,
-            expected_revision: 0,
-        })
-        .await?
-        .into_inner()
-        .user
-        .ok_or("UpdateUser answered no user")?;
+async fn setup_customer(server: &Dev) -> Res<Customer> {
+    let (user, contract) = create_customer(server, "Many Photos", "many-photos@example.com", 100).await?;
+    let mut photos = PhotosServiceClient::new(connect(&server.url("photos")).await?);
     for i in 0..PAGE {
         let request = CreatePhotoRequest {
             photo: Some(Photo {
@@ -845,10 +652,6 @@ impl Caller {
             }
         }
     }
-}
-
-fn status_text(status: &Status) -> String {
-    format!("{:?}: {}", status.code(), status.message())
 }
 
 fn check_list(answer: &ListPhotosResponse, source: Source) -> Result<(), String> {
@@ -1016,8 +819,9 @@ struct Write {
 
 async fn phone_cell(phones: usize, settings: &Settings, pinned: bool) -> Res<PhoneRow> {
     let max_streams = (phones + 1000).max(10_000);
-    let server = Lightbox::start(pinned, &["--gateway-max-event-streams".into(), max_streams.to_string()]).await?;
-    let users_channel = connect(&server.users).await?;
+    let extra = ["--gateway-max-event-streams".into(), max_streams.to_string()];
+    let server = Dev::start_fresh(pinned, &LISTENERS, &extra).await?;
+    let users_channel = connect(&server.url("users")).await?;
     let people = create_phone_users(&users_channel, phones).await?;
     let tokens = people
         .iter()
@@ -1040,7 +844,7 @@ async fn phone_cell(phones: usize, settings: &Settings, pinned: bool) -> Res<Pho
         .connect_timeout(Duration::from_secs(10))
         .pool_max_idle_per_host(0)
         .build()?;
-    let url = Arc::new(format!("{}/v1/users/me/events", server.gateway));
+    let url = Arc::new(format!("{}/v1/users/me/events", server.url("gateway")));
     let (ready_tx, mut ready) = mpsc::unbounded_channel::<Result<(), String>>();
     let (delivery_tx, mut deliveries) = mpsc::unbounded_channel::<Delivery>();
     let lost = Arc::new(AtomicUsize::new(0));
@@ -1103,21 +907,8 @@ async fn phone_cell(phones: usize, settings: &Settings, pinned: bool) -> Res<Pho
     for seq in 0..settings.writes {
         tick.tick().await;
         let phone = fastrand::usize(..phones);
-        let request = UpdateUserRequest {
-            user: Some(User {
-                display_name: format!("{WRITE_PREFIX}{seq}"),
-                ..people[phone].clone()
-            }),
-            update_mask: None,
-            expected_revision: 0,
-        };
-        let sent = Instant::now();
-        match users.update_user(request).await {
-            Ok(_) => writes.push(Some(Write {
-                phone,
-                sent,
-                acked: Instant::now(),
-            })),
+        match rename(&mut users, &people[phone], format!("{WRITE_PREFIX}{seq}")).await {
+            Ok((sent, acked, _)) => writes.push(Some(Write { phone, sent, acked })),
             Err(status) => {
                 write_errors += 1;
                 first_write_error.get_or_insert(status_text(&status));
@@ -1206,20 +997,9 @@ async fn create_phone_users(channel: &Channel, count: usize) -> Res<Vec<User>> {
                 if i >= count {
                     return Ok::<_, String>(made);
                 }
-                let request = CreateUserRequest {
-                    user: Some(User {
-                        display_name: format!("Phone {i}"),
-                        email: format!("phone{i}@many-users.example.com"),
-                        ..User::default()
-                    }),
-                };
-                let user = client
-                    .create_user(request)
-                    .await
-                    .map_err(|s| format!("CreateUser {i}: {}", status_text(&s)))?
-                    .into_inner()
-                    .user
-                    .ok_or_else(|| format!("CreateUser {i} answered no user"))?;
+                let display_name = format!("Phone {i}");
+                let user =
+                    create_user(&mut client, i, display_name, format!("phone{i}@many-users.example.com")).await?;
                 made.push((i, user));
             }
         });
@@ -1353,132 +1133,4 @@ fn write_seq(data: &[u8]) -> Option<usize> {
         .strip_prefix(WRITE_PREFIX)?
         .parse()
         .ok()
-}
-
-// ---------------------------------------------------------------------------
-// Measuring
-
-/// The value at quantile `q` of sorted `samples` (NaN when empty).
-fn quantile(sorted: &[f64], q: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    sorted[((sorted.len() as f64 - 1.0) * q).round() as usize]
-}
-
-fn median(mut values: Vec<f64>) -> f64 {
-    values.sort_by(f64::total_cmp);
-    match values.len() {
-        0 => f64::NAN,
-        n if n % 2 == 1 => values[n / 2],
-        n => (values[n / 2 - 1] + values[n / 2]) / 2.0,
-    }
-}
-
-/// The machine's cores (all of them, not this process's affinity).
-fn machine_cores() -> usize {
-    std::fs::read_to_string("/proc/cpuinfo")
-        .map(|info| info.lines().filter(|l| l.starts_with("processor")).count())
-        .ok()
-        .filter(|n| *n > 0)
-        .or_else(|| std::thread::available_parallelism().ok().map(usize::from))
-        .unwrap_or(1)
-}
-
-fn cpu_model() -> String {
-    std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|info| {
-            info.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split_once(':'))
-                .map(|(_, model)| model.trim().to_owned())
-        })
-        .unwrap_or_else(|| "unknown CPU".into())
-}
-
-/// The CPUs process `pid` may run on (Linux), as `taskset` left them.
-fn cpus_allowed(pid: u32) -> String {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|status| {
-            status
-                .lines()
-                .find(|l| l.starts_with("Cpus_allowed_list:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .map(str::to_owned)
-        })
-        .unwrap_or_else(|| "?".into())
-}
-
-/// Threads of process `pid` named as tokio names its workers.
-fn tokio_workers(pid: u32) -> usize {
-    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-        return 0;
-    };
-    tasks
-        .flatten()
-        .filter(|task| {
-            // "tokio-rt-worker" (tokio 1.4x and later) or "tokio-runtime-worker", cut to 15 bytes.
-            std::fs::read_to_string(task.path().join("comm"))
-                .is_ok_and(|name| name.starts_with("tokio-rt-worker") || name.starts_with("tokio-runtime-w"))
-        })
-        .count()
-}
-
-/// Waits up to `max` until the machine is idle: busy less than [`IDLE`] of
-/// a core over half a second (this bench's servers are idle between cells).
-async fn wait_for_idle(max: Duration) -> Res<()> {
-    let start = Instant::now();
-    loop {
-        let before = machine_busy_seconds()?;
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        let busy = (machine_busy_seconds()? - before) / 0.5;
-        if busy < IDLE || start.elapsed() >= max {
-            return Ok(());
-        }
-    }
-}
-
-/// CPU time the whole machine spent busy so far, in seconds summed over
-/// its cores (Linux `/proc/stat`, ticks of 10 ms).
-fn machine_busy_seconds() -> Res<f64> {
-    let stat = std::fs::read_to_string("/proc/stat")?;
-    let line = stat
-        .lines()
-        .find(|l| l.starts_with("cpu "))
-        .ok_or("no cpu line in /proc/stat")?;
-    let ticks: Vec<u64> = line
-        .split_whitespace()
-        .skip(1)
-        .map(str::parse)
-        .collect::<Result<_, _>>()?;
-    // user nice system idle iowait irq softirq steal (guest time is in user).
-    let busy: u64 = ticks
-        .iter()
-        .take(8)
-        .enumerate()
-        .filter(|(i, _)| *i != 3 && *i != 4)
-        .map(|(_, t)| t)
-        .sum();
-    Ok(busy as f64 / 100.0)
-}
-
-/// The resident memory of process `pid`, in KiB (Linux).
-fn rss_kib(pid: u32) -> Res<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let line = status.lines().find(|l| l.starts_with("VmRSS:")).ok_or("no VmRSS")?;
-    Ok(line.split_whitespace().nth(1).ok_or("bad VmRSS")?.parse()?)
-}
-
-/// User plus system CPU time of process `pid`, in seconds (Linux; clock
-/// ticks of 10 ms).
-fn cpu_seconds(pid: u32) -> Res<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    // Fields after the command name (which may hold spaces), from field 3.
-    let rest = stat.rsplit_once(')').ok_or("bad stat")?.1;
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: u64 =
-        fields.get(11).ok_or("no utime")?.parse::<u64>()? + fields.get(12).ok_or("no stime")?.parse::<u64>()?;
-    Ok(ticks as f64 / 100.0)
 }

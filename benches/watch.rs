@@ -14,16 +14,23 @@
 //! share the machine's cores: the numbers include that contention, and the
 //! table shows how the CPU time per delivery splits between the two.
 
+#[path = "support/cpu.rs"]
+mod cpu;
+#[path = "support/rss.rs"]
+mod rss;
+
 use std::{
     net::SocketAddr,
     process::Stdio,
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
+use cpu::cpu_seconds;
 use lightbox_api::contracts::{
     Contract, ContractOption, CreateContractRequest, Plan, UpdateContractRequest, WatchContractsRequest,
     contracts_service_client::ContractsServiceClient, watch_contracts_response::Event,
 };
+use rss::rss_kib;
 use tokio::{process::Command, sync::mpsc};
 use tokio_stream::StreamExt;
 use tonic::transport::{Channel, Endpoint};
@@ -201,23 +208,4 @@ async fn run(watchers: usize, changes: usize) -> Result<Row, Box<dyn std::error:
 
 fn free_port() -> std::io::Result<SocketAddr> {
     std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()
-}
-
-/// The resident memory of process `pid`, in KiB (Linux).
-fn rss_kib(pid: u32) -> Result<u64, Box<dyn std::error::Error>> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let line = status.lines().find(|l| l.starts_with("VmRSS:")).ok_or("no VmRSS")?;
-    Ok(line.split_whitespace().nth(1).ok_or("bad VmRSS")?.parse()?)
-}
-
-/// User plus system CPU time of process `pid`, in seconds (Linux; clock
-/// ticks of 10 ms, so meaningful over many deliveries only).
-fn cpu_seconds(pid: u32) -> Result<f64, Box<dyn std::error::Error>> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    // Fields after the command name (which may hold spaces), from field 3.
-    let rest = stat.rsplit_once(')').ok_or("bad stat")?.1;
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: u64 =
-        fields.get(11).ok_or("no utime")?.parse::<u64>()? + fields.get(12).ok_or("no stime")?.parse::<u64>()?;
-    Ok(ticks as f64 / 100.0)
 }
