@@ -320,7 +320,7 @@ async fn a_taken_port_fails_the_start_with_the_address() {
 /// `lightbox serve`: no fault injection unless turned on, never without a
 /// token, never on the service port; health on the admin listener follows.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn serve_locks_fault_injection_behind_the_admin_token() {
+async fn serve_locks_fault_injection_and_subscriptions_behind_the_admin_token() {
     let dir = tempfile::tempdir().unwrap_or_else(|err| panic!("{err}"));
     let data_dir = dir.path().to_string_lossy().into_owned();
     let (users, admin) = (
@@ -330,7 +330,7 @@ async fn serve_locks_fault_injection_behind_the_admin_token() {
     let base = [
         "serve",
         "--target",
-        "users",
+        "users,events",
         "--users-addr",
         &users,
         "--admin-addr",
@@ -366,6 +366,10 @@ async fn serve_locks_fault_injection_behind_the_admin_token() {
         err.contains("answered UNIMPLEMENTED") && err.contains("--faults"),
         "{err}"
     );
+    // Nor are the event subscriptions served without a credential.
+    let (code, _, err) = tool(&["subscriptions", "list", "--addr", &admin]).await;
+    assert_ne!(code, Some(0), "{err}");
+    assert!(err.contains("UNIMPLEMENTED"), "{err}");
     let _ = server.kill().await;
 
     // With --faults and a token: refused without it or with another one
@@ -411,6 +415,12 @@ async fn serve_locks_fault_injection_behind_the_admin_token() {
     let (code, _, err) = tool(&["fault", "users", "--addr", &admin, "--clear", "--token", token]).await;
     assert_eq!(code, Some(0), "{err}");
     let (code, _, err) = tool(&["health", "--addr", &admin]).await;
+    assert_eq!(code, Some(0), "{err}");
+    // The event subscriptions: behind the same token.
+    let (code, _, err) = tool(&["subscriptions", "list", "--addr", &admin]).await;
+    assert_eq!(code, Some(6), "{err}");
+    assert!(err.contains("UNAUTHENTICATED"), "{err}");
+    let (code, _, err) = tool(&["subscriptions", "list", "--addr", &admin, "--token", token]).await;
     assert_eq!(code, Some(0), "{err}");
     let _ = server.kill().await;
 }
