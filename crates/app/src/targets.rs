@@ -435,7 +435,8 @@ pub async fn start(component: Target, settings: &Settings, listener: TcpListener
 /// goes on the admin listener, at `admin` (behind the admin credential).
 pub async fn start_events(settings: &Settings, admin: SocketAddr) -> anyhow::Result<Component> {
     let db = settings.database(Target::Events).await?;
-    let timeout = settings.photos.fresh_timeout;
+    // Its own connect timeout, for the services as for the functions.
+    let timeout = settings.events.connect_timeout;
     let sources = Sources::grpc(
         settings.upstream("users", &settings.users_url, timeout)?,
         settings.upstream("contracts", &settings.contracts_url, timeout)?,

@@ -128,7 +128,8 @@ pub struct EventsOptions {
     /// How often the supervisor renews the lease and reads the
     /// subscriptions (the lease lasts three times this).
     pub scan_interval: Duration,
-    /// The time to connect to an endpoint.
+    /// The time to connect to an endpoint, and to the services whose
+    /// changes it reads.
     pub connect_timeout: Duration,
     /// The most subscriptions.
     pub max_subscriptions: i64,
