@@ -28,11 +28,11 @@ const BATCH: usize = 16;
 
 fn user(n: usize, revision: i64) -> Arc<Change<User>> {
     let id = format!("0190a3c2-7b1e-7000-8000-{n:012}");
-    Arc::new(Change {
+    Arc::new(Change::new(
         revision,
-        entity_id: id.clone(),
-        scope: String::new(),
-        entity: Some(User {
+        id.clone(),
+        String::new(),
+        Some(User {
             id,
             display_name: format!("User number {n}"),
             email: format!("user{n}@example.com"),
@@ -48,7 +48,7 @@ fn user(n: usize, revision: i64) -> Arc<Change<User>> {
                 nanos: 0,
             }),
         }),
-    })
+    ))
 }
 
 fn rss_kib() -> u64 {

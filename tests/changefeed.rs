@@ -14,6 +14,8 @@ use tonic::Code;
 conformance!(
     a_transaction_begin_cancelled_in_flight_leaves_no_transaction_open,
     watch_from_zero_is_a_snapshot_then_live_changes,
+    a_snapshot_read_in_pages_is_the_state_at_its_revision_under_writes,
+    snapshots_beyond_the_cap_wait_and_a_stalled_one_gives_up_its_turn,
     resume_replays_exactly_the_changes_after_the_revision,
     concurrent_writers_never_let_a_watcher_skip_a_revision,
     a_rolled_back_write_leaves_no_change_and_no_hole,
@@ -48,6 +50,7 @@ fn options() -> FeedOptions {
             interval: None,
             ..Retention::default()
         },
+        ..FeedOptions::default()
     }
 }
 
@@ -214,6 +217,111 @@ async fn watch_from_zero_is_a_snapshot_then_live_changes(db: TestDb) {
         let live = change(&mut stream).await;
         assert_eq!(live.revision, revision);
     }
+}
+
+/// Writes `count` entities `p0000`, `p0001`, … in one transaction; returns
+/// the revision.
+async fn put_many(feed: &Feed<User>, count: usize) -> i64 {
+    let mut tx = feed.begin().await.unwrap_or_else(|err| panic!("begin: {err}"));
+    let mut revision = 0;
+    for n in 0..count {
+        let id = format!("p{n:04}");
+        revision = tx
+            .put(&id, &user(&id, "first"))
+            .await
+            .unwrap_or_else(|err| panic!("put: {err}"));
+    }
+    tx.commit().await.unwrap_or_else(|err| panic!("commit: {err}"));
+    revision
+}
+
+/// The snapshot's changes up to its end, once its begin has been read.
+async fn rest_of_snapshot(stream: &mut WatchStream<User>) -> (Vec<Arc<Change<User>>>, i64) {
+    let mut changes = Vec::new();
+    loop {
+        match frame(stream).await {
+            Frame::Change(change) => changes.push(change),
+            Frame::SnapshotEnd { revision } => return (changes, revision),
+            other => panic!("expected a snapshot's change or end, got {other:?}"),
+        }
+    }
+}
+
+async fn a_snapshot_read_in_pages_is_the_state_at_its_revision_under_writes(db: TestDb) {
+    // Five pages of 512: the last ones are read well after the first is sent.
+    let feed = open(&db, options()).await;
+    let r = put_many(&feed, 2600).await;
+    let mut stream = feed.watch(0, Vec::new());
+    assert!(matches!(frame(&mut stream).await, Frame::SnapshotBegin { revision } if revision == r));
+    let mut first_page = Vec::new();
+    for _ in 0..512 {
+        first_page.push(change(&mut stream).await);
+    }
+    // Written while the snapshot streams, into its unread pages.
+    let updated = put(&feed, "p2500", "second").await;
+    let deleted = delete(&feed, "p2550").await;
+    let created = put(&feed, "p2599x", "new").await;
+    let (rest, end) = rest_of_snapshot(&mut stream).await;
+    assert_eq!(end, r, "the snapshot ends at the revision it began at");
+    let snapshot: Vec<_> = first_page.into_iter().chain(rest).collect();
+    assert_eq!(
+        snapshot.len(),
+        2600,
+        "every entity of revision {r}, nothing written after"
+    );
+    for (n, change) in snapshot.iter().enumerate() {
+        assert_eq!(change.entity_id, format!("p{n:04}"), "in id order, each once");
+        assert_eq!(
+            change.entity.as_ref().map(|u| u.display_name.as_str()),
+            Some("first"),
+            "{} as it was at revision {r}",
+            change.entity_id
+        );
+    }
+    // Then the writes, live, in order.
+    for revision in [updated, deleted, created] {
+        assert_eq!(change(&mut stream).await.revision, revision);
+    }
+}
+
+async fn snapshots_beyond_the_cap_wait_and_a_stalled_one_gives_up_its_turn(db: TestDb) {
+    let stall = Duration::from_millis(300);
+    let feed = open(
+        &db,
+        FeedOptions {
+            max_snapshots: 1,
+            snapshot_stall: stall,
+            ..options()
+        },
+    )
+    .await;
+    let r = put_many(&feed, 1600).await;
+    // The first snapshot takes the one turn, and its client stops reading.
+    let mut stalled = feed.watch(0, Vec::new());
+    assert!(matches!(frame(&mut stalled).await, Frame::SnapshotBegin { revision } if revision == r));
+    assert_eq!(feed.stats().snapshots, 1);
+    // The next waits for the turn (it is not refused), and gets it when the
+    // first has stalled for `stall`: then it streams the whole snapshot.
+    let waited = std::time::Instant::now();
+    let mut waiting = feed.watch(0, Vec::new());
+    assert!(matches!(frame(&mut waiting).await, Frame::SnapshotBegin { revision } if revision == r));
+    assert!(
+        waited.elapsed() >= stall,
+        "the second snapshot began only once the first gave up its turn"
+    );
+    let (changes, end) = rest_of_snapshot(&mut waiting).await;
+    assert_eq!((changes.len(), end), (1600, r));
+    // The stalled stream gets what was read for it, then ends: to watch again.
+    let ended = loop {
+        match next(&mut stalled).await {
+            Ok(Frame::Change(_)) => {}
+            Ok(other) => panic!("expected the pages read before the stall, got {other:?}"),
+            Err(status) => break status,
+        }
+    };
+    assert_eq!(ended.code(), Code::ResourceExhausted);
+    assert!(ended.message().contains("since_revision=0"), "{}", ended.message());
+    assert_eq!(feed.stats().snapshots, 0, "no snapshot is being read any more");
 }
 
 async fn resume_replays_exactly_the_changes_after_the_revision(db: TestDb) {

@@ -37,6 +37,7 @@ conformance!(
     contracts_are_listed_by_holder_in_pages_as_written,
     a_users_contract_must_exist_and_be_theirs,
     a_client_that_stops_reading_is_dropped_and_resumes_losslessly,
+    a_change_is_encoded_once_and_read_as_its_typed_message,
 );
 
 fn feed_options() -> FeedOptions {
@@ -601,6 +602,75 @@ async fn watch_holder(
         .await
         .unwrap_or_else(|status| panic!("watch: {status:?}"))
         .into_inner()
+}
+
+/// A live change is encoded once for every stream that wants it, and what
+/// each typed client reads is exactly the message the change makes, byte
+/// for byte (the server writes pre-encoded frames; the client's API is the
+/// generated one).
+async fn a_change_is_encoded_once_and_read_as_its_typed_message(db: TestDb) {
+    use lightbox_api::{
+        contracts::{ContractChange, WatchContractsResponse},
+        feed::ChangeKind,
+    };
+    let stack = Stack::start(db, feed_options()).await;
+    let ada = create_user(&stack, "Ada", "ada@example.com").await;
+    let mut contracts = stack.contracts_client().await;
+    // Three streams from now: two of every contract, one of Ada's. Each is
+    // live once its first frame (progress at the head) has arrived.
+    let mut streams = vec![
+        watch_holder(&mut contracts, -1, "", Vec::new()).await,
+        watch_holder(&mut contracts, -1, "", Vec::new()).await,
+        watch_holder(&mut contracts, -1, &ada.id, Vec::new()).await,
+    ];
+    for stream in &mut streams {
+        match tokio::time::timeout(DEADLINE, stream.next()).await {
+            Ok(Some(Ok(frame))) => assert!(matches!(frame.event, Some(ContractEvent::Progress(_)))),
+            other => panic!("expected progress first, got {other:?}"),
+        }
+    }
+    let encoded_before = stack.feed_stats(Target::Contracts).changes_encoded;
+    let created = create_contract(&stack, &ada.id, "10").await;
+    let deleted = contracts
+        .delete_contract(DeleteContractRequest {
+            id: created.id.clone(),
+            expected_revision: 0,
+        })
+        .await
+        .map(|r| r.into_inner().revision)
+        .unwrap_or_else(|status| panic!("delete: {status:?}"));
+    let change = |revision, kind: ChangeKind, contract: Option<Contract>| WatchContractsResponse {
+        event: Some(ContractEvent::Change(ContractChange {
+            revision,
+            kind: kind as i32,
+            contract_id: created.id.clone(),
+            contract,
+            holder_user_id: ada.id.clone(),
+        })),
+    };
+    let expected = [
+        change(created.revision, ChangeKind::Upsert, Some(created.clone())),
+        change(deleted, ChangeKind::Delete, None),
+    ];
+    for stream in &mut streams {
+        for want in &expected {
+            let got = loop {
+                match tokio::time::timeout(DEADLINE, stream.next()).await {
+                    Ok(Some(Ok(frame))) if matches!(frame.event, Some(ContractEvent::Progress(_))) => {}
+                    Ok(Some(Ok(frame))) => break frame,
+                    other => panic!("expected a change, got {other:?}"),
+                }
+            };
+            assert_eq!(&got, want);
+            assert_eq!(got.encode_to_vec(), want.encode_to_vec());
+        }
+    }
+    assert_eq!(
+        stack.feed_stats(Target::Contracts).changes_encoded - encoded_before,
+        2,
+        "each change encoded once for the three streams"
+    );
+    stack.stop().await;
 }
 
 async fn watch_contracts_follows_one_holder(db: TestDb) {

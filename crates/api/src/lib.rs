@@ -9,9 +9,13 @@
 //!   sizes and tokens, revisions, update masks, text, timestamps).
 //! - [`error`]: [`ApiError`], the one mapping from domain errors to gRPC
 //!   codes and HTTP statuses.
+//! - [`watch`]: the watch protocol's messages as one shape over every
+//!   entity, and [`watch::Encoded`], a watch's change encoded once for
+//!   every stream (the servers' watch responses).
 
 pub mod error;
 pub mod request;
+pub mod watch;
 
 pub use error::{ApiError, call_upstream, http_status};
 
@@ -42,6 +46,7 @@ pub mod lightbox {
         pub mod v1 {
             include!(concat!(env!("OUT_DIR"), "/lightbox.users.v1.rs"));
             include!(concat!(env!("OUT_DIR"), "/lightbox.users.v1.serde.rs"));
+            include!(concat!(env!("OUT_DIR"), "/server/lightbox.users.v1.rs"));
         }
     }
     /// `lightbox.contracts.v1`: the contracts service.
@@ -50,6 +55,7 @@ pub mod lightbox {
         pub mod v1 {
             include!(concat!(env!("OUT_DIR"), "/lightbox.contracts.v1.rs"));
             include!(concat!(env!("OUT_DIR"), "/lightbox.contracts.v1.serde.rs"));
+            include!(concat!(env!("OUT_DIR"), "/server/lightbox.contracts.v1.rs"));
         }
     }
     /// `lightbox.photos.v1`: the photos service.
@@ -58,6 +64,7 @@ pub mod lightbox {
         pub mod v1 {
             include!(concat!(env!("OUT_DIR"), "/lightbox.photos.v1.rs"));
             include!(concat!(env!("OUT_DIR"), "/lightbox.photos.v1.serde.rs"));
+            include!(concat!(env!("OUT_DIR"), "/server/lightbox.photos.v1.rs"));
         }
     }
     /// `lightbox.admin.v1`: fault injection.
@@ -66,6 +73,7 @@ pub mod lightbox {
         pub mod v1 {
             include!(concat!(env!("OUT_DIR"), "/lightbox.admin.v1.rs"));
             include!(concat!(env!("OUT_DIR"), "/lightbox.admin.v1.serde.rs"));
+            include!(concat!(env!("OUT_DIR"), "/server/lightbox.admin.v1.rs"));
         }
     }
     /// `lightbox.events.v1`: subscriptions that deliver changes to functions.
@@ -74,6 +82,7 @@ pub mod lightbox {
         pub mod v1 {
             include!(concat!(env!("OUT_DIR"), "/lightbox.events.v1.rs"));
             include!(concat!(env!("OUT_DIR"), "/lightbox.events.v1.serde.rs"));
+            include!(concat!(env!("OUT_DIR"), "/server/lightbox.events.v1.rs"));
         }
     }
 }

@@ -245,6 +245,7 @@ mod tests {
                 events_sent: 7,
                 slow_watchers_ended: 1,
                 snapshots: 0,
+                changes_encoded: 4,
             }) as Read<FeedStats>
         };
         metrics.add_feed("users", stats(5));

@@ -446,10 +446,5 @@ fn decode_row<T: Entity>(row: &sqlx::any::AnyRow) -> Result<Change<T>, FeedError
         revision,
         source,
     })?;
-    Ok(Change {
-        revision,
-        entity_id,
-        scope: String::new(),
-        entity: Some(entity),
-    })
+    Ok(Change::new(revision, entity_id, String::new(), Some(entity)))
 }

@@ -4,23 +4,20 @@
 //! listing), so one value follows either way
 //! ([`crate::Cache::follow_upstream`]).
 
-use std::{future::Future, pin::Pin, sync::Arc, time::Duration};
+use std::{future::Future, pin::Pin, time::Duration};
 
 use lightbox_client::Balanced;
 
 use futures_util::StreamExt;
 use lightbox_api::{
     contracts::{
-        Contract, ListContractChangesRequest, WatchContractsRequest, WatchContractsResponse,
-        contracts_service_client::ContractsServiceClient, watch_contracts_response,
+        Contract, ListContractChangesRequest, WatchContractsRequest, contracts_service_client::ContractsServiceClient,
     },
     feed::Reset,
-    users::{
-        ListUserChangesRequest, User, WatchUsersRequest, WatchUsersResponse, users_service_client::UsersServiceClient,
-        watch_users_response,
-    },
+    users::{ListUserChangesRequest, User, WatchUsersRequest, users_service_client::UsersServiceClient},
+    watch::ChangeMessage,
 };
-use lightbox_changefeed::{ChangePage, Feed, Frame, feed::Entity, watch::WatchStream};
+use lightbox_changefeed::{ChangePage, Feed, feed::Entity, messages, watch::WatchStream};
 use tonic::Status;
 
 use crate::{PullSource, Source, pull::Listing};
@@ -58,7 +55,7 @@ impl Source<User> for UsersSource {
                 user_ids: Vec::new(),
             };
             let stream = client.watch_users(request).await?.into_inner();
-            Ok(Box::pin(stream.map(|item| item.and_then(Frame::try_from))) as WatchStream<User>)
+            Ok(Box::pin(stream.map(|item| item.and_then(messages::frame))) as WatchStream<User>)
         })
     }
 }
@@ -87,7 +84,7 @@ impl Source<Contract> for ContractsSource {
                 ..WatchContractsRequest::default()
             };
             let stream = client.watch_contracts(request).await?.into_inner();
-            Ok(Box::pin(stream.map(|item| item.and_then(Frame::try_from))) as WatchStream<Contract>)
+            Ok(Box::pin(stream.map(|item| item.and_then(messages::frame))) as WatchStream<Contract>)
         })
     }
 }
@@ -110,16 +107,7 @@ impl PullSource<User> for UsersSource {
                 page_token,
             };
             let page = client.list_user_changes(request).await?.into_inner();
-            let wrap = |change| WatchUsersResponse {
-                event: Some(watch_users_response::Event::Change(change)),
-            };
-            page_of(
-                page.changes,
-                wrap,
-                page.next_since_revision,
-                page.next_page_token,
-                page.reset,
-            )
+            page_of(page.changes, page.next_since_revision, page.next_page_token, page.reset)
         })
     }
 }
@@ -134,16 +122,7 @@ impl PullSource<Contract> for ContractsSource {
                 page_token,
             };
             let page = client.list_contract_changes(request).await?.into_inner();
-            let wrap = |change| WatchContractsResponse {
-                event: Some(watch_contracts_response::Event::Change(change)),
-            };
-            page_of(
-                page.changes,
-                wrap,
-                page.next_since_revision,
-                page.next_page_token,
-                page.reset,
-            )
+            page_of(page.changes, page.next_since_revision, page.next_page_token, page.reset)
         })
     }
 }
@@ -161,25 +140,17 @@ impl<T: Entity> PullSource<T> for Feed<T> {
 }
 
 /// A listing's answer as a [`ChangePage`]: each change read as a watch's
-/// change frame is (`wrap` puts it in a watch response), with the same
-/// checks.
-fn page_of<T, C, W>(
+/// change is, with the same checks.
+fn page_of<C: ChangeMessage>(
     changes: Vec<C>,
-    wrap: impl Fn(C) -> W,
     next_since_revision: i64,
     next_page_token: String,
     reset: Option<Reset>,
-) -> Result<ChangePage<T>, Status>
-where
-    Frame<T>: TryFrom<W, Error = Status>,
-{
+) -> Result<ChangePage<C::Entity>, Status> {
     let changes = changes
         .into_iter()
-        .map(|change| match Frame::try_from(wrap(change))? {
-            Frame::Change(change) => Ok(change),
-            _ => Err(Status::internal("a listed change read as another frame")),
-        })
-        .collect::<Result<Vec<Arc<_>>, Status>>()?;
+        .map(messages::change)
+        .collect::<Result<Vec<_>, Status>>()?;
     Ok(ChangePage {
         changes,
         next_since_revision,

@@ -2,10 +2,19 @@
 //! it, the [`Frame`]s of a watch stream and a [`ChangePage`] of the pull
 //! listing. It depends on no other module of the crate.
 
-use std::sync::Arc;
+use std::{
+    any::TypeId,
+    sync::{Arc, OnceLock},
+};
+
+use prost::bytes::Bytes;
 
 /// One committed change to an entity.
-#[derive(Debug, Clone, PartialEq)]
+///
+/// A change also holds its encoding as a watch response once a watch stream
+/// has made it (see [`Change::encoded`]): a live change goes to every
+/// watcher as the same `Arc`, so it is encoded once for all of them.
+#[derive(Debug, Clone)]
 pub struct Change<T> {
     /// The revision of the change.
     pub revision: i64,
@@ -20,6 +29,47 @@ pub struct Change<T> {
     pub scope: String,
     /// The entity after the change; `None` for a deletion.
     pub entity: Option<T>,
+    /// The change's encoding as a watch response, and the type of that
+    /// response (a feed is served as one type; the check keeps another
+    /// from reading the wrong bytes).
+    encoded: OnceLock<(TypeId, Bytes)>,
+}
+
+impl<T> Change<T> {
+    /// A change at `revision` to entity `entity_id` in `scope` (empty for
+    /// none): `entity` after it, `None` for a deletion.
+    pub fn new(revision: i64, entity_id: String, scope: String, entity: Option<T>) -> Change<T> {
+        Change {
+            revision,
+            entity_id,
+            scope,
+            entity,
+            encoded: OnceLock::new(),
+        }
+    }
+
+    /// This change encoded as a message of type `M`, by `encode` the first
+    /// time only: later calls (other watchers of the same change) get the
+    /// same bytes. Asked for another type, it encodes again (not kept).
+    pub fn encoded<M: 'static>(&self, encode: impl Fn(&Change<T>) -> Bytes) -> Bytes {
+        let (kind, bytes) = self.encoded.get_or_init(|| (TypeId::of::<M>(), encode(self)));
+        if *kind == TypeId::of::<M>() {
+            bytes.clone()
+        } else {
+            encode(self)
+        }
+    }
+}
+
+/// Changes are equal when they say the same (whether either was encoded
+/// yet does not count).
+impl<T: PartialEq> PartialEq for Change<T> {
+    fn eq(&self, other: &Self) -> bool {
+        self.revision == other.revision
+            && self.entity_id == other.entity_id
+            && self.scope == other.scope
+            && self.entity == other.entity
+    }
 }
 
 /// One frame of a watch stream.

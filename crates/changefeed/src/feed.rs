@@ -33,6 +33,13 @@ pub struct FeedOptions {
     pub poll_interval: Duration,
     /// History kept.
     pub retention: Retention,
+    /// Snapshots (`Watch(since_revision=0)`, or after a reset) read at once;
+    /// each holds a database connection while it streams, and the next
+    /// waits for a turn (see [`crate::watch`]).
+    pub max_snapshots: usize,
+    /// A snapshot whose stream takes no page for this long gives up its
+    /// turn and its transaction; the stream ends with `RESOURCE_EXHAUSTED`.
+    pub snapshot_stall: Duration,
 }
 
 impl Default for FeedOptions {
@@ -42,6 +49,8 @@ impl Default for FeedOptions {
             progress_interval: Duration::from_secs(5),
             poll_interval: Duration::from_secs(1),
             retention: Retention::default(),
+            max_snapshots: 4,
+            snapshot_stall: Duration::from_secs(30),
         }
     }
 }
@@ -63,6 +72,9 @@ pub struct FeedStats {
     pub slow_watchers_ended: u64,
     /// Snapshots (`since_revision = 0`, or a reset) being read now.
     pub snapshots: i64,
+    /// Changes encoded as watch responses since the feed opened: a live
+    /// change once, whatever the number of streams it is written to.
+    pub changes_encoded: u64,
 }
 
 /// The position of a state listing: the revision it lists the state at,
@@ -140,6 +152,11 @@ impl<T: Entity> Feed<T> {
                 "progress and poll intervals must be longer than zero".into(),
             ));
         }
+        if options.max_snapshots == 0 || options.snapshot_stall.is_zero() {
+            return Err(FeedError::Options(
+                "max_snapshots must be at least 1, and snapshot_stall longer than zero".into(),
+            ));
+        }
         if options.retention.interval.is_some_and(|every| every.is_zero()) {
             return Err(FeedError::Options(
                 "the retention interval must be longer than zero".into(),
@@ -157,7 +174,7 @@ impl<T: Entity> Feed<T> {
         let state = read_state(&mut *db.pool().acquire().await?, name).await?;
         let shared = Arc::new(Shared {
             name,
-            hub: Arc::new(Hub::new(options.watcher_buffer, state.revision)),
+            hub: Arc::new(Hub::new(options.watcher_buffer, state.revision, options.max_snapshots)),
             db,
             options,
         });
@@ -226,6 +243,7 @@ impl<T: Entity> Feed<T> {
             events_sent: hub.events_sent.load(std::sync::atomic::Ordering::Relaxed),
             slow_watchers_ended: hub.slow_watchers_ended.load(std::sync::atomic::Ordering::Relaxed),
             snapshots: hub.snapshots.load(std::sync::atomic::Ordering::Relaxed),
+            changes_encoded: hub.changes_encoded.load(std::sync::atomic::Ordering::Relaxed),
         }
     }
 

@@ -13,7 +13,7 @@ use std::{
     time::Duration,
 };
 
-use tokio::sync::{Notify, broadcast};
+use tokio::sync::{Notify, Semaphore, broadcast};
 
 use crate::{
     change::{Change, Entity},
@@ -47,14 +47,19 @@ pub(crate) struct Hub<T> {
     /// Watchers ended for falling a whole ring behind.
     pub(crate) slow_watchers_ended: AtomicU64,
     /// Snapshots being read now.
-    pub(crate) snapshots: AtomicI64,
+    pub(crate) snapshots: Arc<AtomicI64>,
+    /// Turns to read a snapshot: each holds a database connection.
+    pub(crate) snapshot_turns: Arc<Semaphore>,
+    /// Changes encoded as watch responses (each live change once, however
+    /// many streams it goes to).
+    pub(crate) changes_encoded: AtomicU64,
     /// Wakes the tail: local commits call it directly; on PostgreSQL the
     /// listener calls it on each notification from any replica.
     wake: Notify,
 }
 
 impl<T> Hub<T> {
-    pub(crate) fn new(capacity: usize, head: i64) -> Hub<T> {
+    pub(crate) fn new(capacity: usize, head: i64, max_snapshots: usize) -> Hub<T> {
         let (sender, _) = broadcast::channel(capacity);
         Hub {
             sender: RwLock::new(sender),
@@ -66,7 +71,9 @@ impl<T> Hub<T> {
             watchers: AtomicI64::new(0),
             events_sent: AtomicU64::new(0),
             slow_watchers_ended: AtomicU64::new(0),
-            snapshots: AtomicI64::new(0),
+            snapshots: Arc::new(AtomicI64::new(0)),
+            snapshot_turns: Arc::new(Semaphore::new(max_snapshots)),
+            changes_encoded: AtomicU64::new(0),
             wake: Notify::new(),
         }
     }

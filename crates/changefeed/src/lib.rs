@@ -9,8 +9,10 @@
 //! - [`error`]: [`FeedError`], and [`is_transient`] (an outage, not a bug).
 //! - [`db`]: [`Db`], one pool over SQLite or PostgreSQL, and migrations.
 //! - `log` (private): the changelog's reads (changes and consolidated
-//!   deltas after a revision, catch-up, the state at one revision), by
-//!   database and feed name, shared by the feed, its tail and its watches.
+//!   deltas after a revision, catch-up), by database and feed name, shared
+//!   by the feed, its tail and its watches.
+//! - `snapshot` (private): a watch's snapshot, the state at one revision
+//!   read in pages in one transaction, a few at a time per feed.
 //! - [`feed`]: [`Feed`], a named stream of entity changes in a database;
 //!   [`WriteTx`], the transactional outbox (entity + changelog row in one
 //!   transaction, revisions ordered by a per-feed counter row); reads,
@@ -23,14 +25,17 @@
 //! - `hub` (private): the one tail per feed and process that reads the
 //!   changelog and fans changes out to every watcher through a bounded ring.
 //!
-//! Modules depend one way: `change`, `error` ← `log` ← `hub`, `retention`
-//! ← `feed` ← `watch`, `messages`, `view`.
+//! Modules depend one way: `change`, `error` ← `log` ← `hub`, `retention`,
+//! `snapshot` ← `feed` ← `watch`, `messages`, `view`.
 //! - [`memory`]: [`Snapshot`], entities in memory at one revision (a
 //!   persistent map, so each batch makes a new one cheaply), and
 //!   [`Published`], the lock-free cell readers load it from.
 //! - [`view`]: [`View`], a feed's own state in memory, kept current by a
 //!   watch of it: reads that touch no database.
-//! - [`messages`]: conversions to the API's watch and listing messages.
+//! - [`messages`]: conversions to and from the API's watch and listing
+//!   messages, through the one shape they share
+//!   ([`lightbox_api::watch`]); a watch's change is encoded once, and the
+//!   same bytes go to every stream.
 //! - [`watch`]: the watch stream: snapshot then live, resume (then progress
 //!   at once: the client is current), from now (no snapshot, no replay),
 //!   consolidated deltas for compacted history, reset, progress,
@@ -67,6 +72,7 @@ mod log;
 pub mod memory;
 pub mod messages;
 pub mod retention;
+mod snapshot;
 pub mod view;
 pub mod watch;
 

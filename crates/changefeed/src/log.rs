@@ -88,12 +88,7 @@ pub(crate) fn decode_row<T: Entity>(row: &AnyRow) -> Result<Change<T>, FeedError
         })?),
         None => None,
     };
-    Ok(Change {
-        revision,
-        entity_id,
-        scope,
-        entity,
-    })
+    Ok(Change::new(revision, entity_id, scope, entity))
 }
 
 /// Changes after `cursor` from the changelog, in revision order; with a
@@ -195,58 +190,4 @@ pub(crate) async fn catch_up<T: Entity>(
     };
     tx.commit().await?;
     Ok(result)
-}
-
-/// The current state at one revision, which it returns: of the entities in
-/// `ids` if given (in id order), else of every entity; with a `scope`, only
-/// those in it (through the `feed_entities_by_scope` index).
-pub(crate) async fn snapshot<T: Entity>(
-    db: &Db,
-    feed: &str,
-    ids: Option<&[String]>,
-    scope: Option<&str>,
-) -> Result<(i64, Vec<Arc<Change<T>>>), FeedError> {
-    let mut tx = db.begin_snapshot().await?;
-    let state = read_state(&mut tx, feed).await?;
-    let mut changes = Vec::new();
-    match ids {
-        Some(ids) => {
-            for id in ids {
-                let row = sqlx::query(
-                    "SELECT entity_id, revision, payload, scope FROM feed_entities \
-                     WHERE feed = $1 AND entity_id = $2 AND deleted = 0",
-                )
-                .bind(feed)
-                .bind(id.as_str())
-                .fetch_optional(&mut *tx)
-                .await?;
-                if let Some(row) = row {
-                    let change = decode_row(&row)?;
-                    if scope.is_none_or(|scope| change.scope == scope) {
-                        changes.push(Arc::new(change));
-                    }
-                }
-            }
-        }
-        None => {
-            let query = match scope {
-                None => sqlx::query(
-                    "SELECT entity_id, revision, payload, scope FROM feed_entities \
-                     WHERE feed = $1 AND deleted = 0 ORDER BY entity_id",
-                )
-                .bind(feed),
-                Some(scope) => sqlx::query(
-                    "SELECT entity_id, revision, payload, scope FROM feed_entities \
-                     WHERE feed = $1 AND scope = $2 AND deleted = 0 ORDER BY entity_id",
-                )
-                .bind(feed)
-                .bind(scope),
-            };
-            for row in &query.fetch_all(&mut *tx).await? {
-                changes.push(Arc::new(decode_row(row)?));
-            }
-        }
-    }
-    tx.commit().await?;
-    Ok((state.revision, changes))
 }

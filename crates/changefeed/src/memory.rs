@@ -212,21 +212,11 @@ mod tests {
     }
 
     fn put(revision: i64, id: &str, scope: &str, value: i64) -> Arc<Change<Value>> {
-        Arc::new(Change {
-            revision,
-            entity_id: id.into(),
-            scope: scope.into(),
-            entity: Some(v(value)),
-        })
+        Arc::new(Change::new(revision, id.into(), scope.into(), Some(v(value))))
     }
 
     fn delete(revision: i64, id: &str, scope: &str) -> Arc<Change<Value>> {
-        Arc::new(Change {
-            revision,
-            entity_id: id.into(),
-            scope: scope.into(),
-            entity: None,
-        })
+        Arc::new(Change::new(revision, id.into(), scope.into(), None))
     }
 
     #[test]

@@ -1,186 +1,147 @@
-//! Conversions between feed values and the API's watch and listing messages,
-//! one set per watchable entity (users, contracts, photos), written once as
-//! a macro because the three APIs have the same shape with other names.
+//! Conversions between the feed's values and the API's messages, through
+//! the one shape every watchable entity's messages have
+//! ([`lightbox_api::watch`]): this crate knows entities and frames, the API
+//! knows its messages, no service is named here.
 //!
 //! A change's scope (its owner: see [`crate::WriteTx::put_scoped`]) is on
 //! the wire where the entity has one (`ContractChange.holder_user_id`,
 //! `PhotoChange.user_id`), deletions included, so a client can route a
 //! change to its owner without the entity; read back, it becomes the
 //! change's scope again.
+//!
+//! A watch serves its frames as [`Encoded`] responses: a change is encoded
+//! once ([`Change::encoded`]) and every stream that wants it is written the
+//! same bytes; the other frames are each stream's own.
 
-use lightbox_api::{contracts, feed as frames, photos, users};
+use std::sync::{
+    Arc,
+    atomic::{AtomicU64, Ordering},
+};
+
+use lightbox_api::{
+    feed as frames,
+    watch::{ChangeMessage, ChangesPage, Encoded, WatchEvent, WatchMessage},
+};
+use prost::bytes::Bytes;
 
 use crate::{
-    change::{Change, ChangePage, Entity, Frame},
+    change::{Change, ChangePage, Frame},
     watch::WatchFilter,
 };
 
-/// The API's change kind of a change.
-fn kind<T>(change: &Change<T>) -> frames::ChangeKind {
-    if change.entity.is_some() {
-        frames::ChangeKind::Upsert
-    } else {
-        frames::ChangeKind::Delete
+/// The entity a watch response carries.
+pub type EntityOf<R> = <<R as WatchMessage>::Change as ChangeMessage>::Entity;
+
+/// The API's message of a change.
+pub fn change_message<C: ChangeMessage>(change: &Change<C::Entity>) -> C {
+    C::new(
+        change.revision,
+        change.entity_id.clone(),
+        change.entity.clone(),
+        change.scope.clone(),
+    )
+}
+
+/// The API's watch response of a frame.
+pub fn watch_message<R: WatchMessage>(frame: &Frame<EntityOf<R>>) -> R {
+    R::from_event(match frame {
+        Frame::Change(change) => WatchEvent::Change(change_message(change)),
+        Frame::SnapshotBegin { revision } => WatchEvent::SnapshotBegin(frames::SnapshotBegin { revision: *revision }),
+        Frame::SnapshotEnd { revision } => WatchEvent::SnapshotEnd(frames::SnapshotEnd { revision: *revision }),
+        Frame::Progress { revision } => WatchEvent::Progress(frames::Progress { revision: *revision }),
+        Frame::Reset { revision, reason } => WatchEvent::Reset(frames::Reset {
+            revision: *revision,
+            reason: reason.clone(),
+        }),
+    })
+}
+
+/// A frame as a watch serves it: a change as its encoding, made once for
+/// every stream (`encoded` counts each encoding); any other frame as a
+/// message.
+pub fn encoded<R: WatchMessage>(frame: Frame<EntityOf<R>>, encoded: &AtomicU64) -> Encoded<R> {
+    match &frame {
+        Frame::Change(change) => Encoded::Bytes(change.encoded::<R>(|change| {
+            encoded.fetch_add(1, Ordering::Relaxed);
+            Bytes::from(R::from_event(WatchEvent::Change(change_message(change))).encode_to_vec())
+        })),
+        _ => Encoded::Message(watch_message(&frame)),
     }
 }
 
-macro_rules! feed_messages {
-    // The scope read back from a change message: its scope field, if the
-    // message has one.
-    (@scope $change:ident) => {
-        String::new()
-    };
-    (@scope $change:ident, $scope:ident) => {
-        $change.$scope
-    };
-    ($entity:ty, $change:ident { $id:ident, $field:ident $(, scope: $scope:ident)? }, $watch:ident, $event:path, $list:ident) => {
-        impl From<&Change<$entity>> for $change {
-            fn from(change: &Change<$entity>) -> Self {
-                $change {
-                    revision: change.revision,
-                    kind: kind(change) as i32,
-                    $id: change.entity_id.clone(),
-                    $field: change.entity.clone(),
-                    $($scope: change.scope.clone(),)?
-                }
-            }
-        }
-
-        impl From<Frame<$entity>> for $watch {
-            fn from(frame: Frame<$entity>) -> Self {
-                use $event as Event;
-                let event = match frame {
-                    Frame::Change(change) => Event::Change(change.as_ref().into()),
-                    Frame::SnapshotBegin { revision } => Event::SnapshotBegin(frames::SnapshotBegin { revision }),
-                    Frame::SnapshotEnd { revision } => Event::SnapshotEnd(frames::SnapshotEnd { revision }),
-                    Frame::Progress { revision } => Event::Progress(frames::Progress { revision }),
-                    Frame::Reset { revision, reason } => Event::Reset(frames::Reset { revision, reason }),
-                };
-                $watch { event: Some(event) }
-            }
-        }
-
-        impl TryFrom<$watch> for Frame<$entity> {
-            type Error = tonic::Status;
-
-            /// Reads a frame received from a watch stream (for caches).
-            fn try_from(response: $watch) -> Result<Self, tonic::Status> {
-                use $event as Event;
-                Ok(match response.event {
-                    Some(Event::Change(change)) => {
-                        let entity = match frames::ChangeKind::try_from(change.kind) {
-                            Ok(frames::ChangeKind::Upsert) => Some(change.$field.ok_or_else(|| {
-                                tonic::Status::internal(format!("upsert of {} without the entity", change.$id))
-                            })?),
-                            Ok(frames::ChangeKind::Delete) => None,
-                            _ => {
-                                return Err(tonic::Status::internal(format!(
-                                    "change kind {} is unknown",
-                                    change.kind
-                                )));
-                            }
-                        };
-                        Frame::Change(std::sync::Arc::new(Change {
-                            revision: change.revision,
-                            // Empty if the message carries no scope.
-                            scope: feed_messages!(@scope change $(, $scope)?),
-                            entity_id: change.$id,
-                            entity,
-                        }))
-                    }
-                    Some(Event::SnapshotBegin(begin)) => Frame::SnapshotBegin {
-                        revision: begin.revision,
-                    },
-                    Some(Event::SnapshotEnd(end)) => Frame::SnapshotEnd {
-                        revision: end.revision,
-                    },
-                    Some(Event::Progress(progress)) => Frame::Progress {
-                        revision: progress.revision,
-                    },
-                    Some(Event::Reset(reset)) => Frame::Reset {
-                        revision: reset.revision,
-                        reason: reset.reason,
-                    },
-                    None => return Err(tonic::Status::internal("a watch frame without an event")),
-                })
-            }
-        }
-
-        impl From<ChangePage<$entity>> for $list {
-            fn from(page: ChangePage<$entity>) -> Self {
-                $list {
-                    changes: page.changes.iter().map(|change| change.as_ref().into()).collect(),
-                    next_since_revision: page.next_since_revision,
-                    next_page_token: page.next_page_token,
-                    reset: page.reset.map(|reason| frames::Reset {
-                        revision: page.next_since_revision,
-                        reason,
-                    }),
-                }
-            }
-        }
-    };
+/// Reads a change received from a watch or a listing, checked (see
+/// [`ChangeMessage::into_parts`]).
+pub fn change<C: ChangeMessage>(message: C) -> Result<Arc<Change<C::Entity>>, tonic::Status> {
+    let parts = message.into_parts()?;
+    Ok(Arc::new(Change::new(
+        parts.revision,
+        parts.id,
+        parts.scope,
+        parts.entity,
+    )))
 }
 
-feed_messages!(
-    users::User,
-    UserChange { user_id, user },
-    WatchUsersResponse,
-    users::watch_users_response::Event,
-    ListUserChangesResponse
-);
-use users::{ListUserChangesResponse, UserChange, WatchUsersResponse};
+/// Reads a frame received from a watch stream (for caches and followers).
+pub fn frame<R: WatchMessage>(response: R) -> Result<Frame<EntityOf<R>>, tonic::Status> {
+    Ok(match response.into_event() {
+        Some(WatchEvent::Change(message)) => Frame::Change(change(message)?),
+        Some(WatchEvent::SnapshotBegin(begin)) => Frame::SnapshotBegin {
+            revision: begin.revision,
+        },
+        Some(WatchEvent::SnapshotEnd(end)) => Frame::SnapshotEnd { revision: end.revision },
+        Some(WatchEvent::Progress(progress)) => Frame::Progress {
+            revision: progress.revision,
+        },
+        Some(WatchEvent::Reset(reset)) => Frame::Reset {
+            revision: reset.revision,
+            reason: reset.reason,
+        },
+        None => return Err(tonic::Status::internal("a watch frame without an event")),
+    })
+}
 
-feed_messages!(
-    contracts::Contract,
-    ContractChange {
-        contract_id,
-        contract,
-        scope: holder_user_id
-    },
-    WatchContractsResponse,
-    contracts::watch_contracts_response::Event,
-    ListContractChangesResponse
-);
-use contracts::{ContractChange, ListContractChangesResponse, WatchContractsResponse};
-
-feed_messages!(
-    photos::Photo,
-    PhotoChange {
-        photo_id,
-        photo,
-        scope: user_id
-    },
-    WatchPhotosResponse,
-    photos::watch_photos_response::Event,
-    ListPhotoChangesResponse
-);
-use photos::{ListPhotoChangesResponse, PhotoChange, WatchPhotosResponse};
+/// The API's page of a pull listing.
+pub fn changes_page<L: ChangesPage>(page: ChangePage<<L::Change as ChangeMessage>::Entity>) -> L {
+    let reset = page.reset.map(|reason| frames::Reset {
+        revision: page.next_since_revision,
+        reason,
+    });
+    L::new(
+        page.changes.iter().map(|change| change_message(change)).collect(),
+        page.next_since_revision,
+        page.next_page_token,
+        reset,
+    )
+}
 
 /// Serves a `Watch…` request (the same for every feed): checks the
 /// arguments (see [`watch_args`]), then streams the feed's frames as the
-/// API's responses.
-pub fn serve_watch<T: Entity, R: From<Frame<T>> + Send + 'static>(
-    feed: &crate::Feed<T>,
+/// API's responses, each change encoded once for every stream.
+pub fn serve_watch<R: WatchMessage>(
+    feed: &crate::Feed<EntityOf<R>>,
     since_revision: i64,
     ids: (&str, Vec<String>),
     scope: Option<(&str, &str)>,
-) -> Result<crate::watch::MappedStream<R>, lightbox_api::ApiError> {
+) -> Result<crate::watch::MappedStream<Encoded<R>>, lightbox_api::ApiError> {
     let (since, filter) = watch_args(since_revision, ids, scope)?;
-    Ok(crate::watch::mapped(feed.watch(since, filter)))
+    let stream = feed.watch(since, filter);
+    let hub = Arc::clone(&feed.inner.shared.hub);
+    Ok(Box::pin(futures_util::StreamExt::map(stream, move |item| {
+        item.map(|frame| encoded::<R>(frame, &hub.changes_encoded))
+    })))
 }
 
 /// Serves a `List…Changes` request (the same for every feed): checks the
 /// arguments, lists, converts.
-pub async fn serve_list_changes<T: Entity, R: From<ChangePage<T>>>(
-    feed: &crate::Feed<T>,
+pub async fn serve_list_changes<L: ChangesPage>(
+    feed: &crate::Feed<<L::Change as ChangeMessage>::Entity>,
     since_revision: i64,
     page_size: i32,
     page_token: &str,
-) -> Result<R, lightbox_api::ApiError> {
+) -> Result<L, lightbox_api::ApiError> {
     let since = lightbox_api::request::since_revision(since_revision)?;
     let size = lightbox_api::request::page_size(page_size, 100, 1000)?;
-    Ok(feed.list_changes(since, size, page_token).await?.into())
+    Ok(changes_page(feed.list_changes(since, size, page_token).await?))
 }
 
 /// Validates a watch request's arguments (the same for every feed) and

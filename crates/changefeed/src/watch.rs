@@ -8,7 +8,11 @@
 //! Where a stream starts ([`Feed::watch`]'s `since_revision`):
 //!
 //! - `0`: a snapshot at one revision R (`SnapshotBegin`, the entities,
-//!   `SnapshotEnd{R}`), then the changes after R;
+//!   `SnapshotEnd{R}`), then the changes after R. The snapshot is read in
+//!   pages in one transaction, as the stream sends them: its memory is a
+//!   few pages whatever the feed's size. At most
+//!   [`crate::FeedOptions::max_snapshots`] are read at once per feed (each
+//!   holds a database connection); the next waits its turn;
 //! - `N > 0`: a replay of the changes after N (or their consolidated delta,
 //!   or a reset and a snapshot), then at once `Progress{head}`: the replay
 //!   reached the head, so a resuming client knows it is current without
@@ -43,7 +47,8 @@ use crate::{
     change::{Change, Entity, Frame},
     error::FeedError,
     feed::Feed,
-    log::{CatchUp, catch_up, snapshot},
+    log::{CatchUp, catch_up},
+    snapshot::{Failed, Pages, Part, Scan},
 };
 
 /// A watch stream, as a tonic server-streaming handler returns it.
@@ -51,11 +56,6 @@ pub type WatchStream<T> = Pin<Box<dyn Stream<Item = Result<Frame<T>, Status>> + 
 
 /// A watch stream converted to an API message, as a tonic handler returns it.
 pub type MappedStream<R> = Pin<Box<dyn Stream<Item = Result<R, Status>> + Send + 'static>>;
-
-/// Converts each frame of a watch stream to the API's watch response.
-pub fn mapped<T: Entity, R: From<Frame<T>> + Send + 'static>(stream: WatchStream<T>) -> MappedStream<R> {
-    Box::pin(futures_util::StreamExt::map(stream, |item| item.map(R::from)))
-}
 
 /// The `since_revision` of a watch from now: see the module docs.
 pub const FROM_NOW: i64 = lightbox_api::request::WATCH_FROM_NOW;
@@ -150,7 +150,7 @@ impl<T: Entity> Feed<T> {
                 VecDeque::new()
             },
             phase: match since_revision {
-                0 => Phase::Snapshot,
+                0 => Phase::Snapshot(None),
                 FROM_NOW => Phase::Live,
                 _ => Phase::CatchUp,
             },
@@ -164,9 +164,17 @@ impl<T: Entity> Feed<T> {
     }
 }
 
-enum Phase {
-    /// Send a snapshot, then go live.
-    Snapshot,
+enum Phase<T> {
+    /// Start a snapshot (after a reset frame saying why, if set).
+    Snapshot(Option<String>),
+    /// Send the snapshot's pages as they are read, then go live.
+    Paging {
+        pages: Pages<T>,
+        /// The reason of the reset to send first, if any.
+        reset: Option<String>,
+        /// The snapshot's revision, once it has begun.
+        at: i64,
+    },
     /// Replay from the database after the cursor, then go live.
     CatchUp,
     /// Follow the ring.
@@ -191,7 +199,7 @@ struct Watcher<T> {
     scope: Option<String>,
     /// Frames read from the database, not yet sent.
     pending: VecDeque<Frame<T>>,
-    phase: Phase,
+    phase: Phase<T>,
     /// Ticks every progress interval; a tick after which nothing was sent
     /// sends a progress frame. One timer per stream for its whole life: no
     /// timer is armed or disarmed per frame.
@@ -230,7 +238,12 @@ impl<T: Entity> Watcher<T> {
             }
             let result = match self.phase {
                 Phase::Done => return None,
-                Phase::Snapshot => self.snapshot(None).await,
+                Phase::Snapshot(ref mut reset) => {
+                    let reset = reset.take();
+                    self.start_snapshot(reset);
+                    Ok(())
+                }
+                Phase::Paging { .. } => self.page().await,
                 Phase::CatchUp => self.catch_up().await,
                 Phase::Live => match self.live().await {
                     // A progress frame does not count as "sent" for the next
@@ -261,27 +274,58 @@ impl<T: Entity> Watcher<T> {
         }
     }
 
-    /// Queues a snapshot (after a reset frame if `reset` says why) and goes live.
-    async fn snapshot(&mut self, reset: Option<String>) -> Result<(), Status> {
+    /// Starts reading a snapshot (sent after a reset frame if `reset`
+    /// says why): in pages, once the feed has a turn free.
+    fn start_snapshot(&mut self, reset: Option<String>) {
         let shared = &self.feed.inner.shared;
         let ids: Option<Vec<String>> = self.ids.as_ref().map(|ids| {
             let mut ids: Vec<String> = ids.iter().cloned().collect();
             ids.sort_unstable();
             ids
         });
-        let read = {
-            let _counted = InProgress::new(&shared.hub.snapshots);
-            snapshot(&shared.db, shared.name, ids.as_deref(), self.scope.as_deref()).await
+        let scan = Scan {
+            db: shared.db.clone(),
+            feed: shared.name,
+            ids,
+            scope: self.scope.clone(),
         };
-        let (revision, changes) = read.map_err(storage_error)?;
-        if let Some(reason) = reset {
-            self.pending.push_back(Frame::Reset { revision, reason });
+        let pages = Pages::start(
+            scan,
+            Arc::clone(&shared.hub.snapshot_turns),
+            Arc::clone(&shared.hub.snapshots),
+            shared.options.snapshot_stall,
+        );
+        self.phase = Phase::Paging { pages, reset, at: 0 };
+    }
+
+    /// Queues the snapshot's next part; after its end, goes live.
+    async fn page(&mut self) -> Result<(), Status> {
+        let Phase::Paging { pages, reset, at } = &mut self.phase else {
+            return Ok(());
+        };
+        match pages.next().await {
+            Ok(Part::Begin { revision }) => {
+                *at = revision;
+                if let Some(reason) = reset.take() {
+                    self.pending.push_back(Frame::Reset { revision, reason });
+                }
+                self.pending.push_back(Frame::SnapshotBegin { revision });
+            }
+            Ok(Part::Page(changes)) => self.pending.extend(changes.into_iter().map(Frame::Change)),
+            Ok(Part::End) => {
+                let revision = *at;
+                self.pending.push_back(Frame::SnapshotEnd { revision });
+                self.cursor = revision;
+                self.phase = Phase::Live;
+            }
+            Err(Failed::Storage(err)) => return Err(storage_error(err)),
+            Err(Failed::Stalled(after)) => {
+                return Err(Status::resource_exhausted(format!(
+                    "this watcher took no snapshot page for {} s and was dropped; watch again with since_revision=0",
+                    after.as_secs()
+                )));
+            }
         }
-        self.pending.push_back(Frame::SnapshotBegin { revision });
-        self.pending.extend(changes.into_iter().map(Frame::Change));
-        self.pending.push_back(Frame::SnapshotEnd { revision });
-        self.cursor = revision;
-        self.phase = Phase::Live;
         Ok(())
     }
 
@@ -292,7 +336,10 @@ impl<T: Entity> Watcher<T> {
             .await
             .map_err(storage_error)?;
         match page {
-            CatchUp::Reset { reason } => self.snapshot(Some(reason)).await,
+            CatchUp::Reset { reason } => {
+                self.phase = Phase::Snapshot(Some(reason));
+                Ok(())
+            }
             CatchUp::Page { changes, head } => {
                 let last_page = (changes.len() as i64) < PAGE;
                 for change in changes {
@@ -399,23 +446,6 @@ impl<T: Entity> Watcher<T> {
                 self.cursor
             ))
         }
-    }
-}
-
-/// Counts one in a gauge for as long as it lives (a dropped stream's
-/// snapshot stops counting too).
-struct InProgress<'a>(&'a std::sync::atomic::AtomicI64);
-
-impl<'a> InProgress<'a> {
-    fn new(gauge: &'a std::sync::atomic::AtomicI64) -> InProgress<'a> {
-        gauge.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        InProgress(gauge)
-    }
-}
-
-impl Drop for InProgress<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
     }
 }
 

@@ -21,6 +21,7 @@ use lightbox_api::{
         contracts_service_server::{ContractsService as ContractsApi, ContractsServiceServer},
     },
     request,
+    watch::Encoded,
 };
 use lightbox_changefeed::{
     Db, Feed, FeedError, FeedOptions, Migrations, WriteTx,
@@ -211,7 +212,7 @@ impl ContractsApi for ContractsService {
         Ok(Response::new(DeleteContractResponse { revision }))
     }
 
-    type WatchContractsStream = watch::MappedStream<WatchContractsResponse>;
+    type WatchContractsStream = watch::MappedStream<Encoded<WatchContractsResponse>>;
 
     async fn watch_contracts(
         &self,

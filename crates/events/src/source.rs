@@ -382,7 +382,7 @@ macro_rules! grpc_source {
                         ..$request::default()
                     };
                     let stream = client.$method(request).await?.into_inner();
-                    Ok(Box::pin(stream.map(|item| item.and_then(Frame::try_from))) as WatchStream<$entity>)
+                    Ok(Box::pin(stream.map(|item| item.and_then(lightbox_changefeed::messages::frame))) as WatchStream<$entity>)
                 })
             }
         }

@@ -61,6 +61,7 @@ use lightbox_api::{
     },
     request,
     users::{User, users_service_client::UsersServiceClient},
+    watch::Encoded,
 };
 use lightbox_cache::{Cache, CacheOptions, sources};
 use lightbox_changefeed::{
@@ -410,7 +411,7 @@ impl PhotosApi for PhotosService {
         Ok(Response::new(processing::thumbnail(self.feed.db(), &photo).await?))
     }
 
-    type WatchPhotosStream = watch::MappedStream<WatchPhotosResponse>;
+    type WatchPhotosStream = watch::MappedStream<Encoded<WatchPhotosResponse>>;
 
     async fn watch_photos(
         &self,

@@ -27,6 +27,7 @@ use lightbox_api::{
         UpdateUserRequest, UpdateUserResponse, User, WatchUsersRequest, WatchUsersResponse,
         users_service_server::{UsersService as UsersApi, UsersServiceServer},
     },
+    watch::Encoded,
 };
 use lightbox_cache::{Cache, CacheOptions};
 use lightbox_changefeed::{
@@ -307,7 +308,7 @@ impl UsersApi for UsersService {
         Ok(Response::new(DeleteUserResponse { revision }))
     }
 
-    type WatchUsersStream = lightbox_changefeed::watch::MappedStream<WatchUsersResponse>;
+    type WatchUsersStream = lightbox_changefeed::watch::MappedStream<Encoded<WatchUsersResponse>>;
 
     async fn watch_users(
         &self,

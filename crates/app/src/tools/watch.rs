@@ -9,11 +9,16 @@ use std::time::Duration;
 use clap::Args;
 use futures_util::StreamExt;
 use lightbox_api::{
-    contracts::{Contract, WatchContractsRequest, contracts_service_client::ContractsServiceClient},
-    photos::{Photo, WatchPhotosRequest, photos_service_client::PhotosServiceClient},
-    users::{User, WatchUsersRequest, users_service_client::UsersServiceClient},
+    contracts::{WatchContractsRequest, contracts_service_client::ContractsServiceClient},
+    photos::{WatchPhotosRequest, photos_service_client::PhotosServiceClient},
+    users::{WatchUsersRequest, users_service_client::UsersServiceClient},
+    watch::WatchMessage,
 };
-use lightbox_changefeed::{Frame, feed::Entity};
+use lightbox_changefeed::{
+    Frame,
+    feed::Entity,
+    messages::{self, EntityOf},
+};
 use tonic::{Code, Status};
 
 use super::{
@@ -66,7 +71,7 @@ pub async fn run(args: WatchArgs) -> anyhow::Result<()> {
                     user_ids: ids,
                 };
                 let call = async move { UsersServiceClient::new(channel).watch_users(request).await };
-                session::<User, _>(call, args.feed, &mut since, &json, as_json).await?
+                session(call, args.feed, &mut since, &json, as_json).await?
             }
             Service::Contracts => {
                 let request = WatchContractsRequest {
@@ -75,7 +80,7 @@ pub async fn run(args: WatchArgs) -> anyhow::Result<()> {
                     ..Default::default()
                 };
                 let call = async move { ContractsServiceClient::new(channel).watch_contracts(request).await };
-                session::<Contract, _>(call, args.feed, &mut since, &json, as_json).await?
+                session(call, args.feed, &mut since, &json, as_json).await?
             }
             Service::Photos => {
                 let request = WatchPhotosRequest {
@@ -84,7 +89,7 @@ pub async fn run(args: WatchArgs) -> anyhow::Result<()> {
                     ..Default::default()
                 };
                 let call = async move { PhotosServiceClient::new(channel).watch_photos(request).await };
-                session::<Photo, _>(call, args.feed, &mut since, &json, as_json).await?
+                session(call, args.feed, &mut since, &json, as_json).await?
             }
         };
         let (connected, status) = match ended {
@@ -118,7 +123,7 @@ pub async fn run(args: WatchArgs) -> anyhow::Result<()> {
 /// Opens a watch and prints it until it ends (each frame's JSON if
 /// `as_json`, else in words); keeps `since` at the last revision fully
 /// seen. Fails only if a frame cannot be written.
-async fn session<T, R>(
+async fn session<R>(
     call: impl std::future::Future<Output = Result<tonic::Response<tonic::Streaming<R>>, Status>>,
     feed: Service,
     since: &mut i64,
@@ -126,9 +131,8 @@ async fn session<T, R>(
     as_json: bool,
 ) -> anyhow::Result<Ended>
 where
-    T: Entity + Proto,
-    R: Proto + Send + 'static,
-    Frame<T>: TryFrom<R, Error = Status>,
+    R: WatchMessage + Proto,
+    EntityOf<R>: Proto,
 {
     let mut stream = match call.await {
         Ok(response) => response.into_inner(),
@@ -156,7 +160,7 @@ where
             true => Some(json.line(&response)?),
             false => None,
         };
-        let frame = match Frame::<T>::try_from(response) {
+        let frame = match messages::frame(response) {
             Ok(frame) => frame,
             Err(status) => return Ok(ended(status)),
         };
