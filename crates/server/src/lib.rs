@@ -45,5 +45,5 @@ pub use admin::{
 };
 pub use fault::{FaultLayer, FaultServiceImpl, FaultSpec, Faults};
 pub use health::ProcessHealth;
-pub use server::{ServeError, ServerOptions, bind, serve};
+pub use server::{ServeError, ServerOptions, bind, http2, serve};
 pub use shutdown::{Shutdown, ShutdownTrigger, ctrl_c_or_term};

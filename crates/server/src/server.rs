@@ -146,6 +146,37 @@ impl Default for ServerOptions {
     }
 }
 
+/// The HTTP/2 limits of every gRPC server, set here rather than left to
+/// the libraries' defaults, so that what a client can make a server hold
+/// is written down (README, "HTTP/2 limits").
+pub mod http2 {
+    use std::time::Duration;
+
+    /// Streams one connection may have open at once (a client multiplexing
+    /// watches: 100 per connection in the benchmarks). Beyond it, the
+    /// client waits for a stream to end.
+    pub const MAX_CONCURRENT_STREAMS: u32 = 1024;
+    /// Flow-control window of each stream: how much a stream may have in
+    /// flight unread by the client. 1 MiB: a page of a snapshot is far
+    /// less.
+    pub const STREAM_WINDOW: u32 = 1024 * 1024;
+    /// Flow-control window of each connection, shared by its streams: what
+    /// a client that stops reading can have in flight on one connection,
+    /// whatever the number of its streams.
+    pub const CONNECTION_WINDOW: u32 = 2 * 1024 * 1024;
+    /// The largest frame (HTTP/2's minimum, 16 KiB): small frames of many
+    /// streams interleave, none waits behind another's large one.
+    pub const MAX_FRAME_SIZE: u32 = 16 * 1024;
+    /// Streams a client may open and reset before the server has answered
+    /// them (the "rapid reset" bound).
+    pub const MAX_PENDING_RESETS: usize = 20;
+    /// How often the server pings an idle connection, and how long it waits
+    /// for the answer before closing it: a dead peer's streams are freed.
+    pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+    /// See [`KEEPALIVE_INTERVAL`].
+    pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+}
+
 /// Why a server could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -337,7 +368,21 @@ pub async fn serve(
         .layer(GrpcServerLayer::new(&options.metrics, &types))
         .layer(FaultLayer::new(faults).with_service_name(name))
         .into_inner();
-    let mut builder = Server::builder().layer(layers);
+    // Explicit HTTP/2 limits (see `http2`); TCP_NODELAY on every connection
+    // (below): a watch's small frames go out at once, and frames ready
+    // together on one connection go out in one write (h2 buffers a
+    // connection's frames until its task flushes).
+    let mut builder = Server::builder()
+        .max_concurrent_streams(http2::MAX_CONCURRENT_STREAMS)
+        .initial_stream_window_size(http2::STREAM_WINDOW)
+        .initial_connection_window_size(http2::CONNECTION_WINDOW)
+        .max_frame_size(http2::MAX_FRAME_SIZE)
+        .http2_max_pending_accept_reset_streams(Some(http2::MAX_PENDING_RESETS))
+        .http2_keepalive_interval(Some(http2::KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(http2::KEEPALIVE_TIMEOUT))
+        .http2_adaptive_window(Some(false))
+        .tcp_nodelay(true)
+        .layer(layers);
     let router = builder.add_routes(routes);
     let mut server: Pin<Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>> = match &options.tls {
         Some(tls) => {

@@ -972,3 +972,64 @@ async fn bind_names_the_address_in_use() {
     let err = bind(addr).await.expect_err("port taken");
     assert_eq!(err.to_string(), format!("cannot listen on {addr}: address in use"));
 }
+
+/// Reads one HTTP/2 frame: (type, stream, payload).
+async fn read_frame(socket: &mut tokio::net::TcpStream) -> (u8, u32, Vec<u8>) {
+    use tokio::io::AsyncReadExt;
+    let mut head = [0u8; 9];
+    socket.read_exact(&mut head).await.expect("a frame header");
+    let length = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+    let stream = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
+    let mut payload = vec![0u8; length];
+    socket.read_exact(&mut payload).await.expect("a frame payload");
+    (head[3], stream, payload)
+}
+
+#[tokio::test]
+async fn the_server_announces_its_http2_limits() {
+    use lightbox_server::http2;
+    use tokio::io::AsyncWriteExt;
+    let h = start(Duration::from_secs(10)).await;
+    let mut socket = tokio::net::TcpStream::connect(h.addr).await.expect("connect");
+    // The client preface and an empty SETTINGS frame.
+    socket
+        .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+        .await
+        .expect("preface");
+    let (kind, stream, payload) = tokio::time::timeout(DEADLINE, read_frame(&mut socket))
+        .await
+        .expect("the server's first frame in time");
+    assert_eq!((kind, stream), (0x4, 0), "the server's SETTINGS come first");
+    let settings: Vec<(u16, u32)> = payload
+        .chunks_exact(6)
+        .map(|s| {
+            (
+                u16::from_be_bytes([s[0], s[1]]),
+                u32::from_be_bytes([s[2], s[3], s[4], s[5]]),
+            )
+        })
+        .collect();
+    let setting = |id: u16| settings.iter().find(|(i, _)| *i == id).map(|(_, v)| *v);
+    // SETTINGS_MAX_CONCURRENT_STREAMS, SETTINGS_INITIAL_WINDOW_SIZE; the frame
+    // size is HTTP/2's default, which a server need not announce.
+    assert_eq!(setting(0x3), Some(http2::MAX_CONCURRENT_STREAMS), "{settings:?}");
+    assert_eq!(setting(0x4), Some(http2::STREAM_WINDOW), "{settings:?}");
+    assert!(
+        setting(0x5).is_none_or(|size| size == http2::MAX_FRAME_SIZE),
+        "{settings:?}"
+    );
+    // The connection window grows from HTTP/2's 65,535 by a WINDOW_UPDATE
+    // on stream 0.
+    let grown = tokio::time::timeout(DEADLINE, async {
+        loop {
+            let (kind, stream, payload) = read_frame(&mut socket).await;
+            if kind == 0x8 && stream == 0 {
+                break u32::from_be_bytes([payload[0], payload[1], payload[2], payload[3]]) & 0x7fff_ffff;
+            }
+        }
+    })
+    .await
+    .expect("the connection window's update in time");
+    assert_eq!(grown + 65_535, http2::CONNECTION_WINDOW);
+    h.trigger.trigger();
+}
