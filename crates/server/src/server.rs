@@ -2,6 +2,7 @@
 //! server shares.
 
 mod abortable;
+mod coalesce;
 
 use std::{future::Future, io, net::SocketAddr, pin::Pin, time::Duration};
 
@@ -15,7 +16,7 @@ use tonic::{
 };
 use tonic_health::ServingStatus;
 
-use self::abortable::Abortable;
+use self::{abortable::Abortable, coalesce::Coalescing};
 use crate::{
     ProcessHealth,
     fault::{FaultLayer, Faults},
@@ -388,13 +389,13 @@ pub async fn serve(
         Some(tls) => {
             let incoming = tls
                 .incoming(listener)
-                .map(move |conn| conn.map(|io| Abortable::new(io, abort.clone())));
+                .map(move |conn| conn.map(|io| Coalescing::new(Abortable::new(io, abort.clone()))));
             Box::pin(router.serve_with_incoming_shutdown(incoming, signal))
         }
         None => {
             let incoming = TcpIncoming::from(listener)
                 .with_nodelay(Some(true))
-                .map(move |conn| conn.map(|io| Abortable::new(io, abort.clone())));
+                .map(move |conn| conn.map(|io| Coalescing::new(Abortable::new(io, abort.clone()))));
             Box::pin(router.serve_with_incoming_shutdown(incoming, signal))
         }
     };
