@@ -79,6 +79,10 @@ pub enum Command {
     /// Makes a development CA and a certificate for each service, to try
     /// TLS and mutual TLS in one command.
     Certs(tools::certs::CertsArgs),
+    /// Measures the seed's questions in one run (slowness, outages, many
+    /// users, watch fan-out, etcd as a peer where installed): markdown
+    /// tables, `--json`, `--plot DIR` for charts.
+    Bench(lightbox_bench::BenchArgs),
 }
 
 /// Settings of the servers.

@@ -78,6 +78,7 @@ async fn run_command(command: Option<Command>, version: &str) -> anyhow::Result<
         Some(Command::Token(args)) => tools::token::run(&args),
         Some(Command::Openapi) => openapi(),
         Some(Command::Certs(args)) => tools::certs::run(&args),
+        Some(Command::Bench(args)) => lightbox_bench::run(args).await,
     }
 }
 

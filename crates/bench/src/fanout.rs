@@ -1,0 +1,161 @@
+//! Watch fan-out: one writer, N watch streams (one watch per gRPC stream,
+//! [`PER_CONNECTION`] streams per HTTP/2 connection), the latency from each
+//! write's acknowledgement to its arrival on each stream, for any system
+//! that can watch ([`WatchSystem`]: Lightbox's `WatchContracts`, etcd's
+//! `Watch`), measured by the same code.
+
+use std::{
+    future::Future,
+    time::{Duration, Instant},
+};
+
+use tokio::task::JoinHandle;
+
+use crate::{
+    harness::{Res, cpu_seconds, rss_kib},
+    report::{FanoutRow, Latency},
+};
+
+/// Watch streams per HTTP/2 connection, for every system.
+pub const PER_CONNECTION: usize = 100;
+
+/// What one watcher received: each write's number, and when it arrived.
+pub type Received = Vec<(u64, Instant)>;
+
+/// A system under test that can be written to and watched.
+pub trait WatchSystem {
+    /// Its name in the tables: `Lightbox`, `etcd`.
+    fn name(&self) -> &'static str;
+
+    /// The server's process id (for its memory and CPU time).
+    fn server_pid(&self) -> u32;
+
+    /// Opens `watchers` watch streams, [`PER_CONNECTION`] per connection,
+    /// and answers once every one is live (a write from now reaches it).
+    /// Each task reads its stream until it has received `writes` writes
+    /// (numbered `0..writes` by [`WatchSystem::write`]) and answers them
+    /// with their arrival times.
+    fn open_watchers(&self, watchers: usize, writes: u64) -> impl Future<Output = Res<Vec<JoinHandle<Res<Received>>>>>;
+
+    /// Makes write number `seq` and answers once it is acknowledged.
+    fn write(&self, seq: u64) -> impl Future<Output = Res<()>>;
+}
+
+/// How a cell runs.
+#[derive(Debug, Clone, Copy)]
+pub struct Cell {
+    /// Watch streams.
+    pub watchers: usize,
+    /// Writes, one after the other.
+    pub writes: u64,
+    /// The time between two writes' starts.
+    pub pace: Duration,
+    /// How long the deliveries may take after the last write.
+    pub deadline: Duration,
+}
+
+impl Cell {
+    /// The cell for `watchers` streams: at least `min_deliveries` changes
+    /// received in all (none without watchers), at least `min_writes`
+    /// writes; 50 writes a second below 1,000 streams, 10 from there (the
+    /// load generator is one core).
+    pub fn new(watchers: usize, min_writes: u64, min_deliveries: u64) -> Cell {
+        let writes = match watchers {
+            0 => min_writes,
+            n => min_writes.max(min_deliveries.div_ceil(n as u64)),
+        };
+        let pace = if watchers >= 1000 {
+            Duration::from_millis(100)
+        } else {
+            Duration::from_millis(20)
+        };
+        Cell {
+            watchers,
+            writes,
+            pace,
+            deadline: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Runs `cell` against `system`.
+pub async fn measure(system: &impl WatchSystem, cell: Cell) -> Res<FanoutRow> {
+    let pid = system.server_pid();
+    let before = rss_kib(pid)?;
+    let tasks = system.open_watchers(cell.watchers, cell.writes).await?;
+    // Idle streams settle (buffers, the first progress frames) before the weighing.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let idle = rss_kib(pid)?;
+    let memory_per_stream_kib = (cell.watchers > 0).then(|| idle.saturating_sub(before) as f64 / cell.watchers as f64);
+
+    let cpu_before = cpu_seconds(pid)?;
+    let started = Instant::now();
+    let mut acks = Vec::with_capacity(cell.writes as usize);
+    let mut sends = Vec::with_capacity(cell.writes as usize);
+    let mut writer = Vec::with_capacity(cell.writes as usize);
+    let mut next = tokio::time::interval(cell.pace);
+    next.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    for seq in 0..cell.writes {
+        next.tick().await;
+        let sent = Instant::now();
+        system.write(seq).await?;
+        let ack = Instant::now();
+        writer.push((ack - sent).as_secs_f64() * 1e3);
+        acks.push(ack);
+        sends.push(sent);
+    }
+
+    let mut each = Vec::with_capacity(cell.watchers * cell.writes as usize);
+    let mut last = vec![0.0f64; cell.writes as usize];
+    let mut last_from_send = vec![0.0f64; cell.writes as usize];
+    let mut last_arrival = started;
+    let mut deliveries = 0;
+    for task in tasks {
+        let remaining = cell.deadline.saturating_sub(started.elapsed());
+        let received = tokio::time::timeout(remaining, task)
+            .await
+            .map_err(|_| {
+                format!(
+                    "{}: the watchers did not all receive every write in time",
+                    system.name()
+                )
+            })?
+            .map_err(|e| format!("{}: a watcher failed: {e}", system.name()))??;
+        for (seq, arrived) in received {
+            let (Some(ack), Some(sent)) = (acks.get(seq as usize), sends.get(seq as usize)) else {
+                return Err(format!("{}: a watcher received write {seq}, never made", system.name()).into());
+            };
+            // A watcher may be told before the writer: that counts as 0.
+            let latency = arrived.saturating_duration_since(*ack).as_secs_f64() * 1e3;
+            each.push(latency);
+            last[seq as usize] = last[seq as usize].max(latency);
+            let from_send = arrived.saturating_duration_since(*sent).as_secs_f64() * 1e3;
+            last_from_send[seq as usize] = last_from_send[seq as usize].max(from_send);
+            last_arrival = last_arrival.max(arrived);
+            deliveries += 1;
+        }
+    }
+    let cpu = cpu_seconds(pid)? - cpu_before;
+    let busy = last_arrival.saturating_duration_since(started).as_secs_f64();
+    Ok(FanoutRow {
+        system: system.name().into(),
+        watchers: cell.watchers,
+        writes: cell.writes as usize,
+        deliveries,
+        each: Latency::of(each),
+        last: if cell.watchers > 0 {
+            Latency::of(last)
+        } else {
+            Latency::of(Vec::new())
+        },
+        last_from_send: if cell.watchers > 0 {
+            Latency::of(last_from_send)
+        } else {
+            Latency::of(Vec::new())
+        },
+        events_per_s: if busy > 0.0 { deliveries as f64 / busy } else { 0.0 },
+        memory_per_stream_kib,
+        writer: Latency::of(writer),
+        server_cpu_us_per_delivery: (deliveries > 0).then(|| cpu * 1e6 / deliveries as f64),
+    })
+}
