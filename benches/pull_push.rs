@@ -816,7 +816,7 @@ async fn run_cell(
                 "{wrong} (user, copy) pairs hold another name than the last written"
             ));
         }
-        Ok::<Outcome, Box<dyn Error>>(Outcome {
+        Ok::<Outcome, Box<dyn Error + Send + Sync>>(Outcome {
             idle,
             writing,
             p50: quantile(&all, 0.5),

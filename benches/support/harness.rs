@@ -7,25 +7,18 @@
 //! need is in the other files of `benches/support/`.
 
 use std::{
-    error::Error,
-    ffi::OsStr,
     os::unix::process::CommandExt,
     path::Path,
-    process::Stdio,
     time::{Duration, Instant},
 };
 
 use lightbox_api::users::{CreateUserRequest, UpdateUserRequest, User, users_service_client::UsersServiceClient};
-use tokio::{
-    io::{AsyncBufReadExt, BufReader},
-    process::{Child, Command},
-};
 use tonic::{
     Status,
     transport::{Channel, Endpoint},
 };
 
-pub type Res<T> = Result<T, Box<dyn Error>>;
+pub use lightbox_bench::harness::{Res, Server};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_lightbox");
 /// The most of a core the rest of the machine may use for it to count as
@@ -74,29 +67,11 @@ pub fn pin_self(bench: &str, pinned_var: &str, cores: usize, args: &[String]) ->
     false
 }
 
-/// A command, under `taskset -c 0` when pinning.
-pub fn on_core_0(pinned: bool, program: impl AsRef<OsStr>) -> Command {
-    if pinned {
-        let mut command = Command::new("taskset");
-        command.args(["-c", "0"]).arg(program);
-        command
-    } else {
-        Command::new(program)
-    }
-}
-
 // ---------------------------------------------------------------------------
 // The machine
 
 /// The machine's cores (all of them, not this process's affinity).
-pub fn machine_cores() -> usize {
-    std::fs::read_to_string("/proc/cpuinfo")
-        .map(|info| info.lines().filter(|l| l.starts_with("processor")).count())
-        .ok()
-        .filter(|n| *n > 0)
-        .or_else(|| std::thread::available_parallelism().ok().map(usize::from))
-        .unwrap_or(1)
-}
+pub use lightbox_bench::harness::machine_cores;
 
 pub fn cpu_model() -> String {
     std::fs::read_to_string("/proc/cpuinfo")
@@ -262,12 +237,11 @@ impl Args<'_> {
 /// The address every listener of a fresh `lightbox dev` takes.
 pub const ANY_PORT: &str = "127.0.0.1:0";
 
-/// A `lightbox dev` child process and where it listens.
+/// A `lightbox dev` child process and where it listens: `lightbox bench`'s
+/// [`Server`], started with the `lightbox` this bench was built with.
 pub struct Dev {
-    child: Child,
+    server: Server,
     pub pid: u32,
-    /// (component, `host:port`) of each listener asked for.
-    addrs: Vec<(String, String)>,
     _dir: Option<tempfile::TempDir>,
 }
 
@@ -294,55 +268,25 @@ impl Dev {
         again: Option<&Dev>,
         extra: &[String],
     ) -> Res<Dev> {
-        let mut command = on_core_0(pinned, BIN);
-        command.arg("dev");
-        for name in listeners {
-            let addr = again.map_or(ANY_PORT, |dev| dev.addr(name));
-            command.arg(format!("--{name}-addr")).arg(addr);
+        let data = dir.to_string_lossy().into_owned();
+        let flags: Vec<(String, String)> = listeners
+            .iter()
+            .map(|name| {
+                let addr = again.map_or(ANY_PORT, |dev| dev.addr(name));
+                (format!("--{name}-addr"), addr.to_owned())
+            })
+            .collect();
+        let mut args = vec!["dev"];
+        for (flag, addr) in &flags {
+            args.extend([flag.as_str(), addr.as_str()]);
         }
-        let mut child = command
-            .arg("--data-dir")
-            .arg(dir)
-            .args(extra)
-            .env("RUST_LOG", "error")
-            .env("TOKIO_WORKER_THREADS", "1")
-            .env_remove("DATABASE_URL")
-            .env_remove("LIGHTBOX_FOLLOW")
-            .env_remove("LIGHTBOX_TARGET")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .kill_on_drop(true)
-            .spawn()?;
-        let pid = child.id().ok_or("lightbox dev exited at once")?;
-        let stdout = child.stdout.take().ok_or("no stdout")?;
-        let mut lines = BufReader::new(stdout).lines();
-        let mut addrs: Vec<(String, String)> = Vec::new();
-        let banner = async {
-            while addrs.len() < listeners.len() {
-                let line = lines.next_line().await?.ok_or("lightbox dev ended before its banner")?;
-                // `  users      grpc://127.0.0.1:PORT`, `  admin  grpc://… (…)`
-                let words: Vec<&str> = line.split_whitespace().collect();
-                let Some((name, url)) = words.first().zip(words.get(1)) else {
-                    continue;
-                };
-                let Some(addr) = ["grpc://", "http://"].iter().find_map(|s| url.strip_prefix(s)) else {
-                    continue;
-                };
-                if listeners.contains(name) && !addrs.iter().any(|(n, _)| n == name) {
-                    addrs.push(((*name).to_owned(), addr.to_owned()));
-                }
-            }
-            Ok::<_, Box<dyn Error>>(())
-        };
-        tokio::time::timeout(Duration::from_secs(120), banner)
-            .await
-            .map_err(|_| "lightbox dev printed no banner within 120 s")??;
-        // Drain the rest of the banner so the child never blocks on its pipe.
-        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        args.extend(["--data-dir", data.as_str()]);
+        args.extend(extra.iter().map(String::as_str));
+        let server = Server::start_program(pinned, BIN, &args, None, listeners).await?;
+        let pid = server.pid;
         Ok(Dev {
-            child,
+            server,
             pid,
-            addrs,
             _dir: None,
         })
     }
@@ -350,24 +294,17 @@ impl Dev {
     /// Where component `name` listens, `host:port` (empty if it was not
     /// asked for).
     pub fn addr(&self, name: &str) -> &str {
-        self.addrs
-            .iter()
-            .find(|(n, _)| n == name)
-            .map_or("", |(_, addr)| addr.as_str())
+        self.server.addr(name)
     }
 
     /// `http://host:port` of component `name`.
     pub fn url(&self, name: &str) -> String {
-        format!("http://{}", self.addr(name))
+        self.server.url(name)
     }
 
     /// SIGKILL, and waits for the process to be gone.
     pub async fn kill(&mut self) -> Res<()> {
-        self.child
-            .kill()
-            .await
-            .map_err(|e| format!("cannot kill lightbox dev: {e}"))?;
-        Ok(())
+        self.server.kill().await
     }
 
     pub async fn stop(mut self) {

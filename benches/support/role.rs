@@ -10,13 +10,15 @@ use tokio::{
     process::Child,
 };
 
-use crate::harness::{Res, on_core_0};
+use lightbox_bench::harness::server_command;
+
+use crate::harness::Res;
 
 /// Starts this bench's binary again with `env` set; answers the child, its
 /// pid and the first line it printed (where it listens). `what` names it
 /// in the errors.
 pub async fn start_role(pinned: bool, env: &[(&str, &str)], what: &str) -> Res<(Child, u32, String)> {
-    let mut command = on_core_0(pinned, std::env::current_exe()?);
+    let mut command = server_command(pinned, std::env::current_exe()?);
     for (name, value) in env {
         command.env(name, value);
     }

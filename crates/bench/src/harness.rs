@@ -137,7 +137,19 @@ impl Server {
     /// and reads its standard output until it has announced each of
     /// `listeners`: a line `  NAME  grpc://HOST:PORT…` or `http://…`.
     pub async fn start(pinned: bool, args: &[&str], dir: Option<tempfile::TempDir>, listeners: &[&str]) -> Res<Server> {
-        let mut command = server_command(pinned, binary()?);
+        Server::start_program(pinned, binary()?, args, dir, listeners).await
+    }
+
+    /// [`Server::start`] with another program than this binary (the
+    /// `cargo bench` targets start the `lightbox` they were built with).
+    pub async fn start_program(
+        pinned: bool,
+        program: impl AsRef<OsStr>,
+        args: &[&str],
+        dir: Option<tempfile::TempDir>,
+        listeners: &[&str],
+    ) -> Res<Server> {
+        let mut command = server_command(pinned, program);
         let mut child = command
             .args(args)
             .env("RUST_LOG", "error")
@@ -213,9 +225,18 @@ impl Server {
         format!("http://{}", self.addr(name))
     }
 
+    /// SIGKILL, and waits for the process to be gone.
+    pub async fn kill(&mut self) -> Res<()> {
+        self.child
+            .kill()
+            .await
+            .map_err(|e| format!("cannot kill the server: {e}"))?;
+        Ok(())
+    }
+
     /// Kills it.
     pub async fn stop(mut self) {
-        let _ = self.child.kill().await;
+        let _ = self.kill().await;
     }
 }
 
