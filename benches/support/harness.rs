@@ -294,12 +294,17 @@ impl Dev {
     /// Where component `name` listens, `host:port` (empty if it was not
     /// asked for).
     pub fn addr(&self, name: &str) -> &str {
-        self.server.addr(name)
+        self.server().addr(name)
     }
 
     /// `http://host:port` of component `name`.
     pub fn url(&self, name: &str) -> String {
         self.server.url(name)
+    }
+
+    /// The child process, as `lightbox bench` knows it.
+    pub fn server(&self) -> &Server {
+        &self.server
     }
 
     /// SIGKILL, and waits for the process to be gone.

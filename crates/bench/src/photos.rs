@@ -63,50 +63,8 @@ impl Photos {
             &["--target", "users,contracts,photos", "--no-demo"],
         )
         .await?;
-        let mut users = UsersServiceClient::new(connect(&server.url("users")).await?);
-        let mut contracts = ContractsServiceClient::new(connect(&server.url("contracts")).await?);
-        let user = users
-            .create_user(CreateUserRequest {
-                user: Some(User {
-                    display_name: "Bench Customer".into(),
-                    email: "bench@example.com".into(),
-                    ..User::default()
-                }),
-            })
-            .await?
-            .into_inner()
-            .user
-            .ok_or("CreateUser answered no user")?;
-        let contract = contracts
-            .create_contract(CreateContractRequest {
-                contract: Some(Contract {
-                    holder_user_id: user.id.clone(),
-                    plan: Plan::Standard as i32,
-                    options: vec![ContractOption {
-                        code: "photo_quota".into(),
-                        value: "1000".into(),
-                        enabled: true,
-                    }],
-                    ..Contract::default()
-                }),
-            })
-            .await?
-            .into_inner()
-            .contract
-            .ok_or("CreateContract answered no contract")?;
-        let user = users
-            .update_user(UpdateUserRequest {
-                user: Some(User {
-                    contract_id: contract.id.clone(),
-                    ..user
-                }),
-                update_mask: None,
-                expected_revision: 0,
-            })
-            .await?
-            .into_inner()
-            .user
-            .ok_or("UpdateUser answered no user")?;
+        let (user, contract) = create_customer(&server, "Bench Customer", "bench@example.com", 1000).await?;
+        let users = UsersServiceClient::new(connect(&server.url("users")).await?);
         let mut photos = PhotosServiceClient::new(connect(&server.url("photos")).await?);
         // Photos' copies hold the customer (and the link) before uploads.
         photos
@@ -380,6 +338,57 @@ impl Photos {
     pub async fn stop(self) {
         self.server.stop().await;
     }
+}
+
+/// A user (`display_name`, `email`), a contract with a photo quota of
+/// `quota`, and the link, created over gRPC on `server` (its `users` and
+/// `contracts` listeners): (the linked user, the contract).
+pub async fn create_customer(server: &Server, display_name: &str, email: &str, quota: usize) -> Res<(User, Contract)> {
+    let mut users = UsersServiceClient::new(connect(&server.url("users")).await?);
+    let mut contracts = ContractsServiceClient::new(connect(&server.url("contracts")).await?);
+    let user = users
+        .create_user(CreateUserRequest {
+            user: Some(User {
+                display_name: display_name.into(),
+                email: email.into(),
+                ..User::default()
+            }),
+        })
+        .await?
+        .into_inner()
+        .user
+        .ok_or("CreateUser answered no user")?;
+    let contract = contracts
+        .create_contract(CreateContractRequest {
+            contract: Some(Contract {
+                holder_user_id: user.id.clone(),
+                plan: Plan::Standard as i32,
+                options: vec![ContractOption {
+                    code: "photo_quota".into(),
+                    value: quota.to_string(),
+                    enabled: true,
+                }],
+                ..Contract::default()
+            }),
+        })
+        .await?
+        .into_inner()
+        .contract
+        .ok_or("CreateContract answered no contract")?;
+    let user = users
+        .update_user(UpdateUserRequest {
+            user: Some(User {
+                contract_id: contract.id.clone(),
+                ..user
+            }),
+            update_mask: None,
+            expected_revision: 0,
+        })
+        .await?
+        .into_inner()
+        .user
+        .ok_or("UpdateUser answered no user")?;
+    Ok((user, contract))
 }
 
 /// `ListPhotos` of `user_id` on `channel`, checked: every photo listed.
