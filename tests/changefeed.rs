@@ -32,6 +32,9 @@ conformance!(
     pull_listing_follows_the_same_revisions_and_compaction_rule,
     closing_the_feed_ends_streams_with_the_resume_revision,
     one_tail_serves_every_watcher,
+    a_commit_here_reaches_watchers_without_reading_the_changelog,
+    a_commit_handed_over_after_another_replicas_reads_the_gap,
+    a_transaction_too_large_to_hand_over_is_read_from_the_changelog,
     a_resume_says_at_once_that_it_is_current,
     a_watch_from_now_starts_at_the_head_with_no_snapshot_or_replay,
     watches_from_now_opened_under_concurrent_writers_miss_nothing,
@@ -996,6 +999,98 @@ async fn one_tail_serves_every_watcher(db: TestDb) {
     );
     drop(streams);
     assert_eq!(feed.stats().watchers, 0);
+}
+
+/// A commit in this process hands its changes to the tail, which publishes
+/// them without reading them back: with the poll an hour away, only the
+/// hand-over can bring them to the watcher, and (on SQLite, where no
+/// notification wakes the tail) the changelog is not read at all.
+async fn a_commit_here_reaches_watchers_without_reading_the_changelog(db: TestDb) {
+    const WRITES: i64 = 20;
+    let feed = open(
+        &db,
+        FeedOptions {
+            poll_interval: Duration::from_secs(3600),
+            ..options()
+        },
+    )
+    .await;
+    let mut stream = feed.watch(lightbox_changefeed::watch::FROM_NOW, Vec::new());
+    assert!(matches!(frame(&mut stream).await, Frame::Progress { revision: 0 }));
+    // The tail reads once as it starts (for commits made before it ran).
+    lightbox_testkit::eventually("the tail's first read", || async {
+        (feed.stats().tail_reads >= 1).then_some(())
+    })
+    .await;
+    let before = feed.stats().tail_reads;
+    for i in 0..WRITES {
+        let revision = put(&feed, "k", &i.to_string()).await;
+        let seen = change(&mut stream).await;
+        assert_eq!(seen.revision, revision);
+        assert_eq!(
+            seen.entity.as_ref().map(|user| user.display_name.as_str()),
+            Some(i.to_string().as_str()),
+            "the change handed over is the one committed"
+        );
+    }
+    let reads = feed.stats().tail_reads - before;
+    // On PostgreSQL each commit's own notification wakes the tail once more.
+    let allowed = match db.backend() {
+        lightbox_changefeed::Backend::Sqlite => 0,
+        lightbox_changefeed::Backend::Postgres => WRITES as u64,
+    };
+    assert!(
+        reads <= allowed,
+        "{reads} changelog reads for {WRITES} commits made here"
+    );
+}
+
+/// Two replicas on one database: a commit handed over in one with another
+/// replica's commit before it (which it was not handed) makes its tail read
+/// the gap from the changelog, so its watchers get both, in order, and not
+/// a hole.
+async fn a_commit_handed_over_after_another_replicas_reads_the_gap(db: TestDb) {
+    let slow_poll = FeedOptions {
+        poll_interval: Duration::from_secs(3600),
+        ..options()
+    };
+    let first = open(&db, slow_poll.clone()).await;
+    let second = open(&db, slow_poll).await;
+    let mut stream = second.watch(lightbox_changefeed::watch::FROM_NOW, Vec::new());
+    assert!(matches!(frame(&mut stream).await, Frame::Progress { revision: 0 }));
+    let elsewhere = put(&first, "a", "from the first replica").await;
+    let here = put(&second, "b", "from the second replica").await;
+    assert_eq!(change(&mut stream).await.revision, elsewhere);
+    assert_eq!(change(&mut stream).await.revision, here);
+}
+
+/// A transaction writing more changes than the ring holds is not handed
+/// over whole: the tail reads it from the changelog (the poll an hour
+/// away, only that read can publish it).
+async fn a_transaction_too_large_to_hand_over_is_read_from_the_changelog(db: TestDb) {
+    const RING: usize = 8;
+    let feed = open(
+        &db,
+        FeedOptions {
+            watcher_buffer: RING,
+            poll_interval: Duration::from_secs(3600),
+            ..options()
+        },
+    )
+    .await;
+    let mut tx = feed.begin().await.unwrap_or_else(|err| panic!("begin: {err}"));
+    for i in 0..2 * RING {
+        let id = format!("e{i}");
+        tx.put(&id, &user(&id, "bulk"))
+            .await
+            .unwrap_or_else(|err| panic!("put: {err}"));
+    }
+    let head = tx.commit().await.unwrap_or_else(|err| panic!("commit: {err}"));
+    assert_eq!(head, 2 * RING as i64);
+    lightbox_testkit::eventually("the tail publishes the large transaction", || async {
+        (feed.head() == head).then_some(())
+    })
+    .await;
 }
 
 /// A request cancelled while its transaction's `BEGIN` is in flight (a

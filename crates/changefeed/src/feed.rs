@@ -62,8 +62,9 @@ pub struct FeedStats {
     pub head: i64,
     /// Watch streams open now.
     pub watchers: i64,
-    /// Queries the tail made of the changelog since the feed opened: one per
-    /// wake-up or poll, whatever the number of watchers.
+    /// Queries the tail made of the changelog since the feed opened: none
+    /// for the commits of this process (handed over), one per notification
+    /// of another replica's commit or poll, whatever the number of watchers.
     pub tail_reads: u64,
     /// Changes sent on watch streams since the feed opened, every stream
     /// counted.
@@ -274,6 +275,7 @@ impl<T: Entity> Feed<T> {
             feed: self.clone(),
             start: revision,
             revision,
+            written: Some(Vec::new()),
         })
     }
 
@@ -453,6 +455,9 @@ pub struct WriteTx<T> {
     start: i64,
     /// The last revision handed out in this transaction.
     revision: i64,
+    /// The changes written, for the tail once committed (see
+    /// [`crate::hub`]); `None` past a ring's worth (the tail reads those).
+    written: Option<Vec<Arc<Change<T>>>>,
 }
 
 impl<T: Entity> WriteTx<T> {
@@ -500,6 +505,7 @@ impl<T: Entity> WriteTx<T> {
         .execute(&mut *self.tx)
         .await?;
         self.record(revision, id, scope, Some(payload)).await?;
+        self.keep(Change::new(revision, id.into(), scope.into(), Some(entity.clone())));
         Ok(revision)
     }
 
@@ -522,7 +528,20 @@ impl<T: Entity> WriteTx<T> {
             return Ok(None);
         };
         self.record(revision, id, &scope, None).await?;
+        self.keep(Change::new(revision, id.into(), scope, None));
         Ok(Some(revision))
+    }
+
+    /// Keeps a change written, for the tail (up to a ring's worth).
+    fn keep(&mut self, change: Change<T>) {
+        let capacity = self.feed.inner.shared.hub.capacity();
+        if let Some(written) = &mut self.written {
+            if written.len() < capacity {
+                written.push(Arc::new(change));
+            } else {
+                self.written = None;
+            }
+        }
     }
 
     async fn record(
@@ -550,8 +569,10 @@ impl<T: Entity> WriteTx<T> {
     }
 
     /// Commits; returns the last revision written (the feed's head before
-    /// this transaction if it wrote nothing). Wakes this process's tail at
-    /// once, and on PostgreSQL every other replica's through a notification.
+    /// this transaction if it wrote nothing). Hands the changes to this
+    /// process's tail at once (it publishes them without reading them
+    /// back), and on PostgreSQL wakes every other replica's through a
+    /// notification.
     pub async fn commit(mut self) -> Result<i64, FeedError> {
         if self.revision == self.start {
             self.tx.rollback().await?;
@@ -571,7 +592,7 @@ impl<T: Entity> WriteTx<T> {
                 .await?;
         }
         self.tx.commit().await?;
-        self.feed.inner.shared.hub.wake();
+        self.feed.inner.shared.hub.hand_over(self.written.take());
         Ok(self.revision)
     }
 }

@@ -1,13 +1,22 @@
-//! The fan-out: one tail per feed and process reads the changelog in
-//! revision order and publishes each change once into a bounded ring
-//! (a tokio broadcast channel) that every watcher of the process reads at its
-//! own pace. Watchers never query the database while live; writers never wait
-//! for watchers; a watcher that falls a whole ring behind learns it (lag) and
-//! its stream is ended for it to resume, instead of skipping changes.
+//! The fan-out: one tail per feed and process publishes each change once,
+//! in revision order, into a bounded ring (a tokio broadcast channel) that
+//! every watcher of the process reads at its own pace. Watchers never query
+//! the database while live; writers never wait for watchers; a watcher that
+//! falls a whole ring behind learns it (lag) and its stream is ended for it
+//! to resume, instead of skipping changes.
+//!
+//! Where the tail gets the changes: a commit in this process hands its own
+//! changes over ([`Hub::hand_over`]), and the tail publishes them without
+//! reading them back, as long as they follow its cursor with no gap. The
+//! changelog is read only for what the hand-over cannot say: another
+//! replica's commits (a PostgreSQL notification), a gap in what was handed
+//! over (another replica committed in between), a hand-over too large to
+//! hold, and the periodic poll. The tail's publishing and the watchers are
+//! the same either way; only the source of the changes differs.
 
 use std::{
     sync::{
-        Arc, RwLock,
+        Arc, Mutex, RwLock,
         atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering},
     },
     time::Duration,
@@ -53,9 +62,22 @@ pub(crate) struct Hub<T> {
     /// Changes encoded as watch responses (each live change once, however
     /// many streams it goes to).
     pub(crate) changes_encoded: AtomicU64,
-    /// Wakes the tail: local commits call it directly; on PostgreSQL the
-    /// listener calls it on each notification from any replica.
+    /// Wakes the tail to read the changelog: on PostgreSQL the listener, on
+    /// each notification from any replica.
     wake: Notify,
+    /// Changes committed in this process, not yet taken by the tail.
+    handed: Mutex<HandOver<T>>,
+    /// Wakes the tail to take what was handed over.
+    handed_wake: Notify,
+}
+
+/// What commits in this process handed to the tail since it last looked.
+struct HandOver<T> {
+    /// The changes, each commit's in revision order (commits may hand over
+    /// out of order: the tail sorts). At most [`Hub::capacity`].
+    changes: Vec<Arc<Change<T>>>,
+    /// Some changes did not fit: the tail reads the changelog.
+    overflowed: bool,
 }
 
 impl<T> Hub<T> {
@@ -75,6 +97,11 @@ impl<T> Hub<T> {
             snapshot_turns: Arc::new(Semaphore::new(max_snapshots)),
             changes_encoded: AtomicU64::new(0),
             wake: Notify::new(),
+            handed: Mutex::new(HandOver {
+                changes: Vec::new(),
+                overflowed: false,
+            }),
+            handed_wake: Notify::new(),
         }
     }
 
@@ -86,9 +113,44 @@ impl<T> Hub<T> {
         self.capacity
     }
 
+    /// Makes the tail read the changelog (a commit elsewhere).
     pub(crate) fn wake(&self) {
         // A permit is stored if the tail is busy reading, so no commit is missed.
         self.wake.notify_one();
+    }
+
+    /// Hands the changes of a commit in this process to the tail (`None`:
+    /// the commit wrote more than a hand-over holds; the tail reads them).
+    /// Called after the commit succeeded, never before: the tail publishes
+    /// what it is handed as committed.
+    pub(crate) fn hand_over(&self, changes: Option<Vec<Arc<Change<T>>>>) {
+        {
+            let mut handed = match self.handed.lock() {
+                Ok(handed) => handed,
+                Err(poisoned) => poisoned.into_inner(),
+            };
+            match changes {
+                Some(changes) if handed.changes.len() + changes.len() <= self.capacity => {
+                    handed.changes.extend(changes);
+                }
+                _ => handed.overflowed = true,
+            }
+        }
+        self.handed_wake.notify_one();
+    }
+
+    /// Takes what was handed over: the changes in revision order, and
+    /// whether some did not fit.
+    fn take_handed(&self) -> (Vec<Arc<Change<T>>>, bool) {
+        let mut handed = match self.handed.lock() {
+            Ok(handed) => handed,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        let mut changes = std::mem::take(&mut handed.changes);
+        let overflowed = std::mem::take(&mut handed.overflowed);
+        drop(handed);
+        changes.sort_unstable_by_key(|change| change.revision);
+        (changes, overflowed)
     }
 
     /// A receiver of the ring, the ring's generation, and the head: the
@@ -151,50 +213,75 @@ impl<T> Hub<T> {
     }
 }
 
-/// The tail: reads every change after the last published one, publishes it,
-/// sleeps until woken (or `poll`), repeats. Runs for the life of the feed
-/// `name` in `db`.
+/// The tail: publishes every change after the last published one, from
+/// what this process's commits hand over or else from the changelog (see
+/// the module docs), then sleeps until woken (or `poll`), and repeats. Runs
+/// for the life of the feed `name` in `db`.
 pub(crate) async fn tail<T: Entity>(hub: Arc<Hub<T>>, db: Db, name: &'static str, poll: Duration) {
     let mut cursor = hub.head();
+    // The first round reads: commits may have landed since the head was read.
+    let mut read = true;
     loop {
-        loop {
-            hub.tail_reads.fetch_add(1, Ordering::Relaxed);
-            let batch = async {
-                let mut conn = db.pool().acquire().await?;
-                changes_since::<T>(&mut conn, name, cursor, 512, None).await
+        let (handed, overflowed) = hub.take_handed();
+        read |= overflowed;
+        for change in handed {
+            if change.revision <= cursor {
+                continue; // read from the changelog already
             }
-            .await;
-            let changes = match batch {
-                Ok(changes) => changes,
-                Err(err) => {
-                    // Loud, and retried at the next wake-up or poll: never skipped.
-                    tracing::error!(feed = name, cursor, %err, "changefeed tail cannot read the changelog");
-                    break;
-                }
-            };
-            let full = changes.len() == 512;
-            for change in changes {
-                if change.revision != cursor + 1 {
-                    // Only possible if history was trimmed under a tail that fell
-                    // behind: make every watcher resume from the database.
-                    tracing::warn!(
-                        feed = name,
-                        cursor,
-                        next = change.revision,
-                        "changefeed tail found a hole; restarting watchers"
-                    );
-                    hub.restart();
-                }
-                cursor = change.revision;
-                hub.publish(change);
-            }
-            if !full {
+            if change.revision != cursor + 1 {
+                read = true; // a commit from elsewhere came in between
                 break;
             }
+            cursor = change.revision;
+            hub.publish(change);
         }
-        tokio::select! {
-            _ = hub.wake.notified() => {}
-            _ = tokio::time::sleep(poll) => {}
+        if read {
+            cursor = read_changelog(&hub, &db, name, cursor).await;
+        }
+        read = tokio::select! {
+            _ = hub.handed_wake.notified() => false,
+            _ = hub.wake.notified() => true,
+            _ = tokio::time::sleep(poll) => true,
+        };
+    }
+}
+
+/// Publishes every change in the changelog after `cursor`; answers the new
+/// cursor (the same on an error, logged: retried at the next read).
+async fn read_changelog<T: Entity>(hub: &Hub<T>, db: &Db, name: &'static str, mut cursor: i64) -> i64 {
+    loop {
+        hub.tail_reads.fetch_add(1, Ordering::Relaxed);
+        let batch = async {
+            let mut conn = db.pool().acquire().await?;
+            changes_since::<T>(&mut conn, name, cursor, 512, None).await
+        }
+        .await;
+        let changes = match batch {
+            Ok(changes) => changes,
+            Err(err) => {
+                // Loud, and retried at the next wake-up or poll: never skipped.
+                tracing::error!(feed = name, cursor, %err, "changefeed tail cannot read the changelog");
+                return cursor;
+            }
+        };
+        let full = changes.len() == 512;
+        for change in changes {
+            if change.revision != cursor + 1 {
+                // Only possible if history was trimmed under a tail that fell
+                // behind: make every watcher resume from the database.
+                tracing::warn!(
+                    feed = name,
+                    cursor,
+                    next = change.revision,
+                    "changefeed tail found a hole; restarting watchers"
+                );
+                hub.restart();
+            }
+            cursor = change.revision;
+            hub.publish(change);
+        }
+        if !full {
+            return cursor;
         }
     }
 }

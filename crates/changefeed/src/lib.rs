@@ -22,8 +22,9 @@
 //! - [`lease`]: [`Lease`], leases in the database with a fencing [`Term`],
 //!   for singleton work across replicas (a feed's retention runs under
 //!   one).
-//! - `hub` (private): the one tail per feed and process that reads the
-//!   changelog and fans changes out to every watcher through a bounded ring.
+//! - `hub` (private): the one tail per feed and process that fans changes
+//!   out to every watcher through a bounded ring, taking this process's
+//!   commits as they hand them over and reading the changelog for the rest.
 //!
 //! Modules depend one way: `change`, `error` ← `log` ← `hub`, `retention`,
 //! `snapshot` ← `feed` ← `watch`, `messages`, `view`.
