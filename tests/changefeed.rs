@@ -38,6 +38,7 @@ conformance!(
     a_resume_says_at_once_that_it_is_current,
     a_watch_from_now_starts_at_the_head_with_no_snapshot_or_replay,
     watches_from_now_opened_under_concurrent_writers_miss_nothing,
+    watchers_in_many_groups_opened_under_writes_each_get_every_change_in_order,
     replicas_running_retention_at_once_keep_the_changelog_correct,
     the_retention_lease_is_held_by_one_at_a_time_and_fences_a_stale_holder,
 );
@@ -1209,6 +1210,45 @@ async fn watches_from_now_opened_under_concurrent_writers_miss_nothing(db: TestD
     }
     writer.await.unwrap_or_else(|err| panic!("writer: {err}"));
     assert!(opened > 1, "watches were opened while the writer wrote");
+}
+
+/// The ring wakes its watchers in groups of 256, one group after the other
+/// (`crate::ring`): 600 streams, kept open while a writer commits, so that
+/// groups fill and new ones are made in the middle of publishing; every
+/// stream gets every change after the head it started at, in order.
+async fn watchers_in_many_groups_opened_under_writes_each_get_every_change_in_order(db: TestDb) {
+    const WATCHERS: usize = 600;
+    const WRITES: i64 = 100;
+    let feed = open(&db, options()).await;
+    let writer = {
+        let feed = feed.clone();
+        tokio::spawn(async move {
+            for i in 0..WRITES {
+                put(&feed, "k", &i.to_string()).await;
+                tokio::task::yield_now().await;
+            }
+        })
+    };
+    let mut streams = Vec::with_capacity(WATCHERS);
+    for _ in 0..WATCHERS {
+        let mut stream = feed.watch(lightbox_changefeed::watch::FROM_NOW, Vec::new());
+        let head = match frame(&mut stream).await {
+            Frame::Progress { revision } => revision,
+            other => panic!("expected progress first, got {other:?}"),
+        };
+        streams.push((head, stream));
+    }
+    writer.await.unwrap_or_else(|err| panic!("writer: {err}"));
+    let started_under_writes = streams.iter().filter(|(head, _)| *head < WRITES).count();
+    assert!(
+        started_under_writes > 256,
+        "{started_under_writes} streams began before the last write"
+    );
+    for (head, stream) in &mut streams {
+        for expected in *head + 1..=WRITES {
+            assert_eq!(change(stream).await.revision, expected, "a stream that began at {head}");
+        }
+    }
 }
 
 /// The feed's counter row: (head, compacted_revision, tombstone_revision).

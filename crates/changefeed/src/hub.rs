@@ -1,6 +1,6 @@
 //! The fan-out: one tail per feed and process publishes each change once,
-//! in revision order, into a bounded ring (a tokio broadcast channel) that
-//! every watcher of the process reads at its own pace. Watchers never query
+//! in revision order, into a bounded ring ([`crate::ring`]) that every
+//! watcher of the process reads at its own pace. Watchers never query
 //! the database while live; writers never wait for watchers; a watcher that
 //! falls a whole ring behind learns it (lag) and its stream is ended for it
 //! to resume, instead of skipping changes.
@@ -16,36 +16,29 @@
 
 use std::{
     sync::{
-        Arc, Mutex, RwLock,
+        Arc, Mutex,
         atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering},
     },
     time::Duration,
 };
 
-use tokio::sync::{Notify, Semaphore, broadcast};
+use tokio::sync::{Notify, Semaphore};
 
 use crate::{
     change::{Change, Entity},
     db::Db,
     log::{NOTIFY_CHANNEL, changes_since},
+    ring::{Ring, Subscription},
 };
 
 /// The ring and the head of one feed in this process.
 pub(crate) struct Hub<T> {
-    /// The ring. Replaced (closing every receiver) if the tail ever finds a
-    /// hole in the changelog, so that watchers resume rather than skip.
-    sender: RwLock<broadcast::Sender<Arc<Change<T>>>>,
-    capacity: usize,
-    /// The last revision published into the ring. Stored after the send, so
-    /// a watcher that reads it and then finds its receiver empty has seen
-    /// every change up to it.
-    head: AtomicI64,
+    /// The ring. Restarted (closing every receiver) if the tail ever finds
+    /// a hole in the changelog, so that watchers resume rather than skip.
+    ring: Ring<T>,
     /// Raised by [`Hub::close`] (graceful shutdown): watchers end with the
     /// revision to resume from instead of waiting for more changes.
     closing: AtomicBool,
-    /// Bumped each time the ring is replaced: a watcher whose ring was
-    /// replaced must not claim progress from the new head.
-    generation: AtomicU64,
     /// Queries the tail made of the changelog (for metrics, and for tests
     /// proving watchers do not poll the database).
     pub(crate) tail_reads: AtomicU64,
@@ -82,13 +75,9 @@ struct HandOver<T> {
 
 impl<T> Hub<T> {
     pub(crate) fn new(capacity: usize, head: i64, max_snapshots: usize) -> Hub<T> {
-        let (sender, _) = broadcast::channel(capacity);
         Hub {
-            sender: RwLock::new(sender),
-            capacity,
-            head: AtomicI64::new(head),
+            ring: Ring::new(capacity, head),
             closing: AtomicBool::new(false),
-            generation: AtomicU64::new(0),
             tail_reads: AtomicU64::new(0),
             watchers: AtomicI64::new(0),
             events_sent: AtomicU64::new(0),
@@ -105,12 +94,14 @@ impl<T> Hub<T> {
         }
     }
 
+    /// The last revision published to every watcher.
     pub(crate) fn head(&self) -> i64 {
-        self.head.load(Ordering::SeqCst)
+        self.ring.head()
     }
 
+    /// How many changes a watcher may fall behind.
     pub(crate) fn capacity(&self) -> usize {
-        self.capacity
+        self.ring.capacity()
     }
 
     /// Makes the tail read the changelog (a commit elsewhere).
@@ -130,7 +121,7 @@ impl<T> Hub<T> {
                 Err(poisoned) => poisoned.into_inner(),
             };
             match changes {
-                Some(changes) if handed.changes.len() + changes.len() <= self.capacity => {
+                Some(changes) if handed.changes.len() + changes.len() <= self.capacity() => {
                     handed.changes.extend(changes);
                 }
                 _ => handed.overflowed = true,
@@ -153,40 +144,15 @@ impl<T> Hub<T> {
         (changes, overflowed)
     }
 
-    /// A receiver of the ring, the ring's generation, and the head: the
-    /// receiver gets exactly the changes after that head (in that
-    /// generation).
-    pub(crate) fn subscribe(&self) -> (broadcast::Receiver<Arc<Change<T>>>, u64, i64) {
-        // The write lock: `restart` replaces the ring under it, and `publish`
-        // sends and moves the head under the read lock, so no publish is
-        // half done (sent but not yet counted in the head) while the three
-        // are read. Held for three loads, once per watch.
-        let sender = match self.sender.write() {
-            Ok(sender) => sender,
-            Err(poisoned) => poisoned.into_inner(),
-        };
-        (
-            sender.subscribe(),
-            self.generation.load(Ordering::SeqCst),
-            self.head.load(Ordering::SeqCst),
-        )
+    /// A place in the ring: its receiver gets exactly the changes after
+    /// the head it comes with (in its generation).
+    pub(crate) fn subscribe(&self) -> Subscription<T> {
+        self.ring.subscribe()
     }
 
     /// The ring's generation now.
     pub(crate) fn generation(&self) -> u64 {
-        self.generation.load(Ordering::SeqCst)
-    }
-
-    fn publish(&self, change: Arc<Change<T>>) {
-        let revision = change.revision;
-        let sender = match self.sender.read() {
-            Ok(sender) => sender,
-            Err(poisoned) => poisoned.into_inner(),
-        };
-        // An error only means nobody is watching right now.
-        let _ = sender.send(change);
-        // Under the lock still: see `subscribe`.
-        self.head.store(revision, Ordering::SeqCst);
+        self.ring.generation()
     }
 
     /// Whether the feed is shutting down.
@@ -198,18 +164,7 @@ impl<T> Hub<T> {
     /// wakes every watcher (no watcher pays for a second wake-up source).
     pub(crate) fn close(&self) {
         self.closing.store(true, Ordering::SeqCst);
-        self.restart();
-    }
-
-    /// Closes the ring for every current watcher (they end and resume from
-    /// the database) and opens a new one.
-    fn restart(&self) {
-        let mut sender = match self.sender.write() {
-            Ok(sender) => sender,
-            Err(poisoned) => poisoned.into_inner(),
-        };
-        self.generation.fetch_add(1, Ordering::SeqCst);
-        *sender = broadcast::channel(self.capacity).0;
+        self.ring.restart();
     }
 }
 
@@ -224,16 +179,18 @@ pub(crate) async fn tail<T: Entity>(hub: Arc<Hub<T>>, db: Db, name: &'static str
     loop {
         let (handed, overflowed) = hub.take_handed();
         read |= overflowed;
-        for change in handed {
-            if change.revision <= cursor {
-                continue; // read from the changelog already
-            }
-            if change.revision != cursor + 1 {
-                read = true; // a commit from elsewhere came in between
-                break;
-            }
-            cursor = change.revision;
-            hub.publish(change);
+        // What follows the cursor with no gap; a gap is a commit from
+        // elsewhere in between, read from the changelog.
+        let fresh: Vec<_> = handed.into_iter().filter(|change| change.revision > cursor).collect();
+        let follows = fresh
+            .iter()
+            .zip(cursor + 1..)
+            .take_while(|(change, expected)| change.revision == *expected)
+            .count();
+        read |= follows < fresh.len();
+        if let Some(last) = fresh[..follows].last() {
+            cursor = last.revision;
+            hub.ring.publish(&fresh[..follows]).await;
         }
         if read {
             cursor = read_changelog(&hub, &db, name, cursor).await;
@@ -265,20 +222,30 @@ async fn read_changelog<T: Entity>(hub: &Hub<T>, db: &Db, name: &'static str, mu
             }
         };
         let full = changes.len() == 512;
-        for change in changes {
-            if change.revision != cursor + 1 {
+        let mut rest = changes.as_slice();
+        while let Some(first) = rest.first() {
+            if first.revision != cursor + 1 {
                 // Only possible if history was trimmed under a tail that fell
                 // behind: make every watcher resume from the database.
                 tracing::warn!(
                     feed = name,
                     cursor,
-                    next = change.revision,
+                    next = first.revision,
                     "changefeed tail found a hole; restarting watchers"
                 );
-                hub.restart();
+                hub.ring.restart();
             }
-            cursor = change.revision;
-            hub.publish(change);
+            // The run of consecutive revisions from here.
+            let run = 1 + rest
+                .windows(2)
+                .take_while(|pair| pair[1].revision == pair[0].revision + 1)
+                .count();
+            let (batch, after) = rest.split_at(run);
+            hub.ring.publish(batch).await;
+            if let Some(last) = batch.last() {
+                cursor = last.revision;
+            }
+            rest = after;
         }
         if !full {
             return cursor;

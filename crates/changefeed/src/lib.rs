@@ -22,12 +22,15 @@
 //! - [`lease`]: [`Lease`], leases in the database with a fencing [`Term`],
 //!   for singleton work across replicas (a feed's retention runs under
 //!   one).
+//! - `ring` (private): the bounded ring a feed's watchers read, in groups
+//!   the tail wakes one after the other, so that a fan-out to thousands of
+//!   streams never holds up what else became ready.
 //! - `hub` (private): the one tail per feed and process that fans changes
-//!   out to every watcher through a bounded ring, taking this process's
-//!   commits as they hand them over and reading the changelog for the rest.
+//!   out to every watcher through the ring, taking this process's commits
+//!   as they hand them over and reading the changelog for the rest.
 //!
-//! Modules depend one way: `change`, `error` ← `log` ← `hub`, `retention`,
-//! `snapshot` ← `feed` ← `watch`, `messages`, `view`.
+//! Modules depend one way: `change`, `error` ← `log`, `ring` ← `hub`,
+//! `retention`, `snapshot` ← `feed` ← `watch`, `messages`, `view`.
 //! - [`memory`]: [`Snapshot`], entities in memory at one revision (a
 //!   persistent map, so each batch makes a new one cheaply), and
 //!   [`Published`], the lock-free cell readers load it from.
@@ -73,6 +76,7 @@ mod log;
 pub mod memory;
 pub mod messages;
 pub mod retention;
+mod ring;
 mod snapshot;
 pub mod view;
 pub mod watch;

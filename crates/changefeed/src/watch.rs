@@ -48,6 +48,7 @@ use crate::{
     error::FeedError,
     feed::Feed,
     log::{CatchUp, catch_up},
+    ring::{Group, Subscription},
     snapshot::{Failed, Pages, Part, Scan},
 };
 
@@ -131,10 +132,16 @@ impl<T: Entity> Feed<T> {
             .watchers
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         // Subscribe first: see the module docs.
-        let (ring, generation, head) = self.inner.shared.hub.subscribe();
+        let Subscription {
+            receiver: ring,
+            group,
+            generation,
+            head,
+        } = self.inner.shared.hub.subscribe();
         let from_now = since_revision == FROM_NOW;
         let watcher = Watcher {
             ring,
+            group,
             generation,
             feed: self.clone(),
             cursor: if from_now { head } else { since_revision },
@@ -188,6 +195,8 @@ enum Phase<T> {
 struct Watcher<T> {
     feed: Feed<T>,
     ring: broadcast::Receiver<Arc<Change<T>>>,
+    /// The group of the ring `ring` reads (for its head).
+    group: Arc<Group<T>>,
     /// The generation of `ring`: if the hub has replaced it since, this
     /// watcher's empty ring says nothing about the new head.
     generation: u64,
@@ -426,7 +435,7 @@ impl<T: Entity> Watcher<T> {
         // Head first, then the ring: if the ring is empty, every change up to
         // that head has been received.
         let hub = &self.feed.inner.shared.hub;
-        let head = hub.head();
+        let head = self.group.head();
         if self.ring.is_empty() && hub.generation() == self.generation {
             self.cursor = self.cursor.max(head);
         }
