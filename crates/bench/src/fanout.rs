@@ -157,5 +157,69 @@ pub async fn measure(system: &impl WatchSystem, cell: Cell) -> Res<FanoutRow> {
         memory_per_stream_kib,
         writer: Latency::of(writer),
         server_cpu_us_per_delivery: (deliveries > 0).then(|| cpu * 1e6 / deliveries as f64),
+        runs_last_p99_ms: Vec::new(),
+        runs_writer_p99_ms: Vec::new(),
     })
+}
+
+/// The median of several runs of one cell (by the last watcher's p99; by
+/// the writer's p99 without watchers), carrying every run's p99s so that
+/// the spread is shown next to it. `None` for no runs.
+pub fn median_run(mut runs: Vec<FanoutRow>) -> Option<FanoutRow> {
+    let runs_last_p99_ms: Vec<f64> = runs.iter().map(|row| row.last.p99_ms).collect();
+    let runs_writer_p99_ms: Vec<f64> = runs.iter().map(|row| row.writer.p99_ms).collect();
+    let key = |row: &FanoutRow| {
+        if row.watchers == 0 {
+            row.writer.p99_ms
+        } else {
+            row.last.p99_ms
+        }
+    };
+    runs.sort_by(|a, b| key(a).total_cmp(&key(b)));
+    let middle = runs.len() / 2;
+    let mut median = runs.into_iter().nth(middle)?;
+    median.runs_last_p99_ms = runs_last_p99_ms;
+    median.runs_writer_p99_ms = runs_writer_p99_ms;
+    Some(median)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(watchers: usize, last_p99_ms: f64, writer_p99_ms: f64) -> FanoutRow {
+        FanoutRow {
+            system: "Lightbox".into(),
+            watchers,
+            writes: 1,
+            deliveries: watchers,
+            each: Latency::of(vec![last_p99_ms]),
+            last: Latency::of(vec![last_p99_ms]),
+            last_from_send: Latency::of(vec![last_p99_ms]),
+            events_per_s: 0.0,
+            memory_per_stream_kib: None,
+            writer: Latency::of(vec![writer_p99_ms]),
+            server_cpu_us_per_delivery: None,
+            runs_last_p99_ms: Vec::new(),
+            runs_writer_p99_ms: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn the_median_run_is_shown_with_every_runs_p99() -> Res<()> {
+        let median = median_run(vec![run(10, 5.0, 1.0), run(10, 1.0, 2.0), run(10, 3.0, 9.0)]).ok_or("no row")?;
+        assert_eq!(median.last.p99_ms, 3.0);
+        assert_eq!(median.runs_last_p99_ms, [5.0, 1.0, 3.0]);
+        assert_eq!(median.runs_writer_p99_ms, [1.0, 2.0, 9.0]);
+        // Without watchers, by the writer.
+        let alone = median_run(vec![
+            run(0, f64::NAN, 4.0),
+            run(0, f64::NAN, 2.0),
+            run(0, f64::NAN, 3.0),
+        ])
+        .ok_or("no row")?;
+        assert_eq!(alone.writer.p99_ms, 3.0);
+        assert!(median_run(Vec::new()).is_none());
+        Ok(())
+    }
 }

@@ -63,6 +63,11 @@ pub struct BenchArgs {
     /// 100, 1000, 10000; with --quick 0, 1, 100).
     #[arg(long, value_delimiter = ',', value_name = "N")]
     pub watchers: Vec<usize>,
+    /// How many times each fan-out cell runs, Lightbox and etcd in turn
+    /// (A B A B): the table shows the median run and the spread (default
+    /// 3; with --quick 1).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=20))]
+    pub repeat: Option<u32>,
     /// Serve the minimal tonic server the many-users cells compare with
     /// (started by the bench itself).
     #[arg(long, hide = true)]
@@ -90,6 +95,7 @@ struct Plan {
     min_writes: u64,
     min_deliveries: u64,
     unary_clients: Vec<usize>,
+    repeat: u32,
 }
 
 impl Plan {
@@ -104,6 +110,7 @@ impl Plan {
                 min_writes: 20,
                 min_deliveries: 100,
                 unary_clients: vec![1, 16],
+                repeat: 1,
             }
         } else {
             Plan {
@@ -115,6 +122,7 @@ impl Plan {
                 min_writes: 100,
                 min_deliveries: 1000,
                 unary_clients: vec![1, 16, 64],
+                repeat: 3,
             }
         }
     }
@@ -153,11 +161,12 @@ impl Plan {
             (
                 "watch fan-out".into(),
                 format!(
-                    "{} streams ({} per HTTP/2 connection), one watch per stream, at least {} writes and {} deliveries per cell, 50 writes/s below 1,000 streams and 10/s from there, latency from the write's acknowledgement",
+                    "{} streams ({} per HTTP/2 connection), one watch per stream, at least {} writes and {} deliveries per cell, 50 writes/s below 1,000 streams and 10/s from there, latency from the write's acknowledgement; each cell run {} time(s), Lightbox and etcd in turn, the median run shown",
                     list(&self.watchers),
                     fanout::PER_CONNECTION,
                     self.min_writes,
-                    self.min_deliveries
+                    self.min_deliveries,
+                    self.repeat
                 ),
             ),
             (
@@ -200,6 +209,9 @@ async fn measure_all(args: &BenchArgs) -> harness::Res<Report> {
     let mut plan = Plan::new(args.quick);
     if !args.watchers.is_empty() {
         plan.watchers.clone_from(&args.watchers);
+    }
+    if let Some(repeat) = args.repeat {
+        plan.repeat = repeat;
     }
     let runs = |part: Part| args.only.is_empty() || args.only.contains(&part);
     let mut report = Report {
@@ -261,17 +273,22 @@ async fn measure_all(args: &BenchArgs) -> harness::Res<Report> {
     }
     for &watchers in plan.watchers.iter().filter(|_| runs(Part::Fanout)) {
         let cell = Cell::new(watchers, plan.min_writes, plan.min_deliveries);
-        // A fresh server per cell: the memory weighed is this cell's.
-        let lightbox = contracts::Contracts::start(pinned).await?;
-        report.fanout.push(measure(&lightbox, cell).await?);
-        lightbox.stop().await;
-        if with_etcd {
-            let etcd = etcd::Etcd::start(pinned)
-                .await?
-                .map_err(|why| format!("etcd, again: {why}"))?;
-            report.fanout.push(measure(&etcd, cell).await?);
-            etcd.stop().await;
+        let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+        for _ in 0..plan.repeat {
+            // A fresh server per run: the memory weighed is this run's.
+            let lightbox = contracts::Contracts::start(pinned).await?;
+            ours.push(measure(&lightbox, cell).await?);
+            lightbox.stop().await;
+            if with_etcd {
+                let etcd = etcd::Etcd::start(pinned)
+                    .await?
+                    .map_err(|why| format!("etcd, again: {why}"))?;
+                theirs.push(measure(&etcd, cell).await?);
+                etcd.stop().await;
+            }
         }
+        report.fanout.extend(fanout::median_run(ours));
+        report.fanout.extend(fanout::median_run(theirs));
     }
     Ok(report)
 }

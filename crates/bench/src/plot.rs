@@ -573,6 +573,8 @@ mod tests {
             memory_per_stream_kib,
             writer: latency(0.5, 1.0),
             server_cpu_us_per_delivery: None,
+            runs_last_p99_ms: vec![last_p99_ms],
+            runs_writer_p99_ms: vec![1.0],
         }
     }
 

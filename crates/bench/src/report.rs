@@ -36,6 +36,25 @@ pub fn quantile(sorted: &[f64], q: f64) -> f64 {
     sorted[((sorted.len() as f64 - 1.0) * q).round() as usize]
 }
 
+/// A fan-out row's runs: `3 runs: 60.1–92.0 ms / 3.1–12.6 ms` (the
+/// last-watcher p99 and the writer p99, lowest to highest).
+fn spread(row: &FanoutRow) -> String {
+    let range = |values: &[f64]| {
+        let low = values.iter().copied().fold(f64::INFINITY, f64::min);
+        let high = values.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        format!("{}–{}", ms(low), ms(high))
+    };
+    match row.runs_writer_p99_ms.len() {
+        0 | 1 => "1 run".into(),
+        n if row.watchers == 0 => format!("{n} runs: – / {}", range(&row.runs_writer_p99_ms)),
+        n => format!(
+            "{n} runs: {} / {}",
+            range(&row.runs_last_p99_ms),
+            range(&row.runs_writer_p99_ms)
+        ),
+    }
+}
+
 /// The machine and the settings, printed first.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Header {
@@ -125,6 +144,11 @@ pub struct FanoutRow {
     pub writer: Latency,
     /// Server CPU time per delivery, microseconds.
     pub server_cpu_us_per_delivery: Option<f64>,
+    /// Each run's last-watcher p99 (this row is the median run), in the
+    /// order run.
+    pub runs_last_p99_ms: Vec<f64>,
+    /// Each run's writer p99, in the order run.
+    pub runs_writer_p99_ms: Vec<f64>,
 }
 
 /// Unary reads of one key, Lightbox against a peer.
@@ -266,14 +290,14 @@ impl Report {
         let _ = writeln!(out, "\n## Watch fan-out: write acknowledged → watchers\n");
         let _ = writeln!(
             out,
-            "| system | watchers | writes | deliveries | each p50 / p99 / max | last watcher p50 / p99 / max | write sent → last watcher p99 | events/s | memory per stream | writer p50 / p99 | server CPU per delivery |"
+            "| system | watchers | writes | deliveries | each p50 / p99 / max | last watcher p50 / p99 / max | write sent → last watcher p99 | events/s | memory per stream | writer p50 / p99 | server CPU per delivery | runs: last watcher p99 / writer p99, min–max |"
         );
-        let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+        let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
         for row in &self.fanout {
             let triple = |l: &Latency| format!("{} / {} / {}", ms(l.p50_ms), ms(l.p99_ms), ms(l.max_ms));
             let _ = writeln!(
                 out,
-                "| {} | {} | {} | {} | {} | {} | {} | {:.0} | {} | {} / {} | {} |",
+                "| {} | {} | {} | {} | {} | {} | {} | {:.0} | {} | {} / {} | {} | {} |",
                 row.system,
                 row.watchers,
                 row.writes,
@@ -286,6 +310,7 @@ impl Report {
                 ms(row.writer.p50_ms),
                 ms(row.writer.p99_ms),
                 optional(row.server_cpu_us_per_delivery, "µs"),
+                spread(row),
             );
         }
 
