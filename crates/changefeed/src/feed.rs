@@ -62,9 +62,11 @@ pub struct FeedStats {
     pub head: i64,
     /// Watch streams open now.
     pub watchers: i64,
-    /// Queries the tail made of the changelog since the feed opened: none
-    /// for the commits of this process (handed over), one per notification
-    /// of another replica's commit or poll, whatever the number of watchers.
+    /// Queries the tail made of the changelog since the feed opened: one
+    /// per notification of a commit (on PostgreSQL, where this process's
+    /// own commits notify too: the read then usually finds them handed over
+    /// already) and per poll, whatever the number of watchers; none for the
+    /// commits of this process on SQLite.
     pub tail_reads: u64,
     /// Changes sent on watch streams since the feed opened, every stream
     /// counted.

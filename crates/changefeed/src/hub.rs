@@ -176,6 +176,9 @@ pub(crate) async fn tail<T: Entity>(hub: Arc<Hub<T>>, db: Db, name: &'static str
     let mut cursor = hub.head();
     // The first round reads: commits may have landed since the head was read.
     let mut read = true;
+    // The poll's deadline, kept across hand-overs: steady local commits do
+    // not put it off.
+    let mut next_poll = tokio::time::Instant::now();
     loop {
         let (handed, overflowed) = hub.take_handed();
         read |= overflowed;
@@ -194,11 +197,12 @@ pub(crate) async fn tail<T: Entity>(hub: Arc<Hub<T>>, db: Db, name: &'static str
         }
         if read {
             cursor = read_changelog(&hub, &db, name, cursor).await;
+            next_poll = tokio::time::Instant::now() + poll;
         }
         read = tokio::select! {
             _ = hub.handed_wake.notified() => false,
             _ = hub.wake.notified() => true,
-            _ = tokio::time::sleep(poll) => true,
+            _ = tokio::time::sleep_until(next_poll) => true,
         };
     }
 }

@@ -139,20 +139,35 @@ impl<T> Ring<T> {
         // generation read here is the one of the sender subscribed to.
         {
             let groups = read(&self.groups);
-            for group in groups.iter() {
-                let sender = write(&group.sender);
-                if sender.receiver_count() < GROUP {
-                    return self.join(group, &sender);
-                }
+            if let Some(subscription) = self.join_one_with_room(&groups) {
+                return subscription;
             }
         }
         let mut groups = write(&self.groups);
+        // Another subscriber may have made a group meanwhile.
+        if let Some(subscription) = self.join_one_with_room(&groups) {
+            return subscription;
+        }
         // Under the list's write lock the feed's head does not move: the new
         // group's ring continues from it (see `publish`).
         let group = Arc::new(Group::new(self.capacity, self.head()));
         groups.push(Arc::clone(&group));
         let sender = write(&group.sender);
         self.join(&group, &sender)
+    }
+
+    /// Subscribes to the first of `groups` with room, if any. A full group
+    /// is passed over under its read lock, so a new watch does not wait
+    /// for the sends into every full group.
+    fn join_one_with_room(&self, groups: &[Arc<Group<T>>]) -> Option<Subscription<T>> {
+        let room = |sender: &broadcast::Sender<Arc<Change<T>>>| sender.receiver_count() < GROUP;
+        groups.iter().find_map(|group| {
+            if !room(&read(&group.sender)) {
+                return None;
+            }
+            let sender = write(&group.sender);
+            room(&sender).then(|| self.join(group, &sender))
+        })
     }
 
     /// Subscribes to `group`, whose `sender` is held write-locked: `send`
@@ -271,6 +286,25 @@ mod tests {
         assert_eq!(revision(late.receiver.try_recv()), Some(1));
         assert_eq!(revision(late.receiver.try_recv()), Some(2));
         assert_eq!(late.receiver.try_recv().err(), Some(TryRecvError::Empty));
+    }
+
+    #[test]
+    fn a_change_is_let_go_once_every_watcher_of_its_groups_has_it_or_is_gone() {
+        let ring = Ring::<()>::new(16, 0);
+        let mut subscriptions: Vec<_> = (0..GROUP + 1).map(|_| ring.subscribe()).collect();
+        let first = change(1);
+        let batch = [Arc::clone(&first)];
+        let mut cx = Context::from_waker(Waker::noop());
+        let mut publish = pin!(ring.publish(&batch));
+        while publish.as_mut().poll(&mut cx).is_pending() {}
+        // Both groups' rings hold it (besides `first` and `batch`).
+        assert_eq!(Arc::strong_count(&first), 4);
+        for subscription in &mut subscriptions[..GROUP] {
+            assert_eq!(revision(subscription.receiver.try_recv()), Some(1));
+        }
+        assert_eq!(Arc::strong_count(&first), 3, "read by every watcher of its group");
+        drop(subscriptions);
+        assert_eq!(Arc::strong_count(&first), 2, "its last watcher gone");
     }
 
     #[test]
