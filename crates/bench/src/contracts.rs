@@ -123,7 +123,10 @@ impl WatchSystem for Contracts {
                         received.push((seq, Instant::now()));
                     }
                 }
-                Ok(received)
+                Ok(Received {
+                    arrivals: received,
+                    open: Box::new(stream),
+                })
             }));
         }
         Ok(tasks)

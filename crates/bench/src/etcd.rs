@@ -493,7 +493,10 @@ async fn watcher(channel: Channel, writes: u64, created: oneshot::Sender<()>) ->
             received.push((seq, arrived));
         }
     }
-    Ok(received)
+    Ok(Received {
+        arrivals: received,
+        open: Box::new(stream),
+    })
 }
 
 /// A status in one line: its code and message.

@@ -19,8 +19,16 @@ use crate::{
 /// Watch streams per HTTP/2 connection, for every system.
 pub const PER_CONNECTION: usize = 100;
 
-/// What one watcher received: each write's number, and when it arrived.
-pub type Received = Vec<(u64, Instant)>;
+/// What one watcher received, and its stream, still open.
+pub struct Received {
+    /// Each write's number, and when it arrived.
+    pub arrivals: Vec<(u64, Instant)>,
+    /// The watcher's stream, kept open until every watcher of the cell is
+    /// done: a stream that ends is a cancellation to handle on both sides,
+    /// and the first watchers to finish must not slow the last write's
+    /// deliveries to the others.
+    pub open: Box<dyn Send>,
+}
 
 /// A system under test that can be written to and watched.
 pub trait WatchSystem {
@@ -34,7 +42,7 @@ pub trait WatchSystem {
     /// and answers once every one is live (a write from now reaches it).
     /// Each task reads its stream until it has received `writes` writes
     /// (numbered `0..writes` by [`WatchSystem::write`]) and answers them
-    /// with their arrival times.
+    /// with their arrival times, and the stream, still open.
     fn open_watchers(&self, watchers: usize, writes: u64) -> impl Future<Output = Res<Vec<JoinHandle<Res<Received>>>>>;
 
     /// Makes write number `seq` and answers once it is acknowledged.
@@ -110,6 +118,7 @@ pub async fn measure(system: &impl WatchSystem, cell: Cell) -> Res<FanoutRow> {
     let mut last_from_send = vec![0.0f64; cell.writes as usize];
     let mut last_arrival = started;
     let mut deliveries = 0;
+    let mut open = Vec::with_capacity(cell.watchers);
     for task in tasks {
         let remaining = cell.deadline.saturating_sub(started.elapsed());
         let received = tokio::time::timeout(remaining, task)
@@ -121,7 +130,8 @@ pub async fn measure(system: &impl WatchSystem, cell: Cell) -> Res<FanoutRow> {
                 )
             })?
             .map_err(|e| format!("{}: a watcher failed: {e}", system.name()))??;
-        for (seq, arrived) in received {
+        open.push(received.open);
+        for (seq, arrived) in received.arrivals {
             let (Some(ack), Some(sent)) = (acks.get(seq as usize), sends.get(seq as usize)) else {
                 return Err(format!("{}: a watcher received write {seq}, never made", system.name()).into());
             };
@@ -136,6 +146,8 @@ pub async fn measure(system: &impl WatchSystem, cell: Cell) -> Res<FanoutRow> {
         }
     }
     let cpu = cpu_seconds(pid)? - cpu_before;
+    // Every delivery is in: the streams may end now.
+    drop(open);
     let busy = last_arrival.saturating_duration_since(started).as_secs_f64();
     Ok(FanoutRow {
         system: system.name().into(),
