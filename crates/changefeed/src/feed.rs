@@ -182,7 +182,14 @@ impl<T: Entity> Feed<T> {
             options,
         });
         let (hub, db, name, poll) = (&shared.hub, &shared.db, shared.name, shared.options.poll_interval);
-        let mut tasks = vec![tokio::spawn(hub::tail(Arc::clone(hub), db.clone(), name, poll))];
+        let progress = shared.options.progress_interval;
+        let mut tasks = vec![tokio::spawn(hub::tail(
+            Arc::clone(hub),
+            db.clone(),
+            name,
+            poll,
+            progress,
+        ))];
         if shared.db.backend() == Backend::Postgres {
             let (ready, listening) = tokio::sync::oneshot::channel();
             tasks.push(tokio::spawn(hub::listen(

@@ -170,15 +170,18 @@ impl<T> Hub<T> {
 
 /// The tail: publishes every change after the last published one, from
 /// what this process's commits hand over or else from the changelog (see
-/// the module docs), then sleeps until woken (or `poll`), and repeats. Runs
-/// for the life of the feed `name` in `db`.
-pub(crate) async fn tail<T: Entity>(hub: Arc<Hub<T>>, db: Db, name: &'static str, poll: Duration) {
+/// the module docs), then sleeps until woken (or `poll`), and repeats; every
+/// `progress` interval it sends the watchers a progress tick
+/// ([`Ring::tick`]). Runs for the life of the feed `name` in `db`.
+pub(crate) async fn tail<T: Entity>(hub: Arc<Hub<T>>, db: Db, name: &'static str, poll: Duration, progress: Duration) {
     let mut cursor = hub.head();
     // The first round reads: commits may have landed since the head was read.
     let mut read = true;
     // The poll's deadline, kept across hand-overs: steady local commits do
     // not put it off.
     let mut next_poll = tokio::time::Instant::now();
+    let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + progress, progress);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let (handed, overflowed) = hub.take_handed();
         read |= overflowed;
@@ -199,10 +202,13 @@ pub(crate) async fn tail<T: Entity>(hub: Arc<Hub<T>>, db: Db, name: &'static str
             cursor = read_changelog(&hub, &db, name, cursor).await;
             next_poll = tokio::time::Instant::now() + poll;
         }
-        read = tokio::select! {
-            _ = hub.handed_wake.notified() => false,
-            _ = hub.wake.notified() => true,
-            _ = tokio::time::sleep_until(next_poll) => true,
+        read = loop {
+            tokio::select! {
+                _ = hub.handed_wake.notified() => break false,
+                _ = hub.wake.notified() => break true,
+                _ = tokio::time::sleep_until(next_poll) => break true,
+                _ = ticks.tick() => hub.ring.tick().await,
+            }
         };
     }
 }

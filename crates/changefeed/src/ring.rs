@@ -17,6 +17,12 @@
 //! A group is 256 watchers: tokio's per-worker run queue holds 256 tasks,
 //! so one group's wake-ups never spill into the shared queue.
 //!
+//! The ring also carries the progress ticks: once per progress interval
+//! the tail sends a [`Item::Tick`] into every group (paced the same way),
+//! and a watcher that sent nothing since the previous one answers it with
+//! a progress frame. One timer per feed, not one per stream: an idle stream
+//! costs no timer entry, and a busy one no timer to re-arm on every wait.
+//!
 //! Each group has its own head (the last revision sent into it), read with
 //! the subscription in one step, so a new watcher's receiver holds exactly
 //! the changes after the head it was given; the feed's head moves once a
@@ -34,6 +40,24 @@ use crate::change::Change;
 
 /// The most watchers woken by one send (see the module docs).
 pub(crate) const GROUP: usize = 256;
+
+/// What the ring carries to each watcher.
+pub(crate) enum Item<T> {
+    /// The next change.
+    Change(Arc<Change<T>>),
+    /// A progress interval has passed (see the module docs).
+    Tick,
+}
+
+// Not derived: cloning an item clones an `Arc`, whatever `T` is.
+impl<T> Clone for Item<T> {
+    fn clone(&self) -> Item<T> {
+        match self {
+            Item::Change(change) => Item::Change(Arc::clone(change)),
+            Item::Tick => Item::Tick,
+        }
+    }
+}
 
 /// The ring of one feed in this process.
 pub(crate) struct Ring<T> {
@@ -53,7 +77,7 @@ pub(crate) struct Ring<T> {
 /// into it.
 pub(crate) struct Group<T> {
     /// Replaced (closing every receiver) when the ring restarts.
-    sender: RwLock<broadcast::Sender<Arc<Change<T>>>>,
+    sender: RwLock<broadcast::Sender<Item<T>>>,
     /// Stored after the send, under the sender's read lock: a watcher that
     /// reads it and then finds its receiver empty has every change up to it.
     head: AtomicI64,
@@ -62,7 +86,7 @@ pub(crate) struct Group<T> {
 /// A watcher's place in the ring.
 pub(crate) struct Subscription<T> {
     /// Receives exactly the changes after `head`.
-    pub(crate) receiver: broadcast::Receiver<Arc<Change<T>>>,
+    pub(crate) receiver: broadcast::Receiver<Item<T>>,
     /// The group `receiver` belongs to.
     pub(crate) group: Arc<Group<T>>,
     /// The ring's generation when subscribing.
@@ -99,11 +123,17 @@ impl<T> Group<T> {
         for change in batch {
             if change.revision > self.head() {
                 // An error only means nobody in this group is watching.
-                let _ = sender.send(Arc::clone(change));
+                let _ = sender.send(Item::Change(Arc::clone(change)));
                 self.head.store(change.revision, Ordering::SeqCst);
             }
         }
         sender.receiver_count() > 0
+    }
+
+    /// Sends a progress tick; answers whether anyone was listening.
+    fn tick(&self) -> bool {
+        // An error only means nobody in this group is watching.
+        read(&self.sender).send(Item::Tick).is_ok()
     }
 }
 
@@ -160,7 +190,7 @@ impl<T> Ring<T> {
     /// is passed over under its read lock, so a new watch does not wait
     /// for the sends into every full group.
     fn join_one_with_room(&self, groups: &[Arc<Group<T>>]) -> Option<Subscription<T>> {
-        let room = |sender: &broadcast::Sender<Arc<Change<T>>>| sender.receiver_count() < GROUP;
+        let room = |sender: &broadcast::Sender<Item<T>>| sender.receiver_count() < GROUP;
         groups.iter().find_map(|group| {
             if !room(&read(&group.sender)) {
                 return None;
@@ -173,7 +203,7 @@ impl<T> Ring<T> {
     /// Subscribes to `group`, whose `sender` is held write-locked: `send`
     /// moves the group's head under its read lock, so no send is half done
     /// (sent, head not yet moved) here.
-    fn join(&self, group: &Arc<Group<T>>, sender: &broadcast::Sender<Arc<Change<T>>>) -> Subscription<T> {
+    fn join(&self, group: &Arc<Group<T>>, sender: &broadcast::Sender<Item<T>>) -> Subscription<T> {
         Subscription {
             receiver: sender.subscribe(),
             group: Arc::clone(group),
@@ -212,6 +242,19 @@ impl<T> Ring<T> {
         }
     }
 
+    /// Sends a progress tick into every group, one group after the other,
+    /// yielding between two groups that woke someone (as `publish` does).
+    pub(crate) async fn tick(&self) {
+        let groups: Vec<Arc<Group<T>>> = read(&self.groups).clone();
+        let mut woke = false;
+        for group in groups {
+            if woke {
+                tokio::task::yield_now().await;
+            }
+            woke = group.tick();
+        }
+    }
+
     /// Closes every group's ring for every current watcher (they end and
     /// resume from the database) and opens new ones.
     pub(crate) fn restart(&self) {
@@ -239,8 +282,12 @@ mod tests {
         Arc::new(Change::new(revision, format!("e{revision}"), String::new(), None))
     }
 
-    fn revision(received: Result<Arc<Change<()>>, TryRecvError>) -> Option<i64> {
-        received.ok().map(|change| change.revision)
+    /// The revision of a change received (`None`: nothing, or a tick).
+    fn revision(received: Result<Item<()>, TryRecvError>) -> Option<i64> {
+        match received {
+            Ok(Item::Change(change)) => Some(change.revision),
+            _ => None,
+        }
     }
 
     #[test]
@@ -305,6 +352,28 @@ mod tests {
         assert_eq!(Arc::strong_count(&first), 3, "read by every watcher of its group");
         drop(subscriptions);
         assert_eq!(Arc::strong_count(&first), 2, "its last watcher gone");
+    }
+
+    #[test]
+    fn a_tick_reaches_every_group_after_the_changes_before_it_paced_like_a_publish() {
+        let ring = Ring::<()>::new(16, 0);
+        let mut subscriptions: Vec<_> = (0..GROUP + 1).map(|_| ring.subscribe()).collect();
+        let batch = [change(1)];
+        let mut cx = Context::from_waker(Waker::noop());
+        let mut publish = pin!(ring.publish(&batch));
+        while publish.as_mut().poll(&mut cx).is_pending() {}
+        let mut tick = pin!(ring.tick());
+        assert!(tick.as_mut().poll(&mut cx).is_pending(), "yields after the first group");
+        assert!(
+            subscriptions[GROUP].receiver.len() == 1,
+            "the second group has no tick yet"
+        );
+        while tick.as_mut().poll(&mut cx).is_pending() {}
+        for subscription in &mut subscriptions {
+            assert_eq!(revision(subscription.receiver.try_recv()), Some(1));
+            assert!(matches!(subscription.receiver.try_recv(), Ok(Item::Tick)));
+            assert_eq!(subscription.receiver.try_recv().err(), Some(TryRecvError::Empty));
+        }
     }
 
     #[test]

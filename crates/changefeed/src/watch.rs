@@ -37,10 +37,7 @@
 use std::{collections::HashSet, collections::VecDeque, pin::Pin, sync::Arc};
 
 use futures_util::Stream;
-use tokio::{
-    sync::broadcast,
-    time::{Interval, MissedTickBehavior},
-};
+use tokio::sync::broadcast;
 use tonic::Status;
 
 use crate::{
@@ -48,7 +45,7 @@ use crate::{
     error::FeedError,
     feed::Feed,
     log::{CatchUp, catch_up},
-    ring::{Group, Subscription},
+    ring::{Group, Item, Subscription},
     snapshot::{Failed, Pages, Part, Scan},
 };
 
@@ -123,9 +120,6 @@ impl<T: Entity> Feed<T> {
     /// [`MAX_WATCH_IDS`] ids).
     pub fn watch(&self, since_revision: i64, filter: impl Into<WatchFilter>) -> WatchStream<T> {
         let filter = filter.into();
-        let period = self.inner.shared.options.progress_interval;
-        let mut progress = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
-        progress.set_missed_tick_behavior(MissedTickBehavior::Delay);
         self.inner
             .shared
             .hub
@@ -161,7 +155,6 @@ impl<T: Entity> Feed<T> {
                 FROM_NOW => Phase::Live,
                 _ => Phase::CatchUp,
             },
-            progress,
             sent_since_tick: false,
             lagged: false,
         };
@@ -194,7 +187,7 @@ enum Phase<T> {
 /// the client goes away.
 struct Watcher<T> {
     feed: Feed<T>,
-    ring: broadcast::Receiver<Arc<Change<T>>>,
+    ring: broadcast::Receiver<Item<T>>,
     /// The group of the ring `ring` reads (for its head).
     group: Arc<Group<T>>,
     /// The generation of `ring`: if the hub has replaced it since, this
@@ -209,11 +202,9 @@ struct Watcher<T> {
     /// Frames read from the database, not yet sent.
     pending: VecDeque<Frame<T>>,
     phase: Phase<T>,
-    /// Ticks every progress interval; a tick after which nothing was sent
-    /// sends a progress frame. One timer per stream for its whole life: no
-    /// timer is armed or disarmed per frame.
-    progress: Interval,
-    /// Whether a frame went out since the last tick.
+    /// Whether a frame went out since the last progress tick (the ring
+    /// carries the feed's ticks: a tick after which nothing was sent sends a
+    /// progress frame).
     sent_since_tick: bool,
     /// The ring overwrote changes this watcher had not read. Harmless if it
     /// had them already (from its snapshot or replay); otherwise the next
@@ -370,27 +361,25 @@ impl<T: Entity> Watcher<T> {
     }
 
     /// Waits for the next frame from the ring: a wanted change, or progress
-    /// when idle. `Ok(None)`: nothing to send yet (a change filtered out, a
-    /// busy tick).
+    /// when idle (at the feed's tick). `Ok(None)`: nothing to send yet (a
+    /// change filtered out, a tick on a busy stream).
     async fn live(&mut self) -> Result<Option<Frame<T>>, Status> {
-        // Fast path: a change is already waiting (a burst, or a watcher
+        // Fast path: an item is already waiting (a burst, or a watcher
         // catching up): no waiting machinery at all.
         let received = match self.ring.try_recv() {
             Err(broadcast::error::TryRecvError::Empty) => {
                 if self.feed.inner.shared.hub.is_closing() {
                     return Err(self.closed());
                 }
-                tokio::select! {
-                    received = self.ring.recv() => received,
-                    _ = self.progress.tick() => return Ok(self.on_tick()),
-                }
+                self.ring.recv().await
             }
-            Ok(change) => Ok(change),
+            Ok(item) => Ok(item),
             Err(broadcast::error::TryRecvError::Lagged(n)) => Err(broadcast::error::RecvError::Lagged(n)),
             Err(broadcast::error::TryRecvError::Closed) => Err(broadcast::error::RecvError::Closed),
         };
         match received {
-            Ok(change) => self.on_change(change),
+            Ok(Item::Change(change)) => self.on_change(change),
+            Ok(Item::Tick) => Ok(self.on_tick()),
             Err(broadcast::error::RecvError::Lagged(_)) => {
                 self.lagged = true;
                 Ok(None)
