@@ -196,6 +196,11 @@ pub(crate) async fn tail<T: Entity>(hub: Arc<Hub<T>>, db: Db, name: &'static str
         read |= follows < fresh.len();
         if let Some(last) = fresh[..follows].last() {
             cursor = last.revision;
+            // The commit's own acknowledgement first: what became ready with
+            // it (its response, its connection's write) runs before the
+            // first group of watchers is woken, so a writer does not wait
+            // for a group's worth of deliveries.
+            tokio::task::yield_now().await;
             hub.ring.publish(&fresh[..follows]).await;
         }
         if read {
