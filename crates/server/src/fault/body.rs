@@ -13,7 +13,7 @@ use std::{
     future::Future,
     pin::Pin,
     sync::Arc,
-    task::{Context, Poll},
+    task::{Context, Poll, Waker},
 };
 
 use http::HeaderMap;
@@ -30,9 +30,11 @@ type DownSignal = Pin<Box<dyn Future<Output = bool> + Send>>;
 /// A response body that forwards `inner` until the server goes down, then
 /// ends with `grpc-status: 14` (`UNAVAILABLE`) and `message`.
 ///
-/// Cheap for unary calls: each poll reads the fault state (a read lock, no
-/// waiter registered), and only a body left waiting for data (a stream)
-/// registers to be woken when the server goes down.
+/// Cheap per frame: the fault state is read (a lock) only on the first
+/// poll and after it changed (its version, an atomic, says so); only a body
+/// left waiting for data (a stream) registers to be woken when the server
+/// goes down, and that registration is polled again only when the state
+/// changed or the body is polled from another task.
 pub(crate) struct DownAwareBody {
     /// The handler's body; `None` once the call has been ended here, which
     /// drops it at once.
@@ -43,6 +45,13 @@ pub(crate) struct DownAwareBody {
     /// Set the first time the inner body is pending: wakes this body when
     /// the server goes down while it waits.
     down: Option<DownSignal>,
+    /// Whether the fault state was read since it last changed (always
+    /// false before the first poll).
+    read: bool,
+    /// The waker `down` was last polled with, and whether the state changed
+    /// since: `down` needs polling again only if one of them did.
+    registered: Option<Waker>,
+    changed: bool,
     message: Arc<str>,
 }
 
@@ -55,6 +64,9 @@ impl DownAwareBody {
             inner: Some(inner),
             changes: Some(changes),
             down: None,
+            read: false,
+            registered: None,
+            changed: false,
             message,
         }
     }
@@ -83,6 +95,23 @@ impl DownAwareBody {
     fn stop_watching(&mut self) {
         self.changes = None;
         self.down = None;
+        self.registered = None;
+    }
+
+    /// Whether the server is down, reading the fault state only on the
+    /// first call and after it changed.
+    fn is_down(&mut self) -> bool {
+        let Some(changes) = self.changes.as_mut() else {
+            return false;
+        };
+        // An error means every `Faults` handle is gone: read once more, and
+        // the `down` signal ends the watching.
+        if self.read && !changes.has_changed().unwrap_or(true) {
+            return false;
+        }
+        self.read = true;
+        self.changed = true;
+        changes.borrow_and_update().down
     }
 }
 
@@ -93,14 +122,17 @@ impl HttpBody for DownAwareBody {
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
         // `DownAwareBody` is `Unpin` (its fields are boxed), so plain `&mut`.
         let this = &mut *self;
+        if this.inner.is_none() {
+            return Poll::Ready(None);
+        }
+        // Down already? Looked at before the data, so that a stream with data
+        // always ready is still cut as soon as the server goes down.
+        if this.is_down() {
+            return this.end();
+        }
         let Some(inner) = this.inner.as_mut() else {
             return Poll::Ready(None);
         };
-        // Down already? Looked at before the data, so that a stream with data
-        // always ready is still cut as soon as the server goes down.
-        if this.changes.as_ref().is_some_and(|changes| changes.borrow().down) {
-            return this.end();
-        }
         match Pin::new(inner).poll_frame(cx) {
             Poll::Ready(frame) => {
                 match &frame {
@@ -127,13 +159,19 @@ impl HttpBody for DownAwareBody {
                         async move { changes.wait_for(|spec| spec.down).await.is_ok() },
                     ));
                 }
-                if let Some(down) = this.down.as_mut()
-                    && let Poll::Ready(is_down) = down.as_mut().poll(cx)
-                {
-                    if is_down {
-                        return this.end();
+                // Registered with this waker, and nothing changed since: the
+                // signal's registration stands, no need to poll it again.
+                let current = !std::mem::take(&mut this.changed)
+                    && this
+                        .registered
+                        .as_ref()
+                        .is_some_and(|waker| waker.will_wake(cx.waker()));
+                if !current && let Some(down) = this.down.as_mut() {
+                    match down.as_mut().poll(cx) {
+                        Poll::Ready(true) => return this.end(),
+                        Poll::Ready(false) => this.stop_watching(),
+                        Poll::Pending => this.registered = Some(cx.waker().clone()),
                     }
-                    this.stop_watching();
                 }
                 Poll::Pending
             }
@@ -224,6 +262,49 @@ mod tests {
 
         assert!(body.is_end_stream());
         assert!(next_frame(&mut body).await.is_none());
+    }
+
+    /// Between changes the body skips its signal's poll; a change that is
+    /// not "down" must still leave it registered for the next one, with the
+    /// same waker all along (as hyper polls a body from one task).
+    #[tokio::test]
+    async fn a_waiting_stream_woken_by_another_change_still_ends_when_the_server_goes_down() {
+        struct Flag(std::sync::atomic::AtomicBool);
+        impl std::task::Wake for Flag {
+            fn wake(self: Arc<Self>) {
+                self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+            }
+        }
+        let flag = Arc::new(Flag(false.into()));
+        let waker = Waker::from(Arc::clone(&flag));
+        let woken = || flag.0.swap(false, std::sync::atomic::Ordering::SeqCst);
+        let faults = Faults::new();
+        let mut body = DownAwareBody::new(Body::new(Endless(VecDeque::new())), faults.subscribe(), "down".into());
+        let poll = |body: &mut DownAwareBody| Pin::new(body).poll_frame(&mut Context::from_waker(&waker));
+
+        assert!(poll(&mut body).is_pending(), "nothing to send");
+        assert!(poll(&mut body).is_pending(), "polled again, unchanged: still waiting");
+        faults
+            .set(FaultSpec {
+                latency: Duration::from_millis(1),
+                ..FaultSpec::default()
+            })
+            .expect("valid");
+        assert!(woken(), "a change wakes the waiting body");
+        assert!(poll(&mut body).is_pending(), "another change does not end the stream");
+        assert!(poll(&mut body).is_pending());
+        faults
+            .set(FaultSpec {
+                down: true,
+                ..FaultSpec::default()
+            })
+            .expect("valid");
+        assert!(woken(), "going down after another change must wake the body");
+        let Poll::Ready(Some(Ok(trailers))) = poll(&mut body) else {
+            panic!("going down ends the stream");
+        };
+        let status = Status::from_header_map(trailers.trailers_ref().expect("trailers")).expect("a status");
+        assert_eq!(status.code(), tonic::Code::Unavailable);
     }
 
     #[tokio::test]
