@@ -158,6 +158,11 @@ impl<T> Ring<T> {
         self.capacity
     }
 
+    /// How many groups the ring has (see the module docs).
+    pub(crate) fn groups(&self) -> usize {
+        read(&self.groups).len()
+    }
+
     /// The ring's generation now.
     pub(crate) fn generation(&self) -> u64 {
         self.generation.load(Ordering::SeqCst)
