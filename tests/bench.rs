@@ -115,3 +115,28 @@ fn bench_quick_measures_every_part_and_draws_the_charts() {
         assert!(text.contains("<svg"), "{chart} is an SVG");
     }
 }
+
+/// A part left out with `--only` is named among the skipped, so that its
+/// empty table is not read as a measurement of nothing.
+#[test]
+fn bench_only_names_the_parts_it_left_out() {
+    let output = Command::new(BIN)
+        .args(["bench", "--quick", "--json", "--no-etcd", "--only", "unary"])
+        .env("RUST_LOG", "error")
+        .output()
+        .unwrap_or_else(|err| panic!("run lightbox bench: {err}"));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "lightbox bench --only unary failed: {stderr}");
+    let report: Value =
+        serde_json::from_slice(&output.stdout).unwrap_or_else(|err| panic!("the report is not JSON ({err}): {stderr}"));
+    let skipped: Vec<&str> = rows(&report, "skipped").iter().filter_map(Value::as_str).collect();
+    for part in ["slowness, outages, many users", "watch fan-out"] {
+        assert!(
+            skipped.contains(&format!("{part}: not run (--only)").as_str()),
+            "{part} among the skipped: {skipped:?}"
+        );
+    }
+    assert!(!skipped.iter().any(|line| line.starts_with("unary")), "{skipped:?}");
+    assert!(!rows(&report, "unary").is_empty(), "the part asked for ran");
+    assert!(rows(&report, "fanout").is_empty() && rows(&report, "slowness").is_empty());
+}
