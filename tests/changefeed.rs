@@ -25,6 +25,7 @@ conformance!(
     idle_streams_carry_progress_past_filtered_changes,
     an_idle_stream_gets_progress_every_interval,
     a_slow_watcher_is_dropped_without_slowing_writers_or_others,
+    a_stalled_watcher_whose_change_the_ticks_overwrote_is_dropped_not_told_progress,
     id_filters_apply_to_snapshot_and_live,
     scope_filters_apply_to_snapshot_live_and_deletions,
     scoped_resume_replays_only_the_scope,
@@ -652,6 +653,60 @@ async fn a_slow_watcher_is_dropped_without_slowing_writers_or_others(db: TestDb)
     for expected in last + 1..=2 + writes {
         assert_eq!(change(&mut resumed).await.revision, expected);
     }
+}
+
+/// Progress ticks take places in the ring: on a quiet feed, a watcher that
+/// stops reading with one change unread can see it overwritten by ticks
+/// alone, with no later change left to show the hole. It must then be
+/// dropped with where to resume, never told progress past the change.
+async fn a_stalled_watcher_whose_change_the_ticks_overwrote_is_dropped_not_told_progress(db: TestDb) {
+    let buffer = 4;
+    let feed = open(
+        &db,
+        FeedOptions {
+            watcher_buffer: buffer,
+            progress_interval: Duration::from_millis(50),
+            ..options()
+        },
+    )
+    .await;
+    let mut stalled = feed.watch(-1, Vec::new());
+    let mut idle = feed.watch(-1, Vec::new());
+    for stream in [&mut stalled, &mut idle] {
+        assert!(matches!(frame(stream).await, Frame::Progress { .. }));
+    }
+    let before = put(&feed, "a", "1").await;
+    for stream in [&mut stalled, &mut idle] {
+        assert_eq!(change(stream).await.revision, before);
+    }
+    let unread = put(&feed, "a", "2").await;
+    assert_eq!(change(&mut idle).await.revision, unread);
+    // The idle stream, in the same group, counts the ticks: each is one of
+    // its progress frames (the first may be skipped, a change went just
+    // before it). Twice the buffer of them have overwritten the change.
+    let mut ticks = 0;
+    while ticks < 2 * buffer + 1 {
+        match frame(&mut idle).await {
+            Frame::Progress { .. } => ticks += 1,
+            other => panic!("only progress on a quiet feed, got {other:?}"),
+        }
+    }
+    let status = loop {
+        match next(&mut stalled).await {
+            Ok(Frame::Progress { revision }) => assert!(
+                revision < unread,
+                "progress at {revision} claims change {unread}, which this watcher never received"
+            ),
+            Ok(other) => panic!("the change was overwritten, yet the stream sent {other:?}"),
+            Err(status) => break status,
+        }
+    };
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert!(
+        status.message().contains(&format!("since_revision={before}")),
+        "{}",
+        status.message()
+    );
 }
 
 async fn id_filters_apply_to_snapshot_and_live(db: TestDb) {

@@ -198,7 +198,7 @@ pub struct ServeArgs {
     pub miss_timeout: Duration,
 
     /// How many changes a watcher may fall behind before its stream is
-    /// ended for it to resume.
+    /// ended for it to resume (a progress interval's tick counts as one).
     #[arg(long, env = "LIGHTBOX_WATCHER_BUFFER", default_value_t = 1024)]
     pub watcher_buffer: usize,
 

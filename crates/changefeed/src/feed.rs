@@ -23,8 +23,10 @@ use crate::{
 #[derive(Debug, Clone)]
 pub struct FeedOptions {
     /// How many changes a watcher may fall behind the live head before its
-    /// stream is ended (`RESOURCE_EXHAUSTED`) for it to resume. Shared ring:
-    /// memory does not grow with the number of watchers.
+    /// stream is ended (`RESOURCE_EXHAUSTED`) for it to resume (each
+    /// progress interval's tick takes a place too, so a watcher that reads
+    /// nothing at all is ended after this many intervals at most). Shared
+    /// ring: memory does not grow with the number of watchers.
     pub watcher_buffer: usize,
     /// An idle watch stream gets a progress frame this often.
     pub progress_interval: Duration,
@@ -107,7 +109,7 @@ impl StatePage {
 /// A named feed of entities of type `T` (a protobuf message) in a database.
 ///
 /// Cheap to clone. The feed's background tasks (the changelog tail, the
-/// PostgreSQL listener, retention) run while any clone, or any watch stream
+/// progress ticker, the PostgreSQL listener, retention) run while any clone, or any watch stream
 /// made from one, is alive, and stop when the last is dropped.
 pub struct Feed<T> {
     pub(crate) inner: Arc<Inner<T>>,
@@ -182,14 +184,10 @@ impl<T: Entity> Feed<T> {
             options,
         });
         let (hub, db, name, poll) = (&shared.hub, &shared.db, shared.name, shared.options.poll_interval);
-        let progress = shared.options.progress_interval;
-        let mut tasks = vec![tokio::spawn(hub::tail(
-            Arc::clone(hub),
-            db.clone(),
-            name,
-            poll,
-            progress,
-        ))];
+        let mut tasks = vec![
+            tokio::spawn(hub::tail(Arc::clone(hub), db.clone(), name, poll)),
+            tokio::spawn(hub::ticker(Arc::clone(hub), shared.options.progress_interval)),
+        ];
         if shared.db.backend() == Backend::Postgres {
             let (ready, listening) = tokio::sync::oneshot::channel();
             tasks.push(tokio::spawn(hub::listen(

@@ -28,7 +28,7 @@ use crate::{
     change::{Change, Entity},
     db::Db,
     log::{NOTIFY_CHANNEL, changes_since},
-    ring::{Ring, Subscription},
+    ring::{GROUP, Ring, Subscription},
 };
 
 /// The ring and the head of one feed in this process.
@@ -168,20 +168,30 @@ impl<T> Hub<T> {
     }
 }
 
+/// The feed's progress ticker: every `progress` interval, a tick into every
+/// group of the ring ([`Ring::tick`]). A task of its own, beside the tail:
+/// idle streams keep getting progress while the tail waits for the
+/// database, and a commit's fan-out never waits behind a tick's.
+pub(crate) async fn ticker<T>(hub: Arc<Hub<T>>, progress: Duration) {
+    let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + progress, progress);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        hub.ring.tick().await;
+    }
+}
+
 /// The tail: publishes every change after the last published one, from
 /// what this process's commits hand over or else from the changelog (see
-/// the module docs), then sleeps until woken (or `poll`), and repeats; every
-/// `progress` interval it sends the watchers a progress tick
-/// ([`Ring::tick`]). Runs for the life of the feed `name` in `db`.
-pub(crate) async fn tail<T: Entity>(hub: Arc<Hub<T>>, db: Db, name: &'static str, poll: Duration, progress: Duration) {
+/// the module docs), then sleeps until woken (or `poll`), and repeats. Runs
+/// for the life of the feed `name` in `db`.
+pub(crate) async fn tail<T: Entity>(hub: Arc<Hub<T>>, db: Db, name: &'static str, poll: Duration) {
     let mut cursor = hub.head();
     // The first round reads: commits may have landed since the head was read.
     let mut read = true;
     // The poll's deadline, kept across hand-overs: steady local commits do
     // not put it off.
     let mut next_poll = tokio::time::Instant::now();
-    let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + progress, progress);
-    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let (handed, overflowed) = hub.take_handed();
         read |= overflowed;
@@ -196,14 +206,15 @@ pub(crate) async fn tail<T: Entity>(hub: Arc<Hub<T>>, db: Db, name: &'static str
         read |= follows < fresh.len();
         if let Some(last) = fresh[..follows].last() {
             cursor = last.revision;
-            // The commit's own acknowledgement first, when the fan-out is
-            // larger than one group: what became ready with the commit (its
-            // response, its connection's write) runs before the first group
-            // is woken, so the writer does not wait for a group's worth of
-            // deliveries. A fan-out of one group goes at once: it costs the
-            // writer at most that group, and the watchers are spared the
-            // scheduler round (tens of microseconds) a yield costs them.
-            if hub.ring.groups() > 1 {
+            // The commit's own acknowledgement first, when there are more
+            // watchers than one group holds: what became ready with the
+            // commit (its response, its connection's write) runs before the
+            // first group is woken, so the writer does not wait for a
+            // group's worth of deliveries. A fan-out within one group goes
+            // at once: it costs the writer at most that group, and the
+            // watchers are spared the scheduler round (tens of
+            // microseconds) a yield costs them.
+            if hub.watchers.load(Ordering::Relaxed) > GROUP as i64 {
                 tokio::task::yield_now().await;
             }
             hub.ring.publish(&fresh[..follows]).await;
@@ -212,13 +223,10 @@ pub(crate) async fn tail<T: Entity>(hub: Arc<Hub<T>>, db: Db, name: &'static str
             cursor = read_changelog(&hub, &db, name, cursor).await;
             next_poll = tokio::time::Instant::now() + poll;
         }
-        read = loop {
-            tokio::select! {
-                _ = hub.handed_wake.notified() => break false,
-                _ = hub.wake.notified() => break true,
-                _ = tokio::time::sleep_until(next_poll) => break true,
-                _ = ticks.tick() => hub.ring.tick().await,
-            }
+        read = tokio::select! {
+            _ = hub.handed_wake.notified() => false,
+            _ = hub.wake.notified() => true,
+            _ = tokio::time::sleep_until(next_poll) => true,
         };
     }
 }

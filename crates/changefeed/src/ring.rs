@@ -18,9 +18,11 @@
 //! so one group's wake-ups never spill into the shared queue.
 //!
 //! The ring also carries the progress ticks: once per progress interval
-//! the tail sends a [`Item::Tick`] into every group (paced the same way),
-//! and a watcher that sent nothing since the previous one answers it with
-//! a progress frame. One timer per feed, not one per stream: an idle stream
+//! the feed's ticker sends a [`Item::Tick`] into every group (paced the
+//! same way), and a watcher that sent nothing since the previous one
+//! answers it with a progress frame. A tick takes a place in the ring like
+//! a change: a watcher that reads nothing for a whole ring of changes and
+//! ticks is ended for it to resume. One timer per feed, not one per stream: an idle stream
 //! costs no timer entry, and a busy one no timer to re-arm on every wait.
 //!
 //! Each group has its own head (the last revision sent into it), read with
@@ -156,11 +158,6 @@ impl<T> Ring<T> {
     /// How many changes a watcher may fall behind.
     pub(crate) fn capacity(&self) -> usize {
         self.capacity
-    }
-
-    /// How many groups the ring has (see the module docs).
-    pub(crate) fn groups(&self) -> usize {
-        read(&self.groups).len()
     }
 
     /// The ring's generation now.

@@ -379,7 +379,7 @@ impl<T: Entity> Watcher<T> {
         };
         match received {
             Ok(Item::Change(change)) => self.on_change(change),
-            Ok(Item::Tick) => Ok(self.on_tick()),
+            Ok(Item::Tick) => self.on_tick(),
             Err(broadcast::error::RecvError::Lagged(_)) => {
                 self.lagged = true;
                 Ok(None)
@@ -393,15 +393,8 @@ impl<T: Entity> Watcher<T> {
             return Ok(None); // already sent by the snapshot or replay
         }
         if change.revision != self.cursor + 1 {
-            let hub = &self.feed.inner.shared.hub;
             return Err(if self.lagged {
-                hub.slow_watchers_ended
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                Status::resource_exhausted(format!(
-                    "this watcher fell more than {} changes behind and was dropped; resume with since_revision={}",
-                    hub.capacity(),
-                    self.cursor
-                ))
+                self.fell_behind()
             } else {
                 // Cannot happen while revisions are gapless; never skip silently.
                 Status::unavailable(format!(
@@ -417,18 +410,45 @@ impl<T: Entity> Watcher<T> {
         Ok(self.wanted(&change).then_some(Frame::Change(change)))
     }
 
-    fn on_tick(&mut self) -> Option<Frame<T>> {
+    /// A progress tick: a progress frame if nothing was sent since the
+    /// previous one. `Ok(None)`: nothing to say (a busy stream, or a stale
+    /// tick).
+    fn on_tick(&mut self) -> Result<Option<Frame<T>>, Status> {
+        // More behind it (the watcher was busy, or reading a snapshot while
+        // ticks queued up): the last of them says where it is, once.
+        if !self.ring.is_empty() {
+            return Ok(None);
+        }
         if std::mem::take(&mut self.sent_since_tick) {
-            return None;
+            return Ok(None);
         }
         // Head first, then the ring: if the ring is empty, every change up to
-        // that head has been received.
+        // that head has been received...
         let hub = &self.feed.inner.shared.hub;
         let head = self.group.head();
         if self.ring.is_empty() && hub.generation() == self.generation {
+            if self.lagged && head > self.cursor {
+                // ...unless the ring overwrote some this watcher had not
+                // read: no later change is left to show the hole, so this
+                // tick must not claim them.
+                return Err(self.fell_behind());
+            }
             self.cursor = self.cursor.max(head);
         }
-        Some(Frame::Progress { revision: self.cursor })
+        Ok(Some(Frame::Progress { revision: self.cursor }))
+    }
+
+    /// The ring overwrote what this watcher had not read: its stream ends,
+    /// saying where to resume.
+    fn fell_behind(&self) -> Status {
+        let hub = &self.feed.inner.shared.hub;
+        hub.slow_watchers_ended
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Status::resource_exhausted(format!(
+            "this watcher fell a whole buffer ({} changes and progress ticks) behind and was dropped; resume with since_revision={}",
+            hub.capacity(),
+            self.cursor
+        ))
     }
 
     /// The ring was closed: shutdown, or the tail restarting after a hole.
