@@ -23,9 +23,9 @@ use crate::{
 #[derive(Debug, Clone)]
 pub struct FeedOptions {
     /// How many changes a watcher may fall behind the live head before its
-    /// stream is ended (`RESOURCE_EXHAUSTED`) for it to resume (each
-    /// progress interval's tick takes a place too, so a watcher that reads
-    /// nothing at all is ended after this many intervals at most). Shared
+    /// stream is ended (`RESOURCE_EXHAUSTED`, when it next reads) for it to
+    /// resume. A progress tick takes a place too: on a quiet feed, a change
+    /// left unread for this many progress intervals is overwritten. Shared
     /// ring: memory does not grow with the number of watchers.
     pub watcher_buffer: usize,
     /// An idle watch stream gets a progress frame this often.

@@ -18,11 +18,13 @@
 //! so one group's wake-ups never spill into the shared queue.
 //!
 //! The ring also carries the progress ticks: once per progress interval
-//! the feed's ticker sends a [`Item::Tick`] into every group (paced the
-//! same way), and a watcher that sent nothing since the previous one
-//! answers it with a progress frame. A tick takes a place in the ring like
-//! a change: a watcher that reads nothing for a whole ring of changes and
-//! ticks is ended for it to resume. One timer per feed, not one per stream: an idle stream
+//! the feed's ticker sends a numbered [`Item::Tick`] into every group
+//! (paced the same way), and a watcher that sent nothing since the previous
+//! one answers it with a progress frame; a tick with a newer one already
+//! sent behind it is stale and skipped (the newer one answers). A tick
+//! takes a place in the ring like a change: a change left unread for a
+//! whole ring of changes and ticks is overwritten, and its watcher is ended
+//! (when it next reads) for it to resume. One timer per feed, not one per stream: an idle stream
 //! costs no timer entry, and a busy one no timer to re-arm on every wait.
 //!
 //! Each group has its own head (the last revision sent into it), read with
@@ -47,8 +49,9 @@ pub(crate) const GROUP: usize = 256;
 pub(crate) enum Item<T> {
     /// The next change.
     Change(Arc<Change<T>>),
-    /// A progress interval has passed (see the module docs).
-    Tick,
+    /// A progress interval has passed: the tick's number (see the module
+    /// docs).
+    Tick(u64),
 }
 
 // Not derived: cloning an item clones an `Arc`, whatever `T` is.
@@ -56,7 +59,7 @@ impl<T> Clone for Item<T> {
     fn clone(&self) -> Item<T> {
         match self {
             Item::Change(change) => Item::Change(Arc::clone(change)),
-            Item::Tick => Item::Tick,
+            Item::Tick(number) => Item::Tick(*number),
         }
     }
 }
@@ -73,6 +76,8 @@ pub(crate) struct Ring<T> {
     /// Bumped each time the ring is replaced: a watcher whose ring was
     /// replaced must not claim progress from the new head.
     generation: AtomicU64,
+    /// The number of the last tick sent.
+    ticks: AtomicU64,
 }
 
 /// One group of watchers: a broadcast channel, and the last revision sent
@@ -81,8 +86,11 @@ pub(crate) struct Group<T> {
     /// Replaced (closing every receiver) when the ring restarts.
     sender: RwLock<broadcast::Sender<Item<T>>>,
     /// Stored after the send, under the sender's read lock: a watcher that
-    /// reads it and then finds its receiver empty has every change up to it.
+    /// reads it and then finds its receiver empty has every change up to it
+    /// (unless its receiver lagged: then some may have been overwritten).
     head: AtomicI64,
+    /// The number of the last tick sent into this group.
+    tick: AtomicU64,
 }
 
 /// A watcher's place in the ring.
@@ -110,7 +118,13 @@ impl<T> Group<T> {
         Group {
             sender: RwLock::new(broadcast::channel(capacity).0),
             head: AtomicI64::new(head),
+            tick: AtomicU64::new(0),
         }
+    }
+
+    /// The number of the last tick sent into this group.
+    pub(crate) fn last_tick(&self) -> u64 {
+        self.tick.load(Ordering::SeqCst)
     }
 
     /// The last revision sent into this group.
@@ -132,10 +146,13 @@ impl<T> Group<T> {
         sender.receiver_count() > 0
     }
 
-    /// Sends a progress tick; answers whether anyone was listening.
-    fn tick(&self) -> bool {
+    /// Sends tick `number`; answers whether anyone was listening.
+    fn tick(&self, number: u64) -> bool {
+        let sender = read(&self.sender);
         // An error only means nobody in this group is watching.
-        read(&self.sender).send(Item::Tick).is_ok()
+        let listened = sender.send(Item::Tick(number)).is_ok();
+        self.tick.store(number, Ordering::SeqCst);
+        listened
     }
 }
 
@@ -147,6 +164,7 @@ impl<T> Ring<T> {
             capacity,
             head: AtomicI64::new(head),
             generation: AtomicU64::new(0),
+            ticks: AtomicU64::new(0),
         }
     }
 
@@ -247,13 +265,14 @@ impl<T> Ring<T> {
     /// Sends a progress tick into every group, one group after the other,
     /// yielding between two groups that woke someone (as `publish` does).
     pub(crate) async fn tick(&self) {
+        let number = self.ticks.fetch_add(1, Ordering::SeqCst) + 1;
         let groups: Vec<Arc<Group<T>>> = read(&self.groups).clone();
         let mut woke = false;
         for group in groups {
             if woke {
                 tokio::task::yield_now().await;
             }
-            woke = group.tick();
+            woke = group.tick(number);
         }
     }
 
@@ -371,9 +390,15 @@ mod tests {
             "the second group has no tick yet"
         );
         while tick.as_mut().poll(&mut cx).is_pending() {}
+        let mut second = pin!(ring.tick());
+        while second.as_mut().poll(&mut cx).is_pending() {}
         for subscription in &mut subscriptions {
             assert_eq!(revision(subscription.receiver.try_recv()), Some(1));
-            assert!(matches!(subscription.receiver.try_recv(), Ok(Item::Tick)));
+            // Numbered, and each group knows the last: a watcher reading
+            // tick 1 sees that tick 2 is behind it (stale, skipped).
+            assert!(matches!(subscription.receiver.try_recv(), Ok(Item::Tick(1))));
+            assert_eq!(subscription.group.last_tick(), 2);
+            assert!(matches!(subscription.receiver.try_recv(), Ok(Item::Tick(2))));
             assert_eq!(subscription.receiver.try_recv().err(), Some(TryRecvError::Empty));
         }
     }

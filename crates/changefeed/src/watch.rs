@@ -206,9 +206,10 @@ struct Watcher<T> {
     /// carries the feed's ticks: a tick after which nothing was sent sends a
     /// progress frame).
     sent_since_tick: bool,
-    /// The ring overwrote changes this watcher had not read. Harmless if it
-    /// had them already (from its snapshot or replay); otherwise the next
-    /// change shows a hole and the stream ends for the client to resume.
+    /// The ring overwrote items this watcher had not read. Harmless if they
+    /// were ticks or changes it had already (from its snapshot or replay);
+    /// otherwise the next change, or the next tick, shows a hole and the
+    /// stream ends for the client to resume.
     lagged: bool,
 }
 
@@ -379,7 +380,7 @@ impl<T: Entity> Watcher<T> {
         };
         match received {
             Ok(Item::Change(change)) => self.on_change(change),
-            Ok(Item::Tick) => self.on_tick(),
+            Ok(Item::Tick(number)) => self.on_tick(number),
             Err(broadcast::error::RecvError::Lagged(_)) => {
                 self.lagged = true;
                 Ok(None)
@@ -410,13 +411,14 @@ impl<T: Entity> Watcher<T> {
         Ok(self.wanted(&change).then_some(Frame::Change(change)))
     }
 
-    /// A progress tick: a progress frame if nothing was sent since the
-    /// previous one. `Ok(None)`: nothing to say (a busy stream, or a stale
-    /// tick).
-    fn on_tick(&mut self) -> Result<Option<Frame<T>>, Status> {
-        // More behind it (the watcher was busy, or reading a snapshot while
-        // ticks queued up): the last of them says where it is, once.
-        if !self.ring.is_empty() {
+    /// Progress tick `number`: a progress frame if nothing was sent since
+    /// the previous one. `Ok(None)`: nothing to say (a busy stream, or a
+    /// stale tick).
+    fn on_tick(&mut self, number: u64) -> Result<Option<Frame<T>>, Status> {
+        // A newer tick is already on its way (the watcher was busy, or read
+        // a snapshot while ticks queued up): that one says where it is, so
+        // ticks queued together give one frame, not a burst.
+        if number < self.group.last_tick() {
             return Ok(None);
         }
         if std::mem::take(&mut self.sent_since_tick) {
