@@ -469,18 +469,30 @@ pub async fn customer(stack: &Stack, email: &str, quota: &str) -> (User, Contrac
         .await
         .map(|r| r.into_inner().contract.unwrap_or_default())
         .unwrap_or_else(|status| panic!("create contract: {status:?}"));
-    let user = users
-        .update_user(UpdateUserRequest {
-            user: Some(User {
-                contract_id: contract.id.clone(),
-                ..user
-            }),
-            update_mask: None,
-            expected_revision: 0,
-        })
-        .await
-        .map(|r| r.into_inner().user.unwrap_or_default())
-        .unwrap_or_else(|status| panic!("update user: {status:?}"));
+    // Users checks the contract with Contracts: right after Contracts
+    // restarted, Users may not have seen it healthy again yet and answers
+    // UNAVAILABLE, "retry", as it should. Retried as a client would, until
+    // the deadline (the same update each time: safe to repeat).
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    let user = loop {
+        let answer = users
+            .update_user(UpdateUserRequest {
+                user: Some(User {
+                    contract_id: contract.id.clone(),
+                    ..user.clone()
+                }),
+                update_mask: None,
+                expected_revision: 0,
+            })
+            .await;
+        match answer {
+            Ok(response) => break response.into_inner().user.unwrap_or_default(),
+            Err(status) if status.code() == tonic::Code::Unavailable && tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(status) => panic!("update user: {status:?}"),
+        }
+    };
     (user, contract)
 }
 
