@@ -6,7 +6,7 @@
 //! calling no upstream and answering with both upstreams down. With
 //! `LIGHTBOX_REQUIRE_ETCD=1` (CI) the etcd rows must be there.
 
-use std::process::Command;
+use std::{ffi::OsStr, process::Command};
 
 use serde_json::Value;
 
@@ -28,19 +28,26 @@ fn number(row: &Value, path: &[&str]) -> f64 {
         .unwrap_or_else(|| panic!("{path:?} is not a number in {row}"))
 }
 
-#[test]
-fn bench_quick_measures_every_part_and_draws_the_charts() {
-    let charts = tempfile::tempdir().unwrap_or_else(|err| panic!("a temporary directory: {err}"));
+/// Runs `lightbox bench --quick --json` with `args`; answers its report.
+fn bench_json(args: &[&OsStr]) -> Value {
     let output = Command::new(BIN)
-        .args(["bench", "--quick", "--json", "--plot"])
-        .arg(charts.path())
+        .args(["bench", "--quick", "--json"])
+        .args(args)
         .env("RUST_LOG", "error")
         .output()
         .unwrap_or_else(|err| panic!("run lightbox bench: {err}"));
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(output.status.success(), "lightbox bench --quick failed: {stderr}");
-    let report: Value =
-        serde_json::from_slice(&output.stdout).unwrap_or_else(|err| panic!("the report is not JSON ({err}): {stderr}"));
+    assert!(
+        output.status.success(),
+        "lightbox bench --quick {args:?} failed: {stderr}"
+    );
+    serde_json::from_slice(&output.stdout).unwrap_or_else(|err| panic!("the report is not JSON ({err}): {stderr}"))
+}
+
+#[test]
+fn bench_quick_measures_every_part_and_draws_the_charts() {
+    let charts = tempfile::tempdir().unwrap_or_else(|err| panic!("a temporary directory: {err}"));
+    let report = bench_json(&["--plot".as_ref(), charts.path().as_os_str()]);
     assert!(report["header"]["cores"].as_u64().is_some_and(|cores| cores >= 1));
     assert_eq!(report["header"]["quick"], Value::Bool(true));
     let etcd = !rows(&report, "skipped")
@@ -120,15 +127,7 @@ fn bench_quick_measures_every_part_and_draws_the_charts() {
 /// empty table is not read as a measurement of nothing.
 #[test]
 fn bench_only_names_the_parts_it_left_out() {
-    let output = Command::new(BIN)
-        .args(["bench", "--quick", "--json", "--no-etcd", "--only", "unary"])
-        .env("RUST_LOG", "error")
-        .output()
-        .unwrap_or_else(|err| panic!("run lightbox bench: {err}"));
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(output.status.success(), "lightbox bench --only unary failed: {stderr}");
-    let report: Value =
-        serde_json::from_slice(&output.stdout).unwrap_or_else(|err| panic!("the report is not JSON ({err}): {stderr}"));
+    let report = bench_json(&["--no-etcd", "--only", "unary"].map(OsStr::new));
     let skipped: Vec<&str> = rows(&report, "skipped").iter().filter_map(Value::as_str).collect();
     for part in ["slowness, outages, many users", "watch fan-out"] {
         assert!(
