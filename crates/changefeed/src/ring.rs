@@ -241,16 +241,7 @@ impl<T> Ring<T> {
         };
         loop {
             let groups: Vec<Arc<Group<T>>> = read(&self.groups).clone();
-            let mut woke = false;
-            for group in groups {
-                if group.head() >= last {
-                    continue;
-                }
-                if woke {
-                    tokio::task::yield_now().await;
-                }
-                woke = group.send(batch);
-            }
+            paced(groups, |group| group.head() < last, |group| group.send(batch)).await;
             // Every group has the batch, including any created meanwhile
             // (from the head before it): the feed's head moves, under the
             // list's lock so that no group is created in between.
@@ -267,13 +258,7 @@ impl<T> Ring<T> {
     pub(crate) async fn tick(&self) {
         let number = self.ticks.fetch_add(1, Ordering::SeqCst) + 1;
         let groups: Vec<Arc<Group<T>>> = read(&self.groups).clone();
-        let mut woke = false;
-        for group in groups {
-            if woke {
-                tokio::task::yield_now().await;
-            }
-            woke = group.tick(number);
-        }
+        paced(groups, |_| true, |group| group.tick(number)).await;
     }
 
     /// Closes every group's ring for every current watcher (they end and
@@ -284,6 +269,26 @@ impl<T> Ring<T> {
         for group in groups.iter() {
             *write(&group.sender) = broadcast::channel(self.capacity).0;
         }
+    }
+}
+
+/// Sends with `send` into each of `groups` that `wants` it, one after the
+/// other, yielding to the scheduler before the next group whenever a send
+/// woke someone (`send` answers whether it did; see the module docs).
+async fn paced<T>(
+    groups: Vec<Arc<Group<T>>>,
+    wants: impl Fn(&Group<T>) -> bool,
+    mut send: impl FnMut(&Group<T>) -> bool,
+) {
+    let mut woke = false;
+    for group in groups {
+        if !wants(&group) {
+            continue;
+        }
+        if woke {
+            tokio::task::yield_now().await;
+        }
+        woke = send(&group);
     }
 }
 
