@@ -107,8 +107,11 @@ fn bench_quick_measures_every_part_and_draws_the_charts() {
         let (watchers, writes) = (number(row, &["watchers"]), number(row, &["writes"]));
         assert_eq!(number(row, &["deliveries"]), watchers * writes, "{row}");
         assert!(number(row, &["writer", "p99_ms"]).is_finite(), "{row}");
+        assert!(number(row, &["writes_per_s"]) > 0.0, "{row}");
         if watchers > 0.0 {
             assert!(number(row, &["last", "p99_ms"]).is_finite(), "{row}");
+            // Compared with the writer alone at the same pace.
+            assert!(number(row, &["writer_vs_alone"]) > 0.0, "{row}");
         }
     }
 

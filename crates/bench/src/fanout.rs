@@ -84,6 +84,61 @@ impl Cell {
             deadline: Duration::from_secs(60),
         }
     }
+
+    /// Writes per second.
+    pub fn writes_per_s(&self) -> f64 {
+        1.0 / self.pace.as_secs_f64()
+    }
+}
+
+/// The cells for `watchers` stream counts, in that order, except that 0
+/// (the writer alone, the baseline of the writer's latency) becomes one
+/// cell per pace the other cells write at, each just before the first cell
+/// of its pace. A writer's latency depends on its pace as much as on the
+/// watchers: a core idle for 100 ms between two writes answers the next
+/// one about half a millisecond later than a core busy every 20 ms (its
+/// caches are cold, a virtual CPU may have been descheduled), so a writer
+/// among watchers is only compared with the writer alone at the same pace.
+pub fn cells(watchers: &[usize], min_writes: u64, min_deliveries: u64) -> Vec<Cell> {
+    let watched: Vec<Cell> = watchers
+        .iter()
+        .filter(|&&n| n > 0)
+        .map(|&n| Cell::new(n, min_writes, min_deliveries))
+        .collect();
+    let alone = |pace: Duration| Cell {
+        pace,
+        ..Cell::new(0, min_writes, min_deliveries)
+    };
+    if !watchers.contains(&0) {
+        return watched;
+    }
+    if watched.is_empty() {
+        return vec![Cell::new(0, min_writes, min_deliveries)];
+    }
+    let mut cells = Vec::with_capacity(watched.len() * 2);
+    for cell in watched {
+        if !cells.iter().any(|c: &Cell| c.watchers == 0 && c.pace == cell.pace) {
+            cells.push(alone(cell.pace));
+        }
+        cells.push(cell);
+    }
+    cells
+}
+
+/// Sets each watched row's [`FanoutRow::writer_vs_alone`]: its writer p99
+/// over the writer p99 of the same system alone at the same pace.
+pub fn compare_writers(rows: &mut [FanoutRow]) {
+    let alone: Vec<(String, f64, f64)> = rows
+        .iter()
+        .filter(|row| row.watchers == 0)
+        .map(|row| (row.system.clone(), row.writes_per_s, row.writer.p99_ms))
+        .collect();
+    for row in rows.iter_mut().filter(|row| row.watchers > 0) {
+        row.writer_vs_alone = alone
+            .iter()
+            .find(|(system, pace, _)| *system == row.system && *pace == row.writes_per_s)
+            .map(|(_, _, p99)| row.writer.p99_ms / p99);
+    }
 }
 
 /// Runs `cell` against `system`.
@@ -153,6 +208,7 @@ pub async fn measure(system: &impl WatchSystem, cell: Cell) -> Res<FanoutRow> {
         system: system.name().into(),
         watchers: cell.watchers,
         writes: cell.writes as usize,
+        writes_per_s: cell.writes_per_s(),
         deliveries,
         each: Latency::of(each),
         last: if cell.watchers > 0 {
@@ -169,6 +225,7 @@ pub async fn measure(system: &impl WatchSystem, cell: Cell) -> Res<FanoutRow> {
         memory_per_stream_kib,
         writer: Latency::of(writer),
         server_cpu_us_per_delivery: (deliveries > 0).then(|| cpu * 1e6 / deliveries as f64),
+        writer_vs_alone: None,
         runs_last_p99_ms: Vec::new(),
         runs_writer_p99_ms: Vec::new(),
     })
@@ -204,6 +261,7 @@ mod tests {
             system: "Lightbox".into(),
             watchers,
             writes: 1,
+            writes_per_s: 50.0,
             deliveries: watchers,
             each: Latency::of(vec![last_p99_ms]),
             last: Latency::of(vec![last_p99_ms]),
@@ -212,6 +270,7 @@ mod tests {
             memory_per_stream_kib: None,
             writer: Latency::of(vec![writer_p99_ms]),
             server_cpu_us_per_delivery: None,
+            writer_vs_alone: None,
             runs_last_p99_ms: Vec::new(),
             runs_writer_p99_ms: Vec::new(),
         }
@@ -233,5 +292,42 @@ mod tests {
         assert_eq!(alone.writer.p99_ms, 3.0);
         assert!(median_run(Vec::new()).is_none());
         Ok(())
+    }
+
+    #[test]
+    fn the_writer_alone_runs_at_every_pace_the_watched_cells_write_at() {
+        let shape = |cells: Vec<Cell>| -> Vec<(usize, u64)> {
+            cells.iter().map(|c| (c.watchers, c.pace.as_millis() as u64)).collect()
+        };
+        assert_eq!(
+            shape(cells(&[0, 1, 100, 1000, 10_000], 300, 1000)),
+            [(0, 20), (1, 20), (100, 20), (0, 100), (1000, 100), (10_000, 100)]
+        );
+        assert_eq!(shape(cells(&[1, 0, 100], 20, 100)), [(0, 20), (1, 20), (100, 20)]);
+        assert_eq!(shape(cells(&[0], 20, 100)), [(0, 20)]);
+        assert_eq!(shape(cells(&[10_000], 20, 100)), [(10_000, 100)]);
+        let alone = cells(&[0, 10_000], 300, 1000);
+        assert_eq!((alone[0].writes, alone[1].writes), (300, 300));
+    }
+
+    #[test]
+    fn a_writer_among_watchers_is_compared_with_the_writer_alone_at_its_pace() {
+        let at = |system: &str, watchers: usize, writes_per_s: f64, writer_p99_ms: f64| FanoutRow {
+            system: system.into(),
+            writes_per_s,
+            ..run(watchers, 1.0, writer_p99_ms)
+        };
+        let mut rows = vec![
+            at("Lightbox", 0, 50.0, 1.0),
+            at("etcd", 0, 50.0, 4.0),
+            at("Lightbox", 100, 50.0, 1.5),
+            at("etcd", 100, 50.0, 2.0),
+            at("Lightbox", 0, 10.0, 2.0),
+            at("Lightbox", 10_000, 10.0, 3.0),
+            at("etcd", 10_000, 10.0, 3.0),
+        ];
+        compare_writers(&mut rows);
+        let ratios: Vec<Option<f64>> = rows.iter().map(|r| r.writer_vs_alone).collect();
+        assert_eq!(ratios, [None, None, Some(1.5), Some(0.5), None, Some(1.5), None]);
     }
 }

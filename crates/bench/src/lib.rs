@@ -33,7 +33,7 @@ use std::{path::PathBuf, time::Duration};
 use clap::Args;
 
 use crate::{
-    fanout::{Cell, measure},
+    fanout::measure,
     harness::{machine_cores, machine_line, pin_self},
     report::{Header, Report},
 };
@@ -161,7 +161,7 @@ impl Plan {
             (
                 "watch fan-out".into(),
                 format!(
-                    "{} streams ({} per HTTP/2 connection), one watch per stream, at least {} writes and {} deliveries per cell, 50 writes/s below 1,000 streams and 10/s from there, latency from the write's acknowledgement; each cell run {} time(s), Lightbox and etcd in turn, the median run shown",
+                    "{} streams ({} per HTTP/2 connection), one watch per stream, at least {} writes and {} deliveries per cell, 50 writes/s below 1,000 streams and 10/s from there (the writer alone at each pace: its baseline), latency from the write's acknowledgement; each cell run {} time(s), Lightbox and etcd in turn, the median run shown",
                     list(&self.watchers),
                     fanout::PER_CONNECTION,
                     self.min_writes,
@@ -281,8 +281,8 @@ async fn measure_all(args: &BenchArgs) -> harness::Res<Report> {
     if runs(Part::Fanout) {
         eprintln!("lightbox bench: watch fan-out");
     }
-    for &watchers in plan.watchers.iter().filter(|_| runs(Part::Fanout)) {
-        let cell = Cell::new(watchers, plan.min_writes, plan.min_deliveries);
+    let cells = fanout::cells(&plan.watchers, plan.min_writes, plan.min_deliveries);
+    for &cell in cells.iter().filter(|_| runs(Part::Fanout)) {
         let (mut ours, mut theirs) = (Vec::new(), Vec::new());
         for _ in 0..plan.repeat {
             // A fresh server per run: the memory weighed is this run's.
@@ -300,5 +300,6 @@ async fn measure_all(args: &BenchArgs) -> harness::Res<Report> {
         report.fanout.extend(fanout::median_run(ours));
         report.fanout.extend(fanout::median_run(theirs));
     }
+    fanout::compare_writers(&mut report.fanout);
     Ok(report)
 }

@@ -269,6 +269,7 @@ mod tests {
             system: system.into(),
             watchers,
             writes: 10,
+            writes_per_s: 50.0,
             deliveries: 10 * watchers,
             each: latency(last_p99_ms / 2.0, last_p99_ms),
             last: latency(last_p99_ms / 2.0, last_p99_ms),
@@ -277,6 +278,7 @@ mod tests {
             memory_per_stream_kib,
             writer: latency(0.5, 1.0),
             server_cpu_us_per_delivery: None,
+            writer_vs_alone: None,
             runs_last_p99_ms: vec![last_p99_ms],
             runs_writer_p99_ms: vec![1.0],
         }

@@ -126,6 +126,8 @@ pub struct FanoutRow {
     pub watchers: usize,
     /// Writes made.
     pub writes: usize,
+    /// The writer's pace.
+    pub writes_per_s: f64,
     /// Changes received, every stream counted.
     pub deliveries: usize,
     /// Write acknowledged → each delivery.
@@ -144,6 +146,9 @@ pub struct FanoutRow {
     pub writer: Latency,
     /// Server CPU time per delivery, microseconds.
     pub server_cpu_us_per_delivery: Option<f64>,
+    /// The writer's p99 over the same system's writer p99 alone at the
+    /// same pace (`None` for the writer alone, or with no such row).
+    pub writer_vs_alone: Option<f64>,
     /// Each run's last-watcher p99 (this row is the median run), in the
     /// order run.
     pub runs_last_p99_ms: Vec<f64>,
@@ -187,9 +192,14 @@ pub struct Report {
     pub skipped: Vec<String>,
 }
 
+/// A latency in milliseconds, to three significant digits or so: under
+/// 0.1 ms in microseconds, where two decimals of a millisecond would show
+/// 14 µs and 5 µs alike.
 fn ms(value: f64) -> String {
     if value.is_nan() {
         "–".into()
+    } else if value > 0.0 && value < 0.1 {
+        format!("{:.0} µs", value * 1e3)
     } else if value < 10.0 {
         format!("{value:.2} ms")
     } else {
@@ -290,17 +300,21 @@ impl Report {
         let _ = writeln!(out, "\n## Watch fan-out: write acknowledged → watchers\n");
         let _ = writeln!(
             out,
-            "| system | watchers | writes | deliveries | each p50 / p99 / max | last watcher p50 / p99 / max | write sent → last watcher p99 | events/s | memory per stream | writer p50 / p99 | server CPU per delivery | runs: last watcher p99 / writer p99, min–max |"
+            "| system | watchers | writes | writes/s | deliveries | each p50 / p99 / max | last watcher p50 / p99 / max | write sent → last watcher p99 | events/s | memory per stream | writer p50 / p99 | writer p99 ÷ alone | server CPU per delivery | runs: last watcher p99 / writer p99, min–max |"
         );
-        let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+        let _ = writeln!(
+            out,
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        );
         for row in &self.fanout {
             let triple = |l: &Latency| format!("{} / {} / {}", ms(l.p50_ms), ms(l.p99_ms), ms(l.max_ms));
             let _ = writeln!(
                 out,
-                "| {} | {} | {} | {} | {} | {} | {} | {:.0} | {} | {} / {} | {} | {} |",
+                "| {} | {} | {} | {:.0} | {} | {} | {} | {} | {:.0} | {} | {} / {} | {} | {} | {} |",
                 row.system,
                 row.watchers,
                 row.writes,
+                row.writes_per_s,
                 row.deliveries,
                 triple(&row.each),
                 triple(&row.last),
@@ -309,6 +323,7 @@ impl Report {
                 optional(row.memory_per_stream_kib, "KiB"),
                 ms(row.writer.p50_ms),
                 ms(row.writer.p99_ms),
+                optional(row.writer_vs_alone, "×"),
                 optional(row.server_cpu_us_per_delivery, "µs"),
                 spread(row),
             );
@@ -342,6 +357,18 @@ mod tests {
         let latency = Latency::of(vec![5.0, 1.0, 3.0, 2.0, 4.0]);
         assert_eq!((latency.p50_ms, latency.max_ms), (3.0, 5.0));
         assert!(Latency::of(Vec::new()).p99_ms.is_nan());
+    }
+
+    #[test]
+    fn latencies_keep_their_digits_from_microseconds_up() {
+        let shown: Vec<String> = [f64::NAN, 0.0, 0.0142, 0.05, 0.1, 2.345, 44.64]
+            .into_iter()
+            .map(ms)
+            .collect();
+        assert_eq!(
+            shown,
+            ["–", "0.00 ms", "14 µs", "50 µs", "0.10 ms", "2.35 ms", "44.6 ms"]
+        );
     }
 
     #[test]
