@@ -80,13 +80,15 @@ mod ring;
 mod snapshot;
 pub mod view;
 pub mod watch;
+mod write;
 
 pub use change::{Change, ChangePage, Entity, Frame};
 pub use db::{Backend, Db, Migrations};
 pub use error::{FeedError, is_transient};
-pub use feed::{Feed, FeedOptions, FeedStats, WriteTx};
+pub use feed::{Feed, FeedOptions, FeedStats};
 pub use lease::{Lease, LeaseState, Term};
 pub use memory::{Published, Snapshot};
 pub use retention::Retention;
 pub use view::View;
 pub use watch::WatchFilter;
+pub use write::WriteTx;
