@@ -32,6 +32,7 @@ conformance!(
     scoped_resume_from_trimmed_history_gets_the_scope_delta_or_a_scoped_reset,
     pull_listing_follows_the_same_revisions_and_compaction_rule,
     closing_the_feed_ends_streams_with_the_resume_revision,
+    closing_the_database_stops_the_tail_instead_of_failing_each_poll,
     one_tail_serves_every_watcher,
     a_commit_here_reaches_watchers_without_reading_the_changelog,
     a_commit_handed_over_after_another_replicas_reads_the_gap,
@@ -1001,6 +1002,31 @@ async fn pull_listing_follows_the_same_revisions_and_compaction_rule(db: TestDb)
     }
     assert_eq!(listed, server_state(&feed).await.len());
     assert!(feed.list_changes(0, 3, "forged").await.is_err());
+}
+
+/// A process shutting down closes its database: the tail stops there,
+/// instead of failing (and logging an error) at every poll until the
+/// process exits.
+async fn closing_the_database_stops_the_tail_instead_of_failing_each_poll(db: TestDb) {
+    const POLL: Duration = Duration::from_millis(5);
+    let feed = open(
+        &db,
+        FeedOptions {
+            poll_interval: POLL,
+            ..options()
+        },
+    )
+    .await;
+    lightbox_testkit::eventually("the tail polling", || async {
+        (feed.stats().tail_reads >= 3).then_some(())
+    })
+    .await;
+    feed.db().close().await;
+    let before = feed.stats().tail_reads;
+    // Forty polls' worth: a tail still polling would read about forty times.
+    tokio::time::sleep(POLL * 40).await;
+    let reads = feed.stats().tail_reads - before;
+    assert!(reads <= 1, "{reads} changelog reads after the database was closed");
 }
 
 async fn closing_the_feed_ends_streams_with_the_resume_revision(db: TestDb) {

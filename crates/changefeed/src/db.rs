@@ -177,7 +177,13 @@ impl Db {
     }
 
     /// Closes every connection (waits for those in use to be returned).
+    /// The feeds' background tasks on this database then stop.
     pub async fn close(&self) {
         self.pool.close().await;
+    }
+
+    /// Whether [`Db::close`] was called.
+    pub fn is_closed(&self) -> bool {
+        self.pool.is_closed()
     }
 }

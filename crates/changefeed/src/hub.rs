@@ -220,7 +220,11 @@ pub(crate) async fn tail<T: Entity>(hub: Arc<Hub<T>>, db: Db, name: &'static str
             hub.ring.publish(&fresh[..follows]).await;
         }
         if read {
-            cursor = read_changelog(&hub, &db, name, cursor).await;
+            let Some(read) = read_changelog(&hub, &db, name, cursor).await else {
+                tracing::debug!(feed = name, cursor, "changefeed tail stops: its database was closed");
+                return;
+            };
+            cursor = read;
             next_poll = tokio::time::Instant::now() + poll;
         }
         read = tokio::select! {
@@ -232,8 +236,9 @@ pub(crate) async fn tail<T: Entity>(hub: Arc<Hub<T>>, db: Db, name: &'static str
 }
 
 /// Publishes every change in the changelog after `cursor`; answers the new
-/// cursor (the same on an error, logged: retried at the next read).
-async fn read_changelog<T: Entity>(hub: &Hub<T>, db: &Db, name: &'static str, mut cursor: i64) -> i64 {
+/// cursor (the same on an error, logged: retried at the next read), or
+/// `None` once the database was closed (the process is shutting down).
+async fn read_changelog<T: Entity>(hub: &Hub<T>, db: &Db, name: &'static str, mut cursor: i64) -> Option<i64> {
     loop {
         hub.tail_reads.fetch_add(1, Ordering::Relaxed);
         let batch = async {
@@ -243,10 +248,11 @@ async fn read_changelog<T: Entity>(hub: &Hub<T>, db: &Db, name: &'static str, mu
         .await;
         let changes = match batch {
             Ok(changes) => changes,
+            Err(_) if db.is_closed() => return None,
             Err(err) => {
                 // Loud, and retried at the next wake-up or poll: never skipped.
                 tracing::error!(feed = name, cursor, %err, "changefeed tail cannot read the changelog");
-                return cursor;
+                return Some(cursor);
             }
         };
         let full = changes.len() == 512;
@@ -276,7 +282,7 @@ async fn read_changelog<T: Entity>(hub: &Hub<T>, db: &Db, name: &'static str, mu
             rest = after;
         }
         if !full {
-            return cursor;
+            return Some(cursor);
         }
     }
 }

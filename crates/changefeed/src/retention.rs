@@ -52,6 +52,9 @@ pub(crate) async fn retain(db: Db, name: &'static str, retention: Retention, eve
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
+        if db.is_closed() {
+            return;
+        }
         let term = match Lease::try_acquire(&db, &lease, &holder, ttl).await {
             Ok(Some(term)) => term,
             // Another replica holds it.
