@@ -41,12 +41,24 @@ struct End {
     /// Why the endpoint is out, and the error behind it; `None` when a
     /// call ejected it already (saying why better than we could).
     reason: Option<(String, Option<Cause>)>,
+    /// The server ended the session on purpose (a stopping server ends its
+    /// health streams cleanly; a crash breaks them).
+    announced: bool,
 }
 
 impl End {
     fn failed(reason: String) -> End {
         End {
             reason: Some((reason, None)),
+            announced: false,
+        }
+    }
+
+    /// The server ended the health stream cleanly.
+    fn ended() -> End {
+        End {
+            reason: Some(("its health stream ended".to_owned(), None)),
+            announced: true,
         }
     }
 
@@ -55,11 +67,15 @@ impl End {
         let reason = format!("{what}: {}", status_line(&status));
         End {
             reason: Some((reason, Some(Arc::new(status)))),
+            announced: false,
         }
     }
 
     fn suspected() -> End {
-        End { reason: None }
+        End {
+            reason: None,
+            announced: false,
+        }
     }
 }
 
@@ -91,8 +107,10 @@ impl Watcher {
                 .admitted
                 .is_some_and(|(_, since)| since.elapsed() >= backoff.max);
             let suspected = end.reason.is_none();
-            if let Some((reason, cause)) = end.reason {
-                self.registry.eject(self.key, &reason, cause);
+            match end.reason {
+                Some((reason, _)) if end.announced => self.registry.step_out(self.key, &reason),
+                Some((reason, cause)) => self.registry.eject(self.key, &reason, cause),
+                None => {}
             }
             // An endpoint that was fine for a while starts over; one that
             // keeps failing waits longer each time, up to `backoff.max`.
@@ -143,7 +161,7 @@ impl Session<'_> {
         loop {
             match next {
                 Some(answer) => self.verdict(answer.status),
-                None => return End::failed("its health stream ended".to_owned()),
+                None => return End::ended(),
             }
             next = tokio::select! {
                 message = stream.message() => match message {
@@ -205,7 +223,7 @@ impl Session<'_> {
                 let name = other.map_or_else(|_| format!("status {status}"), |s| s.as_str_name().to_owned());
                 self.admitted = None;
                 let reason = format!("health says {name}");
-                self.watcher.registry.eject(self.watcher.key, &reason, None);
+                self.watcher.registry.step_out(self.watcher.key, &reason);
             }
         }
     }

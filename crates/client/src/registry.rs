@@ -19,6 +19,14 @@ use std::{
 use tokio::sync::{Notify, watch};
 use tonic::{Status, transport::Channel};
 
+/// Whether the endpoint itself said it is out (its health check), or
+/// something failed.
+#[derive(Debug, Clone, Copy)]
+enum Announced {
+    Yes,
+    No,
+}
+
 /// The error behind an ejection, kept as the source of the `UNAVAILABLE`
 /// of calls that find no replica (so `tonic::ConnectError` can be found).
 pub(crate) type Cause = Arc<dyn std::error::Error + Send + Sync + 'static>;
@@ -229,18 +237,35 @@ impl Registry {
     }
 
     /// Takes the endpoint out of the balancer (a first verdict, too), or
-    /// says the newest reason it is still out.
+    /// says the newest reason it is still out: something failed (a
+    /// warning).
     pub(crate) fn eject(&self, key: Key, reason: &str, cause: Option<Cause>) {
+        self.take_out(key, reason, cause, Announced::No);
+    }
+
+    /// Takes the endpoint out because its own health says it does not
+    /// serve: a replica draining for a restart says so on purpose, which is
+    /// news (info), not a failure.
+    pub(crate) fn step_out(&self, key: Key, reason: &str) {
+        self.take_out(key, reason, None, Announced::Yes);
+    }
+
+    fn take_out(&self, key: Key, reason: &str, cause: Option<Cause>, announced: Announced) {
         let mut state = self.lock();
         let Some(entry) = state.endpoints.get_mut(&key) else {
             return;
         };
-        match &entry.health {
-            Health::Ejected(old, _) if old == reason => return,
-            Health::Ejected(..) => {
+        match (&entry.health, announced) {
+            (Health::Ejected(old, _), _) if old == reason => return,
+            (Health::Ejected(..), _) => {
                 tracing::debug!(target = %self.label, endpoint = %entry.label, %reason, "replica still out")
             }
-            _ => tracing::warn!(target = %self.label, endpoint = %entry.label, %reason, "replica ejected"),
+            (_, Announced::Yes) => {
+                tracing::info!(target = %self.label, endpoint = %entry.label, %reason, "replica stepped out")
+            }
+            (_, Announced::No) => {
+                tracing::warn!(target = %self.label, endpoint = %entry.label, %reason, "replica ejected")
+            }
         }
         entry.health = Health::Ejected(reason.to_owned(), cause);
         self.publish(&state);

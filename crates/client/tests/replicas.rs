@@ -1,6 +1,6 @@
 //! Balancing over real replicas: spread, a replica dying under load, one
-//! turning NOT_SERVING and back, all of them down and one back, and a
-//! watch stream resuming on another replica.
+//! turning NOT_SERVING and back (news, not a warning), all of them down and
+//! one back, and a watch stream resuming on another replica.
 
 #![allow(clippy::unwrap_used)]
 
@@ -102,6 +102,84 @@ async fn a_replica_that_dies_is_ejected_and_only_calls_before_that_fail() {
         ejected - killed < Duration::from_secs(1),
         "ejection took {:?}",
         ejected - killed
+    );
+}
+
+/// Log lines written while it is the thread's subscriber (a test runtime's
+/// one thread: the balancer's tasks run there too).
+#[derive(Clone, Default)]
+struct Logs(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Logs {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Logs {
+    fn lines(&self) -> Vec<String> {
+        String::from_utf8_lossy(&self.0.lock().unwrap())
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    }
+}
+
+#[tokio::test]
+async fn a_replica_that_says_it_drains_is_news_and_one_that_dies_a_warning() {
+    let logs = Logs::default();
+    let writer = logs.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_ansi(false)
+        .with_max_level(tracing::Level::INFO)
+        .with_writer(move || writer.clone())
+        .finish();
+    let _logging = tracing::subscriber::set_default(subscriber);
+
+    let mut replicas = [Replica::start(), Replica::start(), Replica::start()];
+    let channel = connect(&Target::parse(&target(&replicas.each_ref())).unwrap(), options()).unwrap();
+    eventually("three healthy replicas", || healthy(&channel) == 3).await;
+    let (draining, dying) = (replicas[2].addr, replicas[1].addr);
+    replicas[2].set(ServingStatus::NotServing).await;
+    eventually("the NOT_SERVING replica out", || {
+        matches!(state_of(&channel, draining), Some(ReplicaState::Ejected { .. }))
+    })
+    .await;
+    replicas[1].kill();
+    eventually("the dead replica out", || {
+        matches!(state_of(&channel, dying), Some(ReplicaState::Ejected { .. }))
+    })
+    .await;
+
+    let lines = logs.lines();
+    let about = |addr: std::net::SocketAddr| {
+        let endpoint = format!("endpoint={addr}");
+        lines
+            .iter()
+            .filter(move |line| line.contains(&endpoint))
+            .collect::<Vec<_>>()
+    };
+    let drained = about(draining);
+    assert!(
+        drained
+            .iter()
+            .any(|l| l.contains(" INFO ") && l.contains("replica stepped out") && l.contains("NOT_SERVING")),
+        "{lines:#?}"
+    );
+    assert!(
+        !drained.iter().any(|l| l.contains(" WARN ")),
+        "a drain logged as a warning: {lines:#?}"
+    );
+    assert!(
+        about(dying)
+            .iter()
+            .any(|l| l.contains(" WARN ") && l.contains("replica ejected")),
+        "{lines:#?}"
     );
 }
 
