@@ -36,8 +36,9 @@
 //! | `grpc_server_msg_received_total` | `grpc_client_msg_received_total` | messages received |
 //! | `grpc_server_msg_sent_total` | `grpc_client_msg_sent_total` | messages sent |
 //!
-//! The histograms have go's default buckets (`0.005` to `10`) and three
-//! finer ones below them (`0.0005`, `0.001`, `0.0025`). Series appear on
+//! The histograms have go's default buckets (`0.005` to `10`) and five
+//! finer ones below them (`0.0001`, `0.00025`, `0.0005`, `0.001`,
+//! `0.0025`), so that calls answered from memory spread over buckets. Series appear on
 //! first use. Methods missing from the [`GrpcTypes`] table are counted as
 //! `unary`, each under its own name up to a bound (the path comes from the
 //! peer), past which under `unknown`.

@@ -145,6 +145,15 @@ async fn a_unary_call_moves_each_metric_by_one_on_both_sides() -> Result<(), Box
             1.0,
             "{side}:\n{after}"
         );
+        // The finest bucket is 100 µs, so that calls answered from memory
+        // do not all land in the first one.
+        let finest = format!("grpc_{side}_handling_seconds_bucket{{");
+        assert!(
+            after
+                .lines()
+                .any(|line| line.starts_with(&finest) && line.contains("le=\"0.0001\"")),
+            "{side}: no 100 µs bucket:\n{after}"
+        );
     }
     assert!(
         after.contains("# TYPE grpc_server_handling_seconds histogram\n"),
