@@ -37,8 +37,9 @@
 //!
 //! # Layout
 //!
-//! - [`auth`], [`routes`], `transcode`, [`json`], `codec`, [`error`]: the
-//!   request path above;
+//! - `unary`: the request path above, a function per step; [`auth`],
+//!   [`routes`], `transcode`, [`json`], `codec`, [`error`]: what its steps
+//!   use;
 //! - [`events`]: the SSE route; `join`, `fanout`, `phone`, `upstream`: what
 //!   feeds it;
 //! - [`openapi`]: the document.
@@ -55,6 +56,7 @@ pub mod openapi;
 mod phone;
 pub mod routes;
 mod transcode;
+mod unary;
 mod unique;
 mod upstream;
 
@@ -66,12 +68,11 @@ use axum::{
     response::{IntoResponse, Response},
     routing::get,
 };
-use http::{HeaderMap, HeaderValue, StatusCode, header};
 use lightbox_client::Balanced;
 use lightbox_server::Shutdown;
 use prost_reflect::{DescriptorPool, MethodDescriptor};
 use tokio::{net::TcpListener, sync::Semaphore};
-use tonic::{Code, metadata::MetadataValue};
+use tonic::Code;
 use tower_http::{
     classify::ServerErrorsFailureClass,
     request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer},
@@ -228,7 +229,7 @@ impl Gateway {
             .route("/openapi.json", get(serve_openapi))
             .route("/healthz", get(|| async { "ok\n" }))
             .route(events::PATH, get(events::handler))
-            .fallback(dispatch)
+            .fallback(unary::dispatch)
             .with_state(state)
             .layer(axum::middleware::from_fn_with_state(metrics, metrics::count))
             .layer(PropagateRequestIdLayer::x_request_id())
@@ -380,243 +381,11 @@ pub(crate) async fn ready(channel: Balanced, upstream: &str) -> Result<tonic::cl
     Ok(grpc)
 }
 
-/// Every route of the table: authenticate, match, authorize, transcode,
-/// call.
-async fn dispatch(State(gateway): State<Arc<Gateway>>, request: Request) -> Response {
-    // A request refused before its body was read (unauthenticated, too
-    // large, …) leaves that body on the connection: the answer closes it,
-    // so a client does not send its next request on a connection the
-    // server is about to drop.
-    let has_body = request.headers().contains_key(header::TRANSFER_ENCODING)
-        || request
-            .headers()
-            .get(header::CONTENT_LENGTH)
-            .is_some_and(|length| length.as_bytes() != b"0");
-    let mut route = None;
-    let mut response = match serve_route(&gateway, request, &mut route).await {
-        Ok(response) => response,
-        Err(error) => {
-            // Logged once, by `HttpError::into_response`.
-            let mut response = error.into_response();
-            if has_body {
-                response
-                    .headers_mut()
-                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
-            }
-            response
-        }
-    };
-    if let Some(route) = route {
-        response.extensions_mut().insert(metrics::RouteLabel(route));
-    }
-    response
-}
-
-/// Serves a request of the route table; `matched` is set to the route's
-/// template once one matches (for the metrics, even if it then fails).
-async fn serve_route(gateway: &Gateway, request: Request, matched: &mut Option<String>) -> Result<Response, HttpError> {
-    let _permit = gateway.requests.try_acquire().map_err(|_| {
-        HttpError::new(
-            Code::Unavailable,
-            format!(
-                "the gateway is serving its limit of {} requests; retry later",
-                gateway.options.max_concurrent_requests
-            ),
-        )
-        .with_header(header::RETRY_AFTER, HeaderValue::from_static("1"))
-    })?;
-    let (parts, body) = request.into_parts();
-    let path = parts.uri.path();
-    let not_found = || HttpError::new(Code::NotFound, format!("no route for {} {path}", parts.method));
-    if !path.starts_with("/v1/") {
-        return Err(not_found());
-    }
-    let subject = gateway.options.auth.authenticate(&parts.headers)?;
-
-    let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
-    let mut allowed = Vec::new();
-    let mut found = None;
-    for route in &gateway.routes {
-        if let Some(bound) = route.matches(&segments) {
-            if route.verb == parts.method {
-                found = Some((route, bound));
-                break;
-            }
-            allowed.push(route.verb.as_str());
-        }
-    }
-    if let Some((route, _)) = &found {
-        *matched = Some(route.template.clone());
-    }
-    let Some((route, mut bound)) = found else {
-        if allowed.is_empty() {
-            return Err(not_found());
-        }
-        let allow = HeaderValue::from_str(&allowed.join(", ")).unwrap_or(HeaderValue::from_static(""));
-        return Err(
-            HttpError::new(Code::Unimplemented, format!("{} is not allowed here", parts.method))
-                .with_status(StatusCode::METHOD_NOT_ALLOWED)
-                .with_header(header::ALLOW, allow),
-        );
-    };
-    for (field, value) in &mut bound {
-        if **field == route.owner {
-            *value = authorize(&subject, value)?;
-        }
-    }
-
-    let (limit, _upload) = match route.uploads {
-        false => (gateway.options.max_body_bytes, None),
-        true => {
-            let permit = gateway.uploads.try_acquire().map_err(|_| {
-                HttpError::new(
-                    Code::Unavailable,
-                    format!(
-                        "the gateway is reading its limit of {} uploads; retry later",
-                        gateway.options.max_concurrent_uploads
-                    ),
-                )
-                .with_header(header::RETRY_AFTER, HeaderValue::from_static("1"))
-            })?;
-            (gateway.options.max_upload_bytes, Some(permit))
-        }
-    };
-    let body = axum::body::to_bytes(body, limit).await.map_err(|e| {
-        let too_large = e.into_inner().is::<http_body_util::LengthLimitError>();
-        match too_large {
-            true => HttpError::invalid(format!(
-                "the request body is larger than the {limit} bytes accepted for {} {}",
-                route.verb, route.template
-            ))
-            .with_status(StatusCode::PAYLOAD_TOO_LARGE),
-            false => HttpError::invalid("the request body broke off before its end"),
-        }
-    })?;
-    if !body.is_empty() && !is_json(&parts.headers) {
-        return Err(
-            HttpError::invalid("the request body must be JSON (Content-Type: application/json)")
-                .with_status(StatusCode::UNSUPPORTED_MEDIA_TYPE),
-        );
-    }
-    let message = transcode::request_message(route, &bound, parts.uri.query(), &body)?;
-
-    let channel = gateway
-        .channel(&route.method)
-        .ok_or_else(|| HttpError::new(Code::Internal, "the route has no upstream"))?;
-    let mut call = tonic::Request::new(message);
-    call.set_timeout(gateway.options.request_timeout);
-    forward_context(&parts.headers, call.metadata_mut());
-    let codec = codec::DynamicCodec::new(route.method.output());
-    let timeout = gateway.options.request_timeout;
-    let answer = tokio::time::timeout(timeout, async {
-        let mut grpc = ready(channel, route.method.parent_service().name()).await?;
-        grpc.unary(call, route.grpc_path.clone(), codec).await
-    })
-    .await
-    .map_err(|_| deadline_exceeded(timeout))?
-    .map_err(|status| match status.code() {
-        // tonic's servers answer an expired `grpc-timeout` with CANCELLED
-        // ("Timeout expired") where gRPC says DEADLINE_EXCEEDED; the
-        // gateway cancels nothing else, so this is its deadline: 504.
-        Code::Cancelled => deadline_exceeded(timeout),
-        _ => HttpError::from(status),
-    })?
-    .into_inner();
-
-    let answer = match &route.response_body {
-        Some(field) => match answer.get_field(field).as_message() {
-            Some(part) => part.clone(),
-            None => {
-                return Err(HttpError::new(
-                    Code::Internal,
-                    "the response body field is not a message",
-                ));
-            }
-        },
-        None => answer,
-    };
-    if prost_reflect::ReflectMessage::descriptor(&answer).full_name() == HTTP_BODY {
-        return Ok(raw_body(&answer));
-    }
-    let json = json::to_json(&answer).map_err(|e| HttpError::new(Code::Internal, e))?;
-    Ok(Json(json).into_response())
-}
-
-/// The message a method answers to send raw bytes instead of JSON (an
-/// image), as grpc-gateway and Envoy's transcoder serve it.
-pub(crate) const HTTP_BODY: &str = "google.api.HttpBody";
-
-/// A `google.api.HttpBody` answer: its `data` as the body, with its
-/// `content_type` (`application/octet-stream` if unset or not a valid
-/// header value).
-fn raw_body(answer: &prost_reflect::DynamicMessage) -> Response {
-    let content_type = answer
-        .get_field_by_name("content_type")
-        .and_then(|v| v.as_str().and_then(|t| HeaderValue::from_str(t).ok()))
-        .filter(|t| !t.is_empty())
-        .unwrap_or(HeaderValue::from_static("application/octet-stream"));
-    let data = answer
-        .get_field_by_name("data")
-        .and_then(|v| v.as_bytes().cloned())
-        .unwrap_or_default();
-    ([(header::CONTENT_TYPE, content_type)], data).into_response()
-}
-
-fn deadline_exceeded(timeout: Duration) -> HttpError {
-    HttpError::new(Code::DeadlineExceeded, format!("no answer within {timeout:?}"))
-}
-
-fn is_json(headers: &HeaderMap) -> bool {
-    headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split(';').next())
-        .is_none_or(|media| {
-            let media = media.trim();
-            media.eq_ignore_ascii_case("application/json") || media.to_ascii_lowercase().ends_with("+json")
-        })
-}
-
-/// Passes the request id and the W3C trace context on to the gRPC call,
-/// starting a trace if the client did not.
-fn forward_context(headers: &HeaderMap, metadata: &mut tonic::metadata::MetadataMap) {
-    for name in ["x-request-id", "traceparent", "tracestate"] {
-        if let Some(value) = headers
-            .get(name)
-            .and_then(|v| MetadataValue::try_from(v.as_bytes()).ok())
-        {
-            metadata.insert(name, value);
-        }
-    }
-    if !metadata.contains_key("traceparent") {
-        let trace = uuid::Uuid::new_v4().simple().to_string();
-        let span = &uuid::Uuid::new_v4().simple().to_string()[..16];
-        if let Ok(value) = MetadataValue::try_from(format!("00-{trace}-{span}-01")) {
-            metadata.insert("traceparent", value);
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use http::StatusCode;
 
-    #[test]
-    fn an_http_body_answer_is_its_bytes_with_its_content_type() {
-        let pool = descriptors().expect("descriptors");
-        let desc = pool.get_message_by_name(HTTP_BODY).expect("HttpBody is described");
-        let mut body = prost_reflect::DynamicMessage::new(desc);
-        body.set_field_by_name("content_type", prost_reflect::Value::String("image/jpeg".into()));
-        body.set_field_by_name(
-            "data",
-            prost_reflect::Value::Bytes(prost::bytes::Bytes::from_static(b"\xff\xd8\xff")),
-        );
-        let response = raw_body(&body);
-        assert_eq!(response.headers()[header::CONTENT_TYPE], "image/jpeg");
-        body.clear_field_by_name("content_type");
-        let response = raw_body(&body);
-        assert_eq!(response.headers()[header::CONTENT_TYPE], "application/octet-stream");
-    }
+    use super::*;
 
     #[test]
     fn me_is_the_subject_and_others_are_refused() {
@@ -625,30 +394,6 @@ mod tests {
         assert_eq!(
             authorize("u1", "u2").expect_err("other").status(),
             StatusCode::FORBIDDEN
-        );
-    }
-
-    #[test]
-    fn the_trace_context_is_passed_on_or_started() {
-        let mut headers = HeaderMap::new();
-        headers.insert("x-request-id", HeaderValue::from_static("r-1"));
-        let mut metadata = tonic::metadata::MetadataMap::new();
-        forward_context(&headers, &mut metadata);
-        assert_eq!(metadata.get("x-request-id").and_then(|v| v.to_str().ok()), Some("r-1"));
-        let started = metadata
-            .get("traceparent")
-            .and_then(|v| v.to_str().ok())
-            .expect("a trace is started");
-        assert_eq!(started.len(), 55, "{started}");
-        headers.insert(
-            "traceparent",
-            HeaderValue::from_static("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"),
-        );
-        let mut metadata = tonic::metadata::MetadataMap::new();
-        forward_context(&headers, &mut metadata);
-        assert_eq!(
-            metadata.get("traceparent").and_then(|v| v.to_str().ok()),
-            Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01")
         );
     }
 }

@@ -143,7 +143,7 @@ fn operation(route: &Route, schemas: &mut Schemas) -> Value {
         None => method.output(),
     };
     // Raw bytes (an image), not JSON: described as such.
-    let content = match output.full_name() == crate::HTTP_BODY {
+    let content = match output.full_name() == crate::unary::HTTP_BODY {
         true => Some(json!({ "*/*": { "schema": { "type": "string", "format": "binary" } } })),
         false => body(schemas.reference(&output), false)["content"]
             .as_object()

@@ -25,6 +25,10 @@ pub enum Segment {
     Variable(FieldPath),
 }
 
+/// A matched path's variables: each field and its percent-decoded value,
+/// in template order.
+pub type Bindings<'a> = Vec<(&'a FieldPath, String)>;
+
 /// A dotted path to a request field, such as `photo.user_id`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FieldPath {
@@ -177,7 +181,7 @@ impl Route {
 
     /// Matches a request path (already split into raw segments) and returns
     /// the variables' percent-decoded values, in template order.
-    pub fn matches<'a>(&'a self, path: &[&str]) -> Option<Vec<(&'a FieldPath, String)>> {
+    pub fn matches<'a>(&'a self, path: &[&str]) -> Option<Bindings<'a>> {
         if path.len() != self.segments.len() {
             return None;
         }
