@@ -7,9 +7,10 @@
 //!   the startup code share).
 //! - [`config`]: the command line ([`Cli`]), flags and environment; the
 //!   servers' settings ([`ServeArgs`]).
-//! - [`targets`]: [`Settings`] and [`start`](targets::start), which brings
-//!   one component up on a bound listener and returns a [`Component`]
-//!   handle to stop it.
+//! - [`settings`]: [`Settings`], what the components start with, resolved
+//!   from the command line (or built by tests).
+//! - [`targets`]: [`start`](targets::start), which brings one component up
+//!   on a bound listener and returns a [`Component`] handle to stop it.
 //! - [`demo`]: the demo users, contracts and photos `lightbox dev` loads.
 //! - [`metrics`]: [`ProcessMetrics`], Lightbox's own metrics, one set per
 //!   process, which each component reports into as it starts.
@@ -18,7 +19,8 @@
 //!   errors, exit codes by failure kind.
 //! - `telemetry` (private): logs.
 //!
-//! Dependencies inside flow one way: `target` ← `config` ← `targets`;
+//! Dependencies inside flow one way: `target` ← `config` ← `settings` ←
+//! `targets`;
 //! `tools` needs none of them.
 //!
 //! [`run`] is what the `lightbox` binary calls; [`error_line`] and
@@ -27,6 +29,7 @@
 pub mod config;
 pub mod demo;
 pub mod metrics;
+pub mod settings;
 pub mod target;
 pub mod targets;
 mod telemetry;
@@ -40,8 +43,9 @@ use lightbox_server::{AdminCredential, AdminOptions, ProcessHealth, Shutdown};
 pub use config::{Cli, Command, ServeArgs};
 pub use lightbox_server::ServerOptions;
 pub use metrics::ProcessMetrics;
+pub use settings::Settings;
 pub use target::Target;
-pub use targets::{Component, Settings};
+pub use targets::Component;
 pub use telemetry::trace_filter;
 pub use tools::{error_line, exit_code};
 
