@@ -175,7 +175,7 @@ impl WatchSystem for Etcd {
 
 /// The unary peer cell: `clients` closed loops for `duration`, each a
 /// serializable `Range` of one key (put first), over
-/// [`UNARY_CONNECTIONS`] connections.
+/// `UNARY_CONNECTIONS` connections.
 pub async fn unary(etcd: &Etcd, clients: usize, duration: Duration) -> Res<UnaryRow> {
     put(etcd.writer.clone(), UNARY_KEY, UNARY_VALUE.to_vec())
         .await

@@ -54,7 +54,7 @@ pub struct Photos {
 
 impl Photos {
     /// Starts `lightbox dev` (on core 0 when pinning) and makes the
-    /// customer: a user, a contract, the link, [`PHOTOS`] photos; answers
+    /// customer: a user, a contract, the link, `PHOTOS` photos; answers
     /// once Photos' copies hold them.
     pub async fn start(pinned: bool) -> Res<Photos> {
         let server = Server::dev(
@@ -428,7 +428,7 @@ pub struct Minimal {
 }
 
 impl Minimal {
-    /// Starts it and connects [`CONNECTIONS`] channels.
+    /// Starts it and connects `CONNECTIONS` channels.
     pub async fn start(pinned: bool) -> Res<Minimal> {
         let server = Server::start(pinned, &["bench", "--serve-minimal"], None, &["minimal"]).await?;
         let mut channels = Vec::with_capacity(CONNECTIONS);
@@ -474,7 +474,7 @@ impl FaultService for Constant {
     }
 }
 
-/// `lightbox bench --serve-minimal`: serves [`Constant`] on a free loopback
+/// `lightbox bench --serve-minimal`: serves `Constant` on a free loopback
 /// port, after printing `  minimal  grpc://ADDR`, on the process's runtime
 /// (one tokio worker: [`Server::start`] sets `TOKIO_WORKER_THREADS=1`).
 pub async fn serve_minimal() -> Res<()> {

@@ -13,7 +13,7 @@
 //! 4. checks that the route's user (`/v1/users/{user_id}/…`, where `me`
 //!    stands for the signed-in user) is the token's subject (403);
 //! 5. reads the body within the size limit and builds the request message
-//!    from body, path and query ([`transcode`]; 400 naming the field);
+//!    from body, path and query (`transcode`; 400 naming the field);
 //! 6. calls the method over gRPC with a deadline, passing on the request id
 //!    and the W3C trace context;
 //! 7. answers the response in the proto3 JSON mapping ([`json`]), or the

@@ -1,6 +1,6 @@
 //! A Server-Sent Events client for the gateway's events stream, as the
 //! tests read it: events parsed (name, id, JSON data), heartbeat comments
-//! counted, every wait bounded by [`DEADLINE`](crate::DEADLINE).
+//! counted, every wait bounded by [`DEADLINE`].
 
 use reqwest::{Client, StatusCode};
 use serde_json::Value;
