@@ -20,9 +20,10 @@ use serde::de::{self, DeserializeSeed, MapAccess, SeqAccess, Visitor};
 /// follows says what is wrong with it.
 pub(crate) fn check(desc: &MessageDescriptor, bytes: &[u8], prefix: &str) -> Result<(), String> {
     let mut deserializer = serde_json::Deserializer::from_slice(bytes);
+    let root = At::Root(prefix);
     match (Unique {
         message: Some(desc.clone()),
-        path: prefix.to_owned(),
+        at: &root,
     })
     .deserialize(&mut deserializer)
     {
@@ -32,21 +33,36 @@ pub(crate) fn check(desc: &MessageDescriptor, bytes: &[u8], prefix: &str) -> Res
     }
 }
 
-/// One JSON value being walked: the message it stands for, if it is one,
-/// and where it is in the body (for the error).
-struct Unique {
-    message: Option<MessageDescriptor>,
-    path: String,
+/// Where a value is in the body: a chain of borrowed steps back to the
+/// root, spelled out (`photo.tags[2]`) only for an error. A path built for
+/// every value instead would copy a long key once per element under it:
+/// quadratic in the body, which a client controls.
+enum At<'a> {
+    /// The body itself, as the request field it fills (empty: the request).
+    Root(&'a str),
+    /// The value of a key of an object.
+    Key(&'a At<'a>, &'a str),
+    /// An element of a list.
+    Index(&'a At<'a>, usize),
 }
 
-impl Unique {
-    fn at(&self, key: &str) -> String {
-        if self.path.is_empty() {
-            key.to_owned()
-        } else {
-            format!("{}.{key}", self.path)
+impl fmt::Display for At<'_> {
+    // Recursive, as deep as the body nests: serde_json stops at 128 levels.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            At::Root(prefix) => f.write_str(prefix),
+            At::Key(At::Root(""), key) => f.write_str(key),
+            At::Key(parent, key) => write!(f, "{parent}.{key}"),
+            At::Index(parent, index) => write!(f, "{parent}[{index}]"),
         }
     }
+}
+
+/// One JSON value being walked: the message it stands for, if it is one,
+/// and where it is in the body (for the error).
+struct Unique<'a> {
+    message: Option<MessageDescriptor>,
+    at: &'a At<'a>,
 }
 
 /// What a value of `field` is walked as: a message's fields, or plain JSON.
@@ -57,7 +73,7 @@ fn message_of(field: &FieldDescriptor) -> Option<MessageDescriptor> {
     }
 }
 
-impl<'de> DeserializeSeed<'de> for Unique {
+impl<'de> DeserializeSeed<'de> for Unique<'_> {
     type Value = ();
 
     fn deserialize<D: de::Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
@@ -65,7 +81,7 @@ impl<'de> DeserializeSeed<'de> for Unique {
     }
 }
 
-impl<'de> Visitor<'de> for Unique {
+impl<'de> Visitor<'de> for Unique<'_> {
     type Value = ();
 
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -85,17 +101,18 @@ impl<'de> Visitor<'de> for Unique {
                 let what = match &field {
                     Some(field) if key != field.json_name() || key != field.name() => format!(
                         "`{}` is given twice (as `{}` and `{}` are one field); give it once",
-                        self.at(field.json_name()),
+                        At::Key(self.at, field.json_name()),
                         field.json_name(),
                         field.name()
                     ),
-                    _ => format!("`{}` is given twice; give it once", self.at(&key)),
+                    _ => format!("`{}` is given twice; give it once", At::Key(self.at, &key)),
                 };
                 return Err(de::Error::custom(what));
             }
+            let here = At::Key(self.at, field.as_ref().map_or(key.as_str(), FieldDescriptor::json_name));
             map.next_value_seed(Unique {
                 message: field.as_ref().and_then(message_of),
-                path: self.at(field.as_ref().map_or(key.as_str(), FieldDescriptor::json_name)),
+                at: &here,
             })?;
         }
         Ok(())
@@ -103,13 +120,15 @@ impl<'de> Visitor<'de> for Unique {
 
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
         let mut index = 0;
-        while seq
-            .next_element_seed(Unique {
+        loop {
+            let here = At::Index(self.at, index);
+            let element = Unique {
                 message: self.message.clone(),
-                path: format!("{}[{index}]", self.path),
-            })?
-            .is_some()
-        {
+                at: &here,
+            };
+            if seq.next_element_seed(element)?.is_none() {
+                break;
+            }
             index += 1;
         }
         Ok(())
@@ -172,6 +191,9 @@ mod tests {
             .and_then(|f| f.kind().as_message().cloned());
         let err = check(&photo.expect("Photo"), br#"{"title": "a", "title": "b"}"#, "photo").expect_err("twice");
         assert!(err.contains("`photo.title` is given twice"), "{err}");
+        // Inside lists and objects that are no field, named by position.
+        let err = twice(r#"{"photo": {}, "x": [{}, {"y": 1, "y": 2}]}"#).expect_err("nested twice");
+        assert!(err.contains("`x[1].y` is given twice"), "{err}");
         // Not JSON at all: left to the reader, which says what is wrong.
         assert!(twice("{not json").is_ok());
     }
