@@ -642,7 +642,7 @@ async fn a_cursor_older_than_the_kept_history_gets_a_reset_event_then_the_state(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn limits_answer_504_and_503_and_every_answer_carries_its_request_id() {
+async fn limits_answer_504_503_and_408_and_every_answer_carries_its_request_id() {
     let mut stack = Stack::start(TestDb::sqlite(), feed_options()).await;
     let (ada, _) = signed_up(&stack, "ada@example.com").await;
     // A gateway with tight limits, in front of a slow Photos.
@@ -741,6 +741,31 @@ async fn limits_answer_504_and_503_and_every_answer_carries_its_request_id() {
         "the first one still ran to its deadline"
     );
     photos.clear();
+
+    // A body that does not arrive within the deadline: 408, and the
+    // connection closed, so the trickling phone holds no slot.
+    let mut slow = tokio::net::TcpStream::connect(stack.addr(Target::Gateway))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let head = format!(
+        "POST /v1/users/me/photos HTTP/1.1\r\nhost: gateway\r\nauthorization: Bearer {}\r\n\
+         content-type: application/json\r\ncontent-length: 1000\r\n\r\n{{\"title\": \"",
+        phone.token
+    );
+    tokio::io::AsyncWriteExt::write_all(&mut slow, head.as_bytes())
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let mut answer = String::new();
+    tokio::time::timeout(
+        lightbox_testkit::DEADLINE,
+        tokio::io::AsyncReadExt::read_to_string(&mut slow, &mut answer),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("no answer to a stalled body, nor a closed connection"))
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.to_ascii_lowercase().contains("connection: close"), "{answer}");
+    assert!(answer.contains("did not arrive within 300ms"), "{answer}");
     stack.stop().await;
 }
 

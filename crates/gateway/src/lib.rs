@@ -89,7 +89,8 @@ use crate::routes::Route;
 pub struct GatewayOptions {
     /// How tokens are checked.
     pub auth: AuthConfig,
-    /// The deadline of one upstream call (and of the whole request).
+    /// The deadline of one upstream call, and of reading the request body
+    /// (a body that takes longer is answered 408).
     pub request_timeout: Duration,
     /// The largest request body accepted, in bytes (but for uploads).
     pub max_body_bytes: usize,

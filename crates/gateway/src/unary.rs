@@ -108,8 +108,9 @@ fn find_route<'g>(gateway: &'g Gateway, parts: &Parts) -> Result<(&'g Route, Bin
 }
 
 /// The request body, read within the route's size limit (413 past it) and
-/// checked to be JSON (415); for an upload route, with the upload slot it
-/// holds while in memory (503 when every slot is taken).
+/// the request's deadline (408 past it), and checked to be JSON (415); for
+/// an upload route, with the upload slot it holds while in memory (503 when
+/// every slot is taken).
 async fn read_body<'g>(
     gateway: &'g Gateway,
     route: &Route,
@@ -128,7 +129,19 @@ async fn read_body<'g>(
             (gateway.options.max_upload_bytes, Some(permit))
         }
     };
-    let body = axum::body::to_bytes(body, limit).await.map_err(|e| {
+    // A client trickling its body would hold its slots (the request's, an
+    // upload's) for as long as it likes: the read has the request's deadline.
+    let timeout = gateway.options.request_timeout;
+    let read = tokio::time::timeout(timeout, axum::body::to_bytes(body, limit))
+        .await
+        .map_err(|_| {
+            HttpError::new(
+                Code::DeadlineExceeded,
+                format!("the request body did not arrive within {timeout:?}; send it at once"),
+            )
+            .with_status(StatusCode::REQUEST_TIMEOUT)
+        })?;
+    let body = read.map_err(|e| {
         let too_large = e.into_inner().is::<http_body_util::LengthLimitError>();
         match too_large {
             true => HttpError::invalid(format!(
