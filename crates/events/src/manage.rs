@@ -16,6 +16,7 @@ use lightbox_api::{
 use crate::{
     EventsService,
     cloudevent::Mode,
+    policy::MIN_RATE,
     queue::Key,
     signing::Secret,
     source::{EntityKind, millis},
@@ -119,10 +120,13 @@ impl EventsService {
             Ok(_) => Mode::Binary,
             Err(_) => return Err(ApiError::InvalidArgument("subscription.content_mode is unknown".into())),
         };
-        if !given.rate_limit.is_finite() || given.rate_limit < 0.0 {
-            return Err(ApiError::InvalidArgument(
-                "subscription.rate_limit must be 0 or more".into(),
-            ));
+        if !given.rate_limit.is_finite()
+            || given.rate_limit < 0.0
+            || (given.rate_limit > 0.0 && given.rate_limit < MIN_RATE)
+        {
+            return Err(ApiError::InvalidArgument(format!(
+                "subscription.rate_limit must be 0 (the default) or at least {MIN_RATE} deliveries per second"
+            )));
         }
         let max_attempts = match given.max_attempts {
             0 => options.max_attempts,

@@ -77,6 +77,13 @@ impl Backoff {
     }
 }
 
+/// The lowest rate limit a subscription may set, deliveries per second
+/// (one every 1,000 s); 0 means the component's default.
+pub const MIN_RATE: f64 = 0.001;
+
+/// The longest a rate limiter asks a delivery to wait.
+const MAX_WAIT: Duration = Duration::from_secs(24 * 3600);
+
 /// A token bucket: `rate` deliveries per second, bursts of up to `rate`
 /// (at least one). Owned by one subscription's delivery task.
 #[derive(Debug)]
@@ -111,7 +118,12 @@ impl RateLimiter {
             self.tokens -= 1.0;
             return Ok(());
         }
-        Err(now + Duration::from_secs_f64((1.0 - self.tokens) / self.rate))
+        // Finite and at most a day for any rate: the API takes no rate
+        // below MIN_RATE, and this never panics on one that got here anyway.
+        let wait = Duration::try_from_secs_f64((1.0 - self.tokens) / self.rate)
+            .unwrap_or(MAX_WAIT)
+            .min(MAX_WAIT);
+        Err(now.checked_add(wait).unwrap_or(now))
     }
 }
 
@@ -180,5 +192,10 @@ mod tests {
         assert!(limiter.try_take(start + Duration::from_millis(500)).is_ok());
         let mut free = RateLimiter::new(0.0);
         assert!((0..1000).all(|_| free.try_take(start).is_ok()));
+        // A rate so small that its wait overflows a Duration: capped, no panic.
+        let mut tiny = RateLimiter::new(1e-300);
+        assert!(tiny.try_take(start).is_ok());
+        let next = tiny.try_take(start).expect_err("the burst is spent");
+        assert_eq!(next - start, MAX_WAIT);
     }
 }

@@ -62,7 +62,15 @@ async fn subscriptions_are_checked_listed_paused_resumed_rotated_and_deleted(tes
         sub.entity_types = vec![EntityType::Contract as i32];
         sub.entity_ids = vec!["not-a-uuid".into()];
     }
-    assert_eq!(refused(&service, bad).await, Code::InvalidArgument);
+    assert_eq!(refused(&service, bad.clone()).await, Code::InvalidArgument);
+    // A rate limit too small to wait for (or no number at all).
+    for rate in [1e-300, -1.0, f64::NAN] {
+        if let Some(sub) = bad.subscription.as_mut() {
+            sub.entity_ids = vec![];
+            sub.rate_limit = rate;
+        }
+        assert_eq!(refused(&service, bad.clone()).await, Code::InvalidArgument, "rate {rate}");
+    }
 
     // Two subscriptions, listed in pages.
     for id in ["alpha", "beta"] {
