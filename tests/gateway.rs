@@ -649,7 +649,8 @@ async fn limits_answer_504_503_and_408_and_every_answer_carries_its_request_id()
     stack.stop_component(Target::Gateway).await;
     stack.settings.gateway.request_timeout = Duration::from_millis(300);
     stack.settings.gateway.max_concurrent_requests = 1;
-    stack.settings.gateway.max_event_streams = 1;
+    stack.settings.gateway.max_event_streams = 2;
+    stack.settings.gateway.max_event_streams_per_user = 1;
     stack.start_component(Target::Gateway).await;
     let phone = Phone::new(&stack, &ada.id);
 
@@ -678,15 +679,44 @@ async fn limits_answer_504_503_and_408_and_every_answer_carries_its_request_id()
         "errors carry a request id too"
     );
 
-    // One event stream is the limit: a second is refused at once.
+    // One event stream per user: Ada's second is refused at once (429)...
     let events = phone.events(None).await;
     let (status, error) = phone.get("/v1/users/me/events").await;
-    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{error}");
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{error}");
     assert!(
-        error["message"].as_str().is_some_and(|m| m.contains("event streams")),
+        error["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("the most per user")),
         "{error}"
     );
+    // ... another user's is not; and two streams are the gateway's limit:
+    // a third user's is refused (503).
+    let (bob, _) = signed_up(&stack, "bob@example.com").await;
+    let bobs = Phone::new(&stack, &bob.id).events(None).await;
+    let (cy, _) = signed_up(&stack, "cy@example.com").await;
+    let (status, error) = Phone::new(&stack, &cy.id).get("/v1/users/me/events").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{error}");
+    assert!(
+        error["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("limit of 2 event streams")),
+        "{error}"
+    );
+    // A closed stream gives its user's slot back.
     drop(events);
+    drop(bobs);
+    let again = eventually("Ada's slot to be free again", || async {
+        let response = phone
+            .http
+            .get(format!("{}/v1/users/me/events", phone.base))
+            .bearer_auth(&phone.token)
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        (response.status() == StatusCode::OK).then_some(response)
+    })
+    .await;
+    drop(again);
 
     // Photos answers after a second: the 300 ms deadline answers 504.
     let photos = stack.faults(Target::Photos);

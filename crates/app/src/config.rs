@@ -289,6 +289,10 @@ pub struct ServeArgs {
     #[arg(long, env = "LIGHTBOX_GATEWAY_MAX_EVENT_STREAMS", default_value_t = 10_000)]
     pub gateway_max_event_streams: usize,
 
+    /// Event streams one user may keep open at once (one per device); more get 429.
+    #[arg(long, env = "LIGHTBOX_GATEWAY_MAX_EVENT_STREAMS_PER_USER", default_value_t = 8)]
+    pub gateway_max_event_streams_per_user: usize,
+
     /// How often an idle event stream gets a heartbeat comment.
     #[arg(long, env = "LIGHTBOX_GATEWAY_HEARTBEAT", value_parser = humantime::parse_duration, default_value = "15s")]
     pub gateway_heartbeat: Duration,

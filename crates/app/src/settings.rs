@@ -91,6 +91,7 @@ impl Settings {
                 max_concurrent_uploads: args.gateway_max_uploads,
                 max_concurrent_requests: args.gateway_max_requests,
                 max_event_streams: args.gateway_max_event_streams,
+                max_event_streams_per_user: args.gateway_max_event_streams_per_user,
                 heartbeat: args.gateway_heartbeat,
                 phone_queue: args.gateway_phone_queue,
                 // Three progress intervals without a word: the stream is dead.

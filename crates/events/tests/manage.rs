@@ -69,7 +69,11 @@ async fn subscriptions_are_checked_listed_paused_resumed_rotated_and_deleted(tes
             sub.entity_ids = vec![];
             sub.rate_limit = rate;
         }
-        assert_eq!(refused(&service, bad.clone()).await, Code::InvalidArgument, "rate {rate}");
+        assert_eq!(
+            refused(&service, bad.clone()).await,
+            Code::InvalidArgument,
+            "rate {rate}"
+        );
     }
 
     // Two subscriptions, listed in pages.

@@ -35,9 +35,10 @@
 //! - `upstream`: the three sources and their watch calls.
 
 use std::{
+    collections::HashMap,
     convert::Infallible,
     fmt,
-    sync::{Arc, atomic::Ordering},
+    sync::{Arc, Mutex, atomic::Ordering},
 };
 
 use axum::{
@@ -54,7 +55,7 @@ use crate::{
     error::HttpError,
     fanout::{Fan, Positions},
     join::CatchUp,
-    phone::{Inbox, Next, Phone},
+    phone::{Inbox, Next, Phone, lock},
     upstream::Source,
 };
 
@@ -98,6 +99,7 @@ struct Membership {
     fans: [Arc<Fan>; 3],
     phone: Arc<Phone>,
     _permit: OwnedSemaphorePermit,
+    _user_slot: UserSlot,
 }
 
 impl Drop for Membership {
@@ -184,6 +186,57 @@ mod catch_up {
     }
 }
 
+/// The events streams open per user, to cap each user's. Holds a user
+/// only while one of their streams is open: at most one entry per open
+/// stream, which the global limit bounds.
+pub(crate) struct PerUser {
+    limit: usize,
+    open: Mutex<HashMap<String, usize>>,
+}
+
+impl PerUser {
+    pub(crate) fn new(limit: usize) -> PerUser {
+        PerUser {
+            limit,
+            open: Mutex::new(HashMap::new()),
+        }
+    }
+}
+
+/// One of a user's streams, counted until dropped.
+struct UserSlot {
+    per_user: Arc<PerUser>,
+    user_id: String,
+}
+
+impl UserSlot {
+    /// A slot for `user_id`, unless they hold the most already.
+    fn take(per_user: &Arc<PerUser>, user_id: &str) -> Option<UserSlot> {
+        let mut open = lock(&per_user.open);
+        let count = open.entry(user_id.to_owned()).or_insert(0);
+        if *count >= per_user.limit {
+            return None;
+        }
+        *count += 1;
+        Some(UserSlot {
+            per_user: Arc::clone(per_user),
+            user_id: user_id.to_owned(),
+        })
+    }
+}
+
+impl Drop for UserSlot {
+    fn drop(&mut self) {
+        let mut open = lock(&self.per_user.open);
+        if let Some(count) = open.get_mut(&self.user_id) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                open.remove(&self.user_id);
+            }
+        }
+    }
+}
+
 /// The route of the events stream.
 pub const PATH: &str = "/v1/users/{user_id}/events";
 
@@ -213,6 +266,17 @@ pub(crate) async fn handler(
             ),
         )
     })?;
+    // One user cannot take every stream (nor open upstream catch-ups
+    // without end): a few devices each.
+    let user_slot = UserSlot::take(&gateway.streams_per_user, &user_id).ok_or_else(|| {
+        HttpError::new(
+            tonic::Code::ResourceExhausted,
+            format!(
+                "this user has {} event streams open, the most per user; close one (each device needs one)",
+                gateway.streams_per_user.limit
+            ),
+        )
+    })?;
 
     let fanout = &gateway.fanout;
     fanout.start();
@@ -237,6 +301,7 @@ pub(crate) async fn handler(
             fans,
             phone,
             _permit: permit,
+            _user_slot: user_slot,
         },
     };
     let shutdown = gateway.shutdown.clone();

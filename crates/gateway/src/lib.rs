@@ -104,6 +104,9 @@ pub struct GatewayOptions {
     pub max_concurrent_requests: usize,
     /// Event streams open at once; more get 503.
     pub max_event_streams: usize,
+    /// Event streams one user may hold open at once (one per device); more
+    /// get 429. At least 1.
+    pub max_event_streams_per_user: usize,
     /// The heartbeat comment interval of idle event streams.
     pub heartbeat: Duration,
     /// Updates queued for one event stream: a stream this far behind (the
@@ -132,6 +135,7 @@ impl GatewayOptions {
             max_concurrent_uploads: 16,
             max_concurrent_requests: 1024,
             max_event_streams: 10_000,
+            max_event_streams_per_user: 8,
             heartbeat: Duration::from_secs(15),
             phone_queue: 256,
             upstream_idle_timeout: Duration::from_secs(30),
@@ -159,6 +163,7 @@ pub struct Gateway {
     requests: Arc<Semaphore>,
     uploads: Arc<Semaphore>,
     streams: Arc<Semaphore>,
+    streams_per_user: Arc<events::PerUser>,
     /// The shared upstream watches and their phones; its followers stop at
     /// `shutdown`, or when the gateway is dropped.
     fanout: fanout::Fanout,
@@ -192,6 +197,9 @@ impl Gateway {
         if options.phone_queue == 0 {
             return Err("the event streams' queue (phone_queue) must hold at least 1 update".into());
         }
+        if options.max_event_streams_per_user == 0 {
+            return Err("max_event_streams_per_user must be at least 1".into());
+        }
         let watch = |source: upstream::Source| {
             let method =
                 find_method(&pool, source.method()).ok_or_else(|| format!("{} is not described", source.method()))?;
@@ -208,6 +216,7 @@ impl Gateway {
             requests: Arc::new(Semaphore::new(options.max_concurrent_requests)),
             uploads: Arc::new(Semaphore::new(options.max_concurrent_uploads)),
             streams: Arc::new(Semaphore::new(options.max_event_streams)),
+            streams_per_user: Arc::new(events::PerUser::new(options.max_event_streams_per_user)),
             fanout,
             options,
             routes,
