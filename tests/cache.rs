@@ -26,6 +26,7 @@ conformance!(
     compaction_answers_are_applied_by_themselves,
     the_guard_rail_holds_back_a_snapshot_that_deletes_most_of_the_copy,
     a_silent_stream_is_noticed_and_reconnected,
+    a_watch_that_never_opens_is_given_up_and_tried_again,
     a_held_batch_is_neither_applied_nor_skipped,
 );
 
@@ -341,7 +342,7 @@ async fn the_guard_rail_holds_back_a_snapshot_that_deletes_most_of_the_copy(db: 
     follower.abort();
 }
 
-/// A source whose streams never say anything.
+/// A source whose streams never say anything (counting the calls).
 struct Silent(Arc<AtomicUsize>);
 
 impl Source<User> for Silent {
@@ -352,6 +353,45 @@ impl Source<User> for Silent {
         self.0.fetch_add(1, Ordering::SeqCst);
         Box::pin(async { Ok(Box::pin(futures_util::stream::pending()) as WatchStream<User>) })
     }
+}
+
+/// A source whose watch calls never even open (an upstream that takes the
+/// call and sends no headers), counting the calls.
+struct NeverOpens(Arc<AtomicUsize>);
+
+impl Source<User> for NeverOpens {
+    fn watch(
+        &self,
+        _since: i64,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<WatchStream<User>, Status>> + Send>> {
+        self.0.fetch_add(1, Ordering::SeqCst);
+        Box::pin(futures_util::future::pending())
+    }
+}
+
+async fn a_watch_that_never_opens_is_given_up_and_tried_again(db: TestDb) {
+    let cache = open_cache(
+        &db,
+        CacheOptions {
+            idle_timeout: Duration::from_millis(200),
+            ..cache_options()
+        },
+    )
+    .await;
+    let calls = Arc::new(AtomicUsize::new(0));
+    let follower = tokio::spawn({
+        let (cache, calls) = (cache.clone(), calls.clone());
+        async move { cache.follow(NeverOpens(calls)).await }
+    });
+    eventually("the watch tried again after the idle timeout", || async {
+        (calls.load(Ordering::SeqCst) >= 3).then_some(())
+    })
+    .await;
+    assert!(
+        !cache.state().connected,
+        "a watch that never opened is not a connection"
+    );
+    follower.abort();
 }
 
 async fn a_silent_stream_is_noticed_and_reconnected(db: TestDb) {

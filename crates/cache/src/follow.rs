@@ -11,7 +11,8 @@ use crate::{Cache, Source, Stop};
 impl<T: Entity> Cache<T> {
     /// Follows `source` into the copy until the future is dropped: connect
     /// from the cursor, apply, reconnect with backoff when the stream fails,
-    /// ends or falls silent. Run it in its own task.
+    /// ends, falls silent or takes the idle timeout to open. Run it in its
+    /// own task.
     pub async fn follow(&self, source: impl Source<T>) {
         self.follow_with(&source, self.inner.options.idle_timeout).await;
     }
@@ -27,7 +28,16 @@ impl<T: Entity> Cache<T> {
                 self.inner.state.send_modify(|state| state.reconnects += 1);
             }
             let cursor = self.state().applied_revision;
-            match source.watch(cursor).await {
+            // Opening has the idle deadline too: an upstream that accepts
+            // the call and says nothing would hold the copy for ever.
+            let opened = tokio::time::timeout(idle, source.watch(cursor))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(tonic::Status::unavailable(format!(
+                        "the watch did not open within {idle:?}"
+                    )))
+                });
+            match opened {
                 Ok(stream) => {
                     self.set_connected(true);
                     let progressed = self.consume(stream, idle).await;

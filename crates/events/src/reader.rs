@@ -88,10 +88,18 @@ impl Reader {
             return Halt::Stop;
         };
         let mut stopped = self.stop.subscribe();
+        // Opening has the idle deadline too: a source that accepts the call
+        // and says nothing would hold the subscription for ever.
+        let idle = self.engine.options.idle_timeout;
         let opened = tokio::select! {
             _ = until_stopped(&mut stopped) => return Halt::Stop,
-            opened = opening => opened,
+            opened = tokio::time::timeout(idle, opening) => opened,
         };
+        let opened = opened.unwrap_or_else(|_| {
+            Err(tonic::Status::unavailable(format!(
+                "the watch did not open within {idle:?}"
+            )))
+        });
         match opened {
             Ok(stream) => self.consume(stream).await,
             Err(status) => {

@@ -340,7 +340,6 @@ pub(crate) struct Fanout {
     /// Where each fan is, shared with every events stream.
     positions: Arc<Positions>,
     upstreams: [Upstream; 3],
-    idle_timeout: Duration,
     shutdown: Shutdown,
     started: Once,
     followers: Mutex<Vec<JoinHandle<()>>>,
@@ -348,14 +347,14 @@ pub(crate) struct Fanout {
 
 impl Fanout {
     /// The fan-out over `upstreams` (in [`Source::ALL`] order). A shared
-    /// stream silent for `idle_timeout` is taken for dead and reopened.
-    pub(crate) fn new(upstreams: [Upstream; 3], idle_timeout: Duration, shutdown: Shutdown) -> Fanout {
+    /// stream silent for its upstream's idle timeout is taken for dead and
+    /// reopened.
+    pub(crate) fn new(upstreams: [Upstream; 3], shutdown: Shutdown) -> Fanout {
         let positions: Arc<Positions> = Arc::new([AtomicI64::new(-1), AtomicI64::new(-1), AtomicI64::new(-1)]);
         Fanout {
             fans: Source::ALL.map(|source| Arc::new(Fan::new(source, Arc::clone(&positions)))),
             positions,
             upstreams,
-            idle_timeout,
             shutdown,
             started: Once::new(),
             followers: Mutex::new(Vec::new()),
@@ -384,10 +383,9 @@ impl Fanout {
             let mut followers = lock(&self.followers);
             for (fan, upstream) in self.fans.iter().zip(&self.upstreams) {
                 let (fan, upstream, shutdown) = (Arc::clone(fan), upstream.clone(), self.shutdown.clone());
-                let idle = self.idle_timeout;
                 followers.push(tokio::spawn(async move {
                     tokio::select! {
-                        () = follow(fan, upstream, idle) => {}
+                        () = follow(fan, upstream) => {}
                         () = shutdown.wait() => {}
                     }
                 }));
@@ -411,7 +409,7 @@ enum Lost {
 }
 
 /// Follows one source for the gateway's life.
-async fn follow(fan: Arc<Fan>, upstream: Upstream, idle: Duration) {
+async fn follow(fan: Arc<Fan>, upstream: Upstream) {
     let mut delay = MIN_BACKOFF;
     loop {
         let since = match fan.position() {
@@ -421,7 +419,7 @@ async fn follow(fan: Arc<Fan>, upstream: Upstream, idle: Duration) {
             _ => FROM_NOW,
         };
         let mut connected = false;
-        match follow_once(&fan, &upstream, since, idle, &mut connected).await {
+        match follow_once(&fan, &upstream, since, &mut connected).await {
             Lost::Place(reason) => {
                 tracing::warn!(source = upstream.source().name(), %reason, "the shared upstream watch starts again from now");
                 fan.lost_place(&reason);
@@ -445,22 +443,19 @@ async fn follow(fan: Arc<Fan>, upstream: Upstream, idle: Duration) {
 }
 
 /// One shared watch call from `since`, until it is lost.
-async fn follow_once(fan: &Fan, upstream: &Upstream, since: i64, idle: Duration, connected: &mut bool) -> Lost {
+async fn follow_once(fan: &Fan, upstream: &Upstream, since: i64, connected: &mut bool) -> Lost {
     let name = upstream.source().name();
+    // Opening and each frame have the upstream's idle timeout (`Upstream`).
     let mut watch = match upstream.watch(since, None).await {
         Ok(watch) => watch,
         Err(status) => return Lost::Stream(status.message().to_owned()),
     };
-    let mut deadline = tokio::time::Instant::now() + idle;
     loop {
-        let next = tokio::time::timeout_at(deadline, watch.next()).await;
-        let frame = match next {
-            Err(_) => return Lost::Stream(format!("no word from the {name} watch for {idle:?}")),
-            Ok(Err(status)) => return Lost::Stream(status.message().to_owned()),
-            Ok(Ok(None)) => return Lost::Stream("the upstream ended the watch".to_owned()),
-            Ok(Ok(Some(frame))) => frame,
+        let frame = match watch.next().await {
+            Err(status) => return Lost::Stream(status.message().to_owned()),
+            Ok(None) => return Lost::Stream("the upstream ended the watch".to_owned()),
+            Ok(Some(frame)) => frame,
         };
-        deadline = tokio::time::Instant::now() + idle;
         if let Frame::Reset { .. } | Frame::SnapshotBegin | Frame::SnapshotEnd { .. } = frame {
             return Lost::Place(format!(
                 "the {name} upstream cannot resume the gateway's watch from revision {since}"

@@ -113,9 +113,10 @@ pub struct GatewayOptions {
     /// phone stopped reading) is ended, and the phone resumes with
     /// `Last-Event-ID`. At least 1.
     pub phone_queue: usize,
-    /// How long one of the gateway's shared upstream watches may stay
-    /// silent before it is taken for dead and reopened (from where it
-    /// was): a few of the upstreams' progress intervals.
+    /// How long one of the gateway's upstream watches (shared, or a phone's
+    /// catch-up) may take to open, or stay silent once open, before it is
+    /// taken for dead and reopened from where it was: a few of the
+    /// upstreams' progress intervals.
     pub upstream_idle_timeout: Duration,
     /// The process's metrics, where the gateway counts its requests
     /// (`lightbox_gateway_*`). Default: a registry of its own.
@@ -207,11 +208,11 @@ impl Gateway {
                 .get(method.parent_service().full_name())
                 .cloned()
                 .ok_or_else(|| format!("no upstream for {}", source.method()))?;
-            upstream::Upstream::new(source, method, channel)
+            upstream::Upstream::new(source, method, channel, options.upstream_idle_timeout)
         };
         let [users, contracts, photos] = upstream::Source::ALL;
         let upstreams = [watch(users)?, watch(contracts)?, watch(photos)?];
-        let fanout = fanout::Fanout::new(upstreams, options.upstream_idle_timeout, shutdown.clone());
+        let fanout = fanout::Fanout::new(upstreams, shutdown.clone());
         Ok(Gateway {
             requests: Arc::new(Semaphore::new(options.max_concurrent_requests)),
             uploads: Arc::new(Semaphore::new(options.max_concurrent_uploads)),

@@ -3,7 +3,7 @@
 //! unfiltered for the fan-out's shared stream), and its frames as the
 //! gateway reads them.
 
-use std::sync::Arc;
+use std::{sync::Arc, time::Duration};
 
 use http::uri::PathAndQuery;
 use lightbox_client::Balanced;
@@ -117,17 +117,28 @@ pub(crate) struct Upstream {
     method: MethodDescriptor,
     path: PathAndQuery,
     channel: Balanced,
+    /// How long a watch may take to open, or stay silent once open, before
+    /// it is taken for dead: an upstream that accepts the call and then says
+    /// nothing would otherwise hold its follower for ever.
+    idle: Duration,
 }
 
 impl Upstream {
-    /// The watch of `source`, described by `method`, on `channel`.
-    pub(crate) fn new(source: Source, method: MethodDescriptor, channel: Balanced) -> Result<Upstream, String> {
+    /// The watch of `source`, described by `method`, on `channel`; a watch
+    /// that takes `idle` to open or to say anything fails `UNAVAILABLE`.
+    pub(crate) fn new(
+        source: Source,
+        method: MethodDescriptor,
+        channel: Balanced,
+        idle: Duration,
+    ) -> Result<Upstream, String> {
         let path = crate::routes::grpc_path(&method)?;
         Ok(Upstream {
             source,
             method,
             path,
             channel,
+            idle,
         })
     }
 
@@ -147,18 +158,29 @@ impl Upstream {
         }
         let request = proto_json::from_json_value(self.method.input(), request, "")
             .map_err(|e| Status::internal(format!("the watch request does not build: {e}")))?;
-        let mut grpc = crate::ready(self.channel.clone(), self.source.name()).await?;
-        let stream = grpc
-            .server_streaming(
+        let open = async {
+            let mut grpc = crate::ready(self.channel.clone(), self.source.name()).await?;
+            grpc.server_streaming(
                 tonic::Request::new(request),
                 self.path.clone(),
                 DynamicCodec::new(self.method.output()),
             )
-            .await?
+            .await
+        };
+        let stream = tokio::time::timeout(self.idle, open)
+            .await
+            .map_err(|_| {
+                Status::unavailable(format!(
+                    "the {} watch did not open within {:?}",
+                    self.source.name(),
+                    self.idle
+                ))
+            })??
             .into_inner();
         Ok(Watch {
             source: self.source,
             stream,
+            idle: self.idle,
         })
     }
 }
@@ -167,15 +189,26 @@ impl Upstream {
 pub(crate) struct Watch {
     source: Source,
     stream: Streaming<DynamicMessage>,
+    idle: Duration,
 }
 
 impl Watch {
     /// The next frame; `None` once the upstream ended the watch. Frames
     /// of kinds this gateway does not know are skipped. Cancel-safe:
     /// nothing is lost if the future is dropped.
+    /// A watch silent for its `idle` fails `UNAVAILABLE` (the upstream
+    /// sends progress well within it).
     pub(crate) async fn next(&mut self) -> Result<Option<Frame>, Status> {
         loop {
-            let Some(frame) = self.stream.message().await? else {
+            let message = tokio::time::timeout(self.idle, self.stream.message()).await;
+            let message = message.map_err(|_| {
+                Status::unavailable(format!(
+                    "no word from the {} watch for {:?}",
+                    self.source.name(),
+                    self.idle
+                ))
+            })?;
+            let Some(frame) = message? else {
                 return Ok(None);
             };
             if let Some(frame) = self.read(&frame)? {
@@ -227,5 +260,47 @@ impl Watch {
         } else {
             return Ok(None);
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use lightbox_client::{ConnectOptions, HealthCheck, Target};
+    use tonic::Code;
+
+    use super::*;
+
+    /// An upstream that takes every call and never answers it: no headers,
+    /// as a peer stuck between accepting a call and serving it.
+    async fn mute_upstream() -> std::net::SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("a bound address");
+        let app = axum::Router::new().fallback(std::future::pending::<&'static str>);
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        addr
+    }
+
+    #[tokio::test]
+    async fn a_watch_that_never_opens_fails_unavailable_after_the_idle_timeout() {
+        let addr = mute_upstream().await;
+        let target = Target::parse(&format!("http://{addr}")).expect("a target");
+        let options = ConnectOptions {
+            health: HealthCheck::Off,
+            ..ConnectOptions::with_connect_timeout(Duration::from_secs(5))
+        };
+        let channel = lightbox_client::connect(&target, options).expect("a channel");
+        let pool = crate::descriptors().expect("descriptors");
+        let method = crate::find_method(&pool, Source::Users.method()).expect("WatchUsers is described");
+        let upstream = Upstream::new(Source::Users, method, channel, Duration::from_millis(200)).expect("an upstream");
+        let opened = tokio::time::timeout(Duration::from_secs(20), upstream.watch(0, None))
+            .await
+            .expect("the watch gave up by itself");
+        match opened {
+            Ok(_) => panic!("a mute upstream opened a watch"),
+            Err(status) => {
+                assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+                assert!(status.message().contains("did not open within 200ms"), "{status:?}");
+            }
+        }
     }
 }
