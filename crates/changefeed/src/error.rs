@@ -35,8 +35,11 @@ impl From<FeedError> for lightbox_api::ApiError {
             FeedError::InvalidRequest(message) => lightbox_api::ApiError::InvalidArgument(message),
             // A database that is down, restarting or out of connections is
             // an outage callers retry, not a bug: UNAVAILABLE (503), saying so.
+            // The cause goes to the log, not to the caller: it can name the
+            // database's host and say what the server replied.
             FeedError::Db(err) if is_transient(&err) => {
-                lightbox_api::ApiError::Unavailable(format!("the database is unreachable ({err}); retry in a moment"))
+                tracing::warn!(%err, "the database is unreachable; answering UNAVAILABLE");
+                lightbox_api::ApiError::Unavailable("the database is unreachable; retry in a moment".into())
             }
             other => lightbox_api::ApiError::internal(other),
         }

@@ -28,6 +28,9 @@ pub struct HttpError {
     status: Option<StatusCode>,
     /// Extra headers (`WWW-Authenticate`, `Allow`).
     headers: Vec<(header::HeaderName, HeaderValue)>,
+    /// What an upstream said of a failure on its side, logged but not told
+    /// the client: it can name the upstream's replicas and database.
+    detail: Option<String>,
 }
 
 impl HttpError {
@@ -38,6 +41,7 @@ impl HttpError {
             message: message.into(),
             status: None,
             headers: Vec::new(),
+            detail: None,
         }
     }
 
@@ -90,9 +94,29 @@ fn log_level(code: Code, status: StatusCode) -> Option<Level> {
     }
 }
 
+/// An upstream's status as the gateway answers it: the client's mistakes
+/// (4xx) with the upstream's words, which say what to fix; failures on the
+/// upstream's side (5xx) in the gateway's own words, the upstream's kept
+/// for the log (they name internal addresses, replicas, database errors).
 impl From<tonic::Status> for HttpError {
     fn from(status: tonic::Status) -> HttpError {
-        HttpError::new(status.code(), status.message())
+        let code = status.code();
+        let mut error = HttpError::new(code, status.message());
+        if error.status().is_server_error() {
+            error.message = server_side(code).to_owned();
+            error.detail = Some(status.message().to_owned());
+        }
+        error
+    }
+}
+
+/// What a client is told of a failure behind the gateway.
+fn server_side(code: Code) -> &'static str {
+    match code {
+        Code::Unavailable => "a service behind the gateway is unavailable; retry with backoff",
+        Code::DeadlineExceeded => "a service behind the gateway did not answer in time; retry",
+        Code::Unimplemented => "this is not implemented",
+        _ => "the request failed behind the gateway; the gateway's log has the cause under this request's x-request-id",
     }
 }
 
@@ -101,10 +125,12 @@ impl IntoResponse for HttpError {
         let status = self.status();
         match log_level(self.code, status) {
             Some(Level::ERROR) => {
-                tracing::error!(code = ?self.code, status = status.as_u16(), error = %self.message, "request failed");
+                let error = self.detail.as_deref().unwrap_or(&self.message);
+                tracing::error!(code = ?self.code, status = status.as_u16(), %error, "request failed");
             }
             Some(_) => {
-                tracing::warn!(code = ?self.code, status = status.as_u16(), error = %self.message, "request failed")
+                let error = self.detail.as_deref().unwrap_or(&self.message);
+                tracing::warn!(code = ?self.code, status = status.as_u16(), %error, "request failed")
             }
             None => {}
         }
@@ -140,5 +166,22 @@ mod tests {
         assert_eq!(level(HttpError::invalid("bad body")), None);
         let not_allowed = HttpError::new(Code::Unimplemented, "POST").with_status(StatusCode::METHOD_NOT_ALLOWED);
         assert_eq!(level(not_allowed), None);
+    }
+
+    #[test]
+    fn an_upstream_failure_is_told_in_general_words_and_a_client_mistake_as_the_upstream_said() {
+        let down = HttpError::from(tonic::Status::unavailable(
+            "no replica of users is healthy (10.0.3.7:50051: connection refused)",
+        ));
+        assert_eq!(down.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert!(!down.message.contains("10.0.3.7"), "{}", down.message);
+        assert!(down.message.contains("retry"), "{}", down.message);
+        assert_eq!(down.detail.as_deref().map(|d| d.contains("10.0.3.7")), Some(true));
+        let mistake = HttpError::from(tonic::Status::invalid_argument(
+            "photo.title is longer than 200 characters",
+        ));
+        assert_eq!(mistake.status(), StatusCode::BAD_REQUEST);
+        assert_eq!(mistake.message, "photo.title is longer than 200 characters");
+        assert_eq!(mistake.detail, None);
     }
 }

@@ -207,17 +207,12 @@ impl Fan {
         self.connections.send_modify(|n| *n += 1);
     }
 
-    /// The shared stream was lost.
-    fn lost(&self, message: &str) {
+    /// The shared stream was lost (the cause is logged by its follower).
+    fn lost(&self) {
         let mut index = lock(&self.index);
         index.live = false;
         if !std::mem::replace(&mut index.told_lost, true) {
-            let data = upstream::data(&json!({
-                "source": self.source.name(),
-                "connected": false,
-                "message": message,
-            }));
-            self.broadcast(&mut index, "upstream", data);
+            self.broadcast(&mut index, "upstream", upstream::lost(self.source));
         }
     }
 
@@ -430,7 +425,7 @@ async fn follow(fan: Arc<Fan>, upstream: Upstream) {
             }
             Lost::Stream(message) => {
                 tracing::warn!(source = upstream.source().name(), %message, "the shared upstream watch was lost; reconnecting");
-                fan.lost(&message);
+                fan.lost();
                 delay = if connected {
                     MIN_BACKOFF
                 } else {

@@ -76,14 +76,14 @@ impl CatchUp {
                     }
                     continue;
                 }
-                Err(status) => status.message().to_owned(),
+                Err(status) => status,
             };
             if self.connected != Some(false) {
                 self.connected = Some(false);
                 delay = MIN_BACKOFF;
-                let source = self.upstream.source().name();
-                let data = upstream::data(&json!({ "source": source, "connected": false, "message": lost }));
-                if !self.send(Some(("upstream", data))).await {
+                let source = self.upstream.source();
+                tracing::info!(source = source.name(), user_id = self.phone.user_id(), code = ?lost.code(), message = lost.message(), "a phone's catch-up watch was lost; reconnecting");
+                if !self.send(Some(("upstream", upstream::lost(source)))).await {
                     return;
                 }
             } else {

@@ -110,6 +110,16 @@ pub(crate) fn data(value: &Value) -> Arc<str> {
     Arc::from(value.to_string())
 }
 
+/// The `upstream` event telling phones that `source`'s watch was lost. In
+/// general words: the cause (logged) can name internal addresses.
+pub(crate) fn lost(source: Source) -> Arc<str> {
+    data(&json!({
+        "source": source.name(),
+        "connected": false,
+        "message": format!("the {} updates are interrupted; the gateway reconnects by itself", source.name()),
+    }))
+}
+
 /// How to call one source's watch.
 #[derive(Clone)]
 pub(crate) struct Upstream {
