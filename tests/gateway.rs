@@ -229,7 +229,10 @@ async fn a_phone_signs_in_lists_creates_and_follows_its_photos(db: TestDb) {
     // In the gateway's words: Photos' own names the replicas it tried.
     let message = error["message"].as_str().unwrap_or_default();
     assert!(message.contains("retry with backoff"), "{error}");
-    assert!(!message.contains("127.0.0.1"), "an internal address reached the phone: {error}");
+    assert!(
+        !message.contains("127.0.0.1"),
+        "an internal address reached the phone: {error}"
+    );
     drop(events);
     stack.stop().await;
 }

@@ -396,6 +396,12 @@ impl Endpoint {
             Code::Unavailable if status.message().contains("fault injection") => {
                 format!("`lightbox fault {subject} --clear` brings it back")
             }
+            // The balancer saw the service's health go NOT_SERVING: it is
+            // stopping, or `fault --down` took it down (which turns health
+            // too, so the fault's own message is never seen then).
+            Code::Unavailable if status.message().contains("NOT_SERVING") => format!(
+                "it says it is not serving: it is stopping, or it was taken down                  (`lightbox fault {subject}` says; `lightbox fault {subject} --clear` brings it back)"
+            ),
             Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled => {
                 format!("try again later (`lightbox fault {subject}` shows the faults injected into it)")
             }
@@ -531,6 +537,15 @@ mod tests {
         assert!(
             error_line(&down).ends_with("; `lightbox fault users --clear` brings it back"),
             "{down}"
+        );
+        // As the balancer says it once health has turned too.
+        let out = users.failed(Status::unavailable(
+            "no replica of users is healthy (127.0.0.1:1: health says NOT_SERVING); retry with backoff",
+        ));
+        assert_eq!(exit_code(&out), 7);
+        assert!(
+            error_line(&out).ends_with("it is stopping, or it was taken down (`lightbox fault users` says; `lightbox fault users --clear` brings it back)"),
+            "{out}"
         );
     }
 
