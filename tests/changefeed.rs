@@ -1027,6 +1027,21 @@ async fn closing_the_database_stops_the_tail_instead_of_failing_each_poll(db: Te
     tokio::time::sleep(POLL * 40).await;
     let reads = feed.stats().tail_reads - before;
     assert!(reads <= 1, "{reads} changelog reads after the database was closed");
+    // On PostgreSQL the listener's connection, outside the pool, goes too.
+    if db.backend() == lightbox_changefeed::Backend::Postgres {
+        use sqlx::Connection as _;
+        lightbox_testkit::eventually("no connection of the feed left open", || async {
+            let mut conn = sqlx::PgConnection::connect(db.url()).await.ok()?;
+            let others: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()",
+            )
+            .fetch_one(&mut conn)
+            .await
+            .ok()?;
+            (others == 0).then_some(())
+        })
+        .await;
+    }
 }
 
 async fn closing_the_feed_ends_streams_with_the_resume_revision(db: TestDb) {

@@ -176,8 +176,10 @@ impl Db {
             .map_err(|e| sqlx::Error::Io(std::io::Error::other(format!("the transaction's start failed: {e}"))))?
     }
 
-    /// Closes every connection (waits for those in use to be returned).
-    /// The feeds' background tasks on this database then stop.
+    /// Closes every connection of the pool (waits for those in use to be
+    /// returned). The feeds' tails, PostgreSQL listeners and retention on
+    /// this database then stop (their progress tickers, which use no
+    /// connection, run while the feed does).
     pub async fn close(&self) {
         self.pool.close().await;
     }

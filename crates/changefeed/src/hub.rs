@@ -184,7 +184,7 @@ pub(crate) async fn ticker<T>(hub: Arc<Hub<T>>, progress: Duration) {
 /// The tail: publishes every change after the last published one, from
 /// what this process's commits hand over or else from the changelog (see
 /// the module docs), then sleeps until woken (or `poll`), and repeats. Runs
-/// for the life of the feed `name` in `db`.
+/// for the life of the feed `name` in `db`, or until `db` is closed.
 pub(crate) async fn tail<T: Entity>(hub: Arc<Hub<T>>, db: Db, name: &'static str, poll: Duration) {
     let mut cursor = hub.head();
     // The first round reads: commits may have landed since the head was read.
@@ -299,16 +299,26 @@ pub(crate) async fn listen<T: Entity>(
 ) {
     let mut ready = Some(ready);
     loop {
+        if db.is_closed() {
+            return;
+        }
         let result: Result<(), sqlx::Error> = async {
             let mut listener = sqlx::postgres::PgListener::connect(db.url()).await?;
             listener.listen(NOTIFY_CHANNEL).await?;
             if let Some(ready) = ready.take() {
                 let _ = ready.send(());
             }
+            // Ends with the pool: its own connection would outlive it.
+            let closed = db.pool().close_event();
+            tokio::pin!(closed);
             loop {
-                let notification = listener.recv().await?;
-                if notification.payload() == name {
-                    hub.wake();
+                tokio::select! {
+                    () = &mut closed => return Ok(()),
+                    notification = listener.recv() => {
+                        if notification?.payload() == name {
+                            hub.wake();
+                        }
+                    }
                 }
             }
         }

@@ -219,11 +219,19 @@ impl Session<'_> {
     fn verdict(&mut self, status: i32) {
         match ServingStatus::try_from(status) {
             Ok(ServingStatus::Serving) => self.admit(),
+            // Said on purpose: the replica is draining or not ready yet.
+            Ok(ServingStatus::NotServing) => {
+                self.admitted = None;
+                let reason = "health says NOT_SERVING";
+                self.watcher.registry.step_out(self.watcher.key, reason);
+            }
+            // SERVICE_UNKNOWN (a health service name nobody serves: a
+            // configuration mistake), UNKNOWN, or no status at all.
             other => {
                 let name = other.map_or_else(|_| format!("status {status}"), |s| s.as_str_name().to_owned());
                 self.admitted = None;
                 let reason = format!("health says {name}");
-                self.watcher.registry.step_out(self.watcher.key, &reason);
+                self.watcher.registry.eject(self.watcher.key, &reason, None);
             }
         }
     }

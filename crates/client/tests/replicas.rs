@@ -131,7 +131,7 @@ impl Logs {
 }
 
 #[tokio::test]
-async fn a_replica_that_says_it_drains_is_news_and_one_that_dies_a_warning() {
+async fn a_replica_that_says_it_drains_is_news_and_one_that_dies_or_is_unknown_a_warning() {
     let logs = Logs::default();
     let writer = logs.clone();
     let subscriber = tracing_subscriber::fmt()
@@ -153,6 +153,14 @@ async fn a_replica_that_says_it_drains_is_news_and_one_that_dies_a_warning() {
     replicas[1].kill();
     eventually("the dead replica out", || {
         matches!(state_of(&channel, dying), Some(ReplicaState::Ejected { .. }))
+    })
+    .await;
+    // Any status but NOT_SERVING (UNKNOWN here; SERVICE_UNKNOWN from a
+    // server asked for a name it does not serve) is no drain.
+    let unknown = replicas[0].addr;
+    replicas[0].set(ServingStatus::Unknown).await;
+    eventually("the UNKNOWN replica out", || {
+        matches!(state_of(&channel, unknown), Some(ReplicaState::Ejected { .. }))
     })
     .await;
 
@@ -179,6 +187,12 @@ async fn a_replica_that_says_it_drains_is_news_and_one_that_dies_a_warning() {
         about(dying)
             .iter()
             .any(|l| l.contains(" WARN ") && l.contains("replica ejected")),
+        "{lines:#?}"
+    );
+    assert!(
+        about(unknown)
+            .iter()
+            .any(|l| l.contains(" WARN ") && l.contains("replica ejected") && l.contains("health says UNKNOWN")),
         "{lines:#?}"
     );
 }

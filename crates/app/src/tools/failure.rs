@@ -400,7 +400,8 @@ impl Endpoint {
             // stopping, or `fault --down` took it down (which turns health
             // too, so the fault's own message is never seen then).
             Code::Unavailable if status.message().contains("NOT_SERVING") => format!(
-                "it says it is not serving: it is stopping, or it was taken down                  (`lightbox fault {subject}` says; `lightbox fault {subject} --clear` brings it back)"
+                "it says it is not serving: it is stopping, or it was taken down \
+                 (`lightbox fault {subject}` says; `lightbox fault {subject} --clear` brings it back)"
             ),
             Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled => {
                 format!("try again later (`lightbox fault {subject}` shows the faults injected into it)")
