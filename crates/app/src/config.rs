@@ -262,7 +262,7 @@ pub struct ServeArgs {
     #[arg(long, env = "LIGHTBOX_JWT_AUDIENCE", default_value = lightbox_gateway::auth::DEFAULT_AUDIENCE)]
     pub jwt_audience: String,
 
-    /// The gateway's deadline for reading a request's body, and for its upstream call.
+    /// The gateway's deadline for a request's body to start (then at least 32 KiB/s), and for its upstream call.
     #[arg(long, env = "LIGHTBOX_GATEWAY_TIMEOUT", value_parser = humantime::parse_duration, default_value = "10s")]
     pub gateway_timeout: Duration,
 

@@ -45,6 +45,7 @@
 //! - [`openapi`]: the document.
 
 pub mod auth;
+mod body;
 mod codec;
 pub mod error;
 pub mod events;
@@ -89,8 +90,8 @@ use crate::routes::Route;
 pub struct GatewayOptions {
     /// How tokens are checked.
     pub auth: AuthConfig,
-    /// The deadline of one upstream call, and of reading the request body
-    /// (a body that takes longer is answered 408).
+    /// The deadline of one upstream call, and for a request body to start
+    /// (408 past it, or if it then comes slower than 32 KiB/s).
     pub request_timeout: Duration,
     /// The largest request body accepted, in bytes (but for uploads).
     pub max_body_bytes: usize,

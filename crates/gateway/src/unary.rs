@@ -15,7 +15,9 @@ use tokio::sync::SemaphorePermit;
 use tonic::{Code, metadata::MetadataValue};
 
 use crate::{
-    Gateway, HttpError, authorize, codec, json, metrics, ready,
+    Gateway, HttpError, authorize,
+    body::{self, BodyError},
+    codec, json, metrics, ready,
     routes::{Bindings, Route},
     transcode,
 };
@@ -108,7 +110,7 @@ fn find_route<'g>(gateway: &'g Gateway, parts: &Parts) -> Result<(&'g Route, Bin
 }
 
 /// The request body, read within the route's size limit (413 past it) and
-/// the request's deadline (408 past it), and checked to be JSON (415); for
+/// at a minimum rate (408 below it, see [`body`]), and checked to be JSON (415); for
 /// an upload route, with the upload slot it holds while in memory (503 when
 /// every slot is taken).
 async fn read_body<'g>(
@@ -130,27 +132,24 @@ async fn read_body<'g>(
         }
     };
     // A client trickling its body would hold its slots (the request's, an
-    // upload's) for as long as it likes: the read has the request's deadline.
+    // upload's) for as long as it likes: it must start within the request's
+    // deadline, and keep up a minimum rate after.
     let timeout = gateway.options.request_timeout;
-    let read = tokio::time::timeout(timeout, axum::body::to_bytes(body, limit))
-        .await
-        .map_err(|_| {
-            HttpError::new(
-                Code::DeadlineExceeded,
-                format!("the request body did not arrive within {timeout:?}; send it at once"),
-            )
-            .with_status(StatusCode::REQUEST_TIMEOUT)
-        })?;
-    let body = read.map_err(|e| {
-        let too_large = e.into_inner().is::<http_body_util::LengthLimitError>();
-        match too_large {
-            true => HttpError::invalid(format!(
-                "the request body is larger than the {limit} bytes accepted for {} {}",
-                route.verb, route.template
-            ))
-            .with_status(StatusCode::PAYLOAD_TOO_LARGE),
-            false => HttpError::invalid("the request body broke off before its end"),
-        }
+    let body = body::read(body, limit, timeout).await.map_err(|err| match err {
+        BodyError::TooLarge => HttpError::invalid(format!(
+            "the request body is larger than the {limit} bytes accepted for {} {}",
+            route.verb, route.template
+        ))
+        .with_status(StatusCode::PAYLOAD_TOO_LARGE),
+        BodyError::TooSlow => HttpError::new(
+            Code::DeadlineExceeded,
+            format!(
+                "the request body did not start within {timeout:?}, or then came slower than {} KiB/s; send it at once",
+                body::MIN_RATE / 1024.0
+            ),
+        )
+        .with_status(StatusCode::REQUEST_TIMEOUT),
+        BodyError::BrokeOff => HttpError::invalid("the request body broke off before its end"),
     })?;
     if !body.is_empty() && !is_json(headers) {
         return Err(
