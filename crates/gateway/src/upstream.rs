@@ -120,6 +120,10 @@ pub(crate) fn lost(source: Source) -> Arc<str> {
     }))
 }
 
+/// How many idle timeouts the first frame of a watch from 0 may take: a
+/// snapshot waits for its turn (see `lightbox_changefeed::FeedOptions::max_snapshots`).
+const SNAPSHOT_TURN_FACTOR: u32 = 8;
+
 /// How to call one source's watch.
 #[derive(Clone)]
 pub(crate) struct Upstream {
@@ -187,10 +191,18 @@ impl Upstream {
                 ))
             })??
             .into_inner();
+        // A watch from 0 starts with a snapshot, which may wait its turn
+        // behind others (a feed reads a few at once) with nothing sent
+        // meanwhile: its first frame gets longer than the silence rule.
+        let first = match since {
+            0 => self.idle.saturating_mul(SNAPSHOT_TURN_FACTOR),
+            _ => self.idle,
+        };
         Ok(Watch {
             source: self.source,
             stream,
             idle: self.idle,
+            wait: first,
         })
     }
 }
@@ -200,6 +212,9 @@ pub(crate) struct Watch {
     source: Source,
     stream: Streaming<DynamicMessage>,
     idle: Duration,
+    /// How long the next frame may take: longer for the first of a
+    /// snapshot, `idle` after.
+    wait: Duration,
 }
 
 impl Watch {
@@ -207,17 +222,16 @@ impl Watch {
     /// of kinds this gateway does not know are skipped. Cancel-safe:
     /// nothing is lost if the future is dropped.
     /// A watch silent for its `idle` fails `UNAVAILABLE` (the upstream
-    /// sends progress well within it).
+    /// sends progress well within it); the first frame of a snapshot may
+    /// take `SNAPSHOT_TURN_FACTOR` times that.
     pub(crate) async fn next(&mut self) -> Result<Option<Frame>, Status> {
         loop {
-            let message = tokio::time::timeout(self.idle, self.stream.message()).await;
+            let wait = self.wait;
+            let message = tokio::time::timeout(wait, self.stream.message()).await;
             let message = message.map_err(|_| {
-                Status::unavailable(format!(
-                    "no word from the {} watch for {:?}",
-                    self.source.name(),
-                    self.idle
-                ))
+                Status::unavailable(format!("no word from the {} watch for {wait:?}", self.source.name()))
             })?;
+            self.wait = self.idle;
             let Some(frame) = message? else {
                 return Ok(None);
             };
@@ -290,9 +304,23 @@ mod tests {
         addr
     }
 
-    #[tokio::test]
-    async fn a_watch_that_never_opens_fails_unavailable_after_the_idle_timeout() {
-        let addr = mute_upstream().await;
+    /// An upstream that opens every call (gRPC headers) and then sends
+    /// nothing.
+    async fn silent_upstream() -> std::net::SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("a bound address");
+        let app = axum::Router::new().fallback(|| async {
+            let nothing = futures_util::stream::pending::<Result<tonic::codegen::Bytes, std::io::Error>>();
+            (
+                [(http::header::CONTENT_TYPE, "application/grpc")],
+                axum::body::Body::from_stream(nothing),
+            )
+        });
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        addr
+    }
+
+    fn upstream_at(addr: std::net::SocketAddr, idle: Duration) -> Upstream {
         let target = Target::parse(&format!("http://{addr}")).expect("a target");
         let options = ConnectOptions {
             health: HealthCheck::Off,
@@ -301,7 +329,36 @@ mod tests {
         let channel = lightbox_client::connect(&target, options).expect("a channel");
         let pool = crate::descriptors().expect("descriptors");
         let method = crate::find_method(&pool, Source::Users.method()).expect("WatchUsers is described");
-        let upstream = Upstream::new(Source::Users, method, channel, Duration::from_millis(200)).expect("an upstream");
+        Upstream::new(Source::Users, method, channel, idle).expect("an upstream")
+    }
+
+    #[tokio::test]
+    async fn a_silent_watch_fails_after_the_idle_timeout_and_a_snapshot_waits_longer_for_its_turn() {
+        let upstream = upstream_at(silent_upstream().await, Duration::from_millis(100));
+        for (since, waited) in [(5, "100ms"), (0, "800ms")] {
+            let mut watch = match upstream.watch(since, None).await {
+                Ok(watch) => watch,
+                Err(status) => panic!("the silent upstream's watch did not open: {status:?}"),
+            };
+            let next = tokio::time::timeout(Duration::from_secs(20), watch.next())
+                .await
+                .expect("the watch gave up by itself");
+            match next {
+                Ok(frame) => panic!("a silent upstream sent {:?}", frame.is_some()),
+                Err(status) => {
+                    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+                    assert!(
+                        status.message().contains(&format!("for {waited}")),
+                        "since {since}: {status:?}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_watch_that_never_opens_fails_unavailable_after_the_idle_timeout() {
+        let upstream = upstream_at(mute_upstream().await, Duration::from_millis(200));
         let opened = tokio::time::timeout(Duration::from_secs(20), upstream.watch(0, None))
             .await
             .expect("the watch gave up by itself");
