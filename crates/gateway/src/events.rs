@@ -268,6 +268,8 @@ pub(crate) async fn handler(
     })?;
     // One user cannot take every stream (nor open upstream catch-ups
     // without end): a few devices each.
+    // A vanished device's stream ends within `UNACKED_TIMEOUT` and a
+    // heartbeat: Retry-After says when its slot will be back.
     let user_slot = UserSlot::take(&gateway.streams_per_user, &user_id).ok_or_else(|| {
         HttpError::new(
             tonic::Code::ResourceExhausted,
@@ -276,6 +278,7 @@ pub(crate) async fn handler(
                 gateway.streams_per_user.limit
             ),
         )
+        .with_header(http::header::RETRY_AFTER, http::HeaderValue::from_static("45"))
     })?;
 
     let fanout = &gateway.fanout;

@@ -330,6 +330,7 @@ pub async fn serve(
     drain: Duration,
     tls: Option<lightbox_tls::ServerTls>,
 ) -> std::io::Result<()> {
+    drop_dead_connections(&listener);
     let deadline = {
         let shutdown = shutdown.clone();
         async move {
@@ -358,6 +359,26 @@ pub async fn serve(
             Ok(())
         }
     }
+}
+
+/// How long data the gateway sent may stay unacknowledged before the
+/// kernel drops the connection. A phone that vanished (it changed network,
+/// went into a tunnel) acknowledges nothing: its events stream, whose
+/// heartbeats keep data in flight, then ends within about this plus one
+/// heartbeat, giving back its slots (the gateway's and its user's), instead
+/// of after the kernel's retransmissions give up (about 15 minutes).
+pub const UNACKED_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Sets [`UNACKED_TIMEOUT`] (`TCP_USER_TIMEOUT`) on `listener`: the
+/// connections it accepts inherit it. Where the system has no such option,
+/// dead connections last until its retransmissions give up.
+fn drop_dead_connections(listener: &TcpListener) {
+    #[cfg(any(target_os = "linux", target_os = "android", target_os = "fuchsia"))]
+    if let Err(err) = socket2::SockRef::from(listener).set_tcp_user_timeout(Some(UNACKED_TIMEOUT)) {
+        tracing::warn!(%err, "cannot set TCP_USER_TIMEOUT: a vanished phone's connection lasts until TCP gives up");
+    }
+    #[cfg(not(any(target_os = "linux", target_os = "android", target_os = "fuchsia")))]
+    let _ = listener;
 }
 
 async fn serve_openapi(State(gateway): State<Arc<Gateway>>) -> Response {
@@ -398,6 +419,20 @@ mod tests {
     use http::StatusCode;
 
     use super::*;
+
+    #[tokio::test]
+    #[cfg(target_os = "linux")]
+    async fn accepted_connections_inherit_the_unacked_timeout() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        drop_dead_connections(&listener);
+        let addr = listener.local_addr().expect("a bound address");
+        let _phone = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let (accepted, _) = listener.accept().await.expect("accept");
+        let timeout = socket2::SockRef::from(&accepted)
+            .tcp_user_timeout()
+            .expect("read the option");
+        assert_eq!(timeout, Some(UNACKED_TIMEOUT));
+    }
 
     #[test]
     fn me_is_the_subject_and_others_are_refused() {
