@@ -369,9 +369,16 @@ impl Source<User> for NeverOpens {
     }
 }
 
-async fn a_watch_that_never_opens_is_given_up_and_tried_again(db: TestDb) {
+/// Follows the source `make` builds around a call counter, with a short
+/// idle timeout, until it has been called three times: given up and tried
+/// again twice. Answers the cache, still following.
+async fn tried_again<S: Source<User> + Send + Sync + 'static>(
+    db: &TestDb,
+    make: fn(Arc<AtomicUsize>) -> S,
+    what: &str,
+) -> (Cache<User>, tokio::task::JoinHandle<()>) {
     let cache = open_cache(
-        &db,
+        db,
         CacheOptions {
             idle_timeout: Duration::from_millis(200),
             ..cache_options()
@@ -380,13 +387,15 @@ async fn a_watch_that_never_opens_is_given_up_and_tried_again(db: TestDb) {
     .await;
     let calls = Arc::new(AtomicUsize::new(0));
     let follower = tokio::spawn({
-        let (cache, calls) = (cache.clone(), calls.clone());
-        async move { cache.follow(NeverOpens(calls)).await }
+        let (cache, source) = (cache.clone(), make(calls.clone()));
+        async move { cache.follow(source).await }
     });
-    eventually("the watch tried again after the idle timeout", || async {
-        (calls.load(Ordering::SeqCst) >= 3).then_some(())
-    })
-    .await;
+    eventually(what, || async { (calls.load(Ordering::SeqCst) >= 3).then_some(()) }).await;
+    (cache, follower)
+}
+
+async fn a_watch_that_never_opens_is_given_up_and_tried_again(db: TestDb) {
+    let (cache, follower) = tried_again(&db, NeverOpens, "the watch tried again after the idle timeout").await;
     assert!(
         !cache.state().connected,
         "a watch that never opened is not a connection"
@@ -395,23 +404,7 @@ async fn a_watch_that_never_opens_is_given_up_and_tried_again(db: TestDb) {
 }
 
 async fn a_silent_stream_is_noticed_and_reconnected(db: TestDb) {
-    let cache = open_cache(
-        &db,
-        CacheOptions {
-            idle_timeout: Duration::from_millis(200),
-            ..cache_options()
-        },
-    )
-    .await;
-    let opened = Arc::new(AtomicUsize::new(0));
-    let follower = tokio::spawn({
-        let (cache, opened) = (cache.clone(), opened.clone());
-        async move { cache.follow(Silent(opened)).await }
-    });
-    eventually("a reconnection after the silence", || async {
-        (opened.load(Ordering::SeqCst) >= 3).then_some(())
-    })
-    .await;
+    let (_cache, follower) = tried_again(&db, Silent, "a reconnection after the silence").await;
     follower.abort();
 }
 

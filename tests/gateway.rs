@@ -99,6 +99,23 @@ impl Phone {
     }
 }
 
+/// A connection that starts a `CreatePhoto` upload of `length` bytes,
+/// sends its first few, and stops there.
+async fn slow_upload(stack: &Stack, phone: &Phone, length: usize) -> tokio::net::TcpStream {
+    let mut slow = tokio::net::TcpStream::connect(stack.addr(Target::Gateway))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let head = format!(
+        "POST /v1/users/me/photos HTTP/1.1\r\nhost: gateway\r\nauthorization: Bearer {}\r\n\
+         content-type: application/json\r\ncontent-length: {length}\r\n\r\n{{\"title\": \"",
+        phone.token
+    );
+    tokio::io::AsyncWriteExt::write_all(&mut slow, head.as_bytes())
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    slow
+}
+
 /// Status and JSON body of an answer.
 async fn answer(result: reqwest::Result<reqwest::Response>) -> (StatusCode, Value) {
     let response = result.unwrap_or_else(|err| panic!("the gateway did not answer: {err}"));
@@ -785,17 +802,7 @@ async fn limits_answer_504_503_and_408_and_every_answer_carries_its_request_id()
     // A body that stops coming (below the minimum rate once the deadline
     // has passed): 408, and the connection closed, so the trickling phone
     // holds no slot.
-    let mut slow = tokio::net::TcpStream::connect(stack.addr(Target::Gateway))
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    let head = format!(
-        "POST /v1/users/me/photos HTTP/1.1\r\nhost: gateway\r\nauthorization: Bearer {}\r\n\
-         content-type: application/json\r\ncontent-length: 1000\r\n\r\n{{\"title\": \"",
-        phone.token
-    );
-    tokio::io::AsyncWriteExt::write_all(&mut slow, head.as_bytes())
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+    let mut slow = slow_upload(&stack, &phone, 1000).await;
     let mut answer = String::new();
     tokio::time::timeout(
         lightbox_testkit::DEADLINE,
@@ -865,17 +872,7 @@ async fn uploads_have_their_own_body_limit_and_concurrency() {
 
     // One upload read at a time: a phone sending its body slowly holds the
     // only slot, and the next upload is refused at once with Retry-After.
-    let mut slow = tokio::net::TcpStream::connect(stack.addr(Target::Gateway))
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    let head = format!(
-        "POST /v1/users/me/photos HTTP/1.1\r\nhost: gateway\r\nauthorization: Bearer {}\r\n\
-         content-type: application/json\r\ncontent-length: 100000\r\n\r\n{{\"title\": \"",
-        phone.token
-    );
-    tokio::io::AsyncWriteExt::write_all(&mut slow, head.as_bytes())
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+    let slow = slow_upload(&stack, &phone, 100_000).await;
     let refused = eventually("the slow upload to hold the only slot", || async {
         let response = phone
             .http
