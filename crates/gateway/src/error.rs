@@ -110,10 +110,13 @@ impl From<tonic::Status> for HttpError {
     }
 }
 
+/// What a client is told of an upstream's `UNAVAILABLE`.
+pub const UPSTREAM_UNAVAILABLE: &str = "a service behind the gateway is unavailable; retry with backoff";
+
 /// What a client is told of a failure behind the gateway.
 fn server_side(code: Code) -> &'static str {
     match code {
-        Code::Unavailable => "a service behind the gateway is unavailable; retry with backoff",
+        Code::Unavailable => UPSTREAM_UNAVAILABLE,
         Code::DeadlineExceeded => "a service behind the gateway did not answer in time; retry",
         Code::Unimplemented => "this is not implemented",
         _ => "the request failed behind the gateway; the gateway's log has the cause under this request's x-request-id",
