@@ -1,5 +1,5 @@
 //! PostgreSQL restarted under load: every call that fails meanwhile answers
-//! `UNAVAILABLE` saying the database is unreachable (503 at the gateway),
+//! `UNAVAILABLE` saying the database is unreachable (503 at the gateway, in its words),
 //! never `INTERNAL`; Photos' cached reads, from memory, never fail; the
 //! pools reconnect and the watches resume by themselves (no component is
 //! restarted); and nothing acknowledged is lost.
