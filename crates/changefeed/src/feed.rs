@@ -234,6 +234,14 @@ impl<T: Entity> Feed<T> {
         self.inner.shared.hub.head()
     }
 
+    /// The latest revision any of this process's watch streams may have
+    /// been given: ahead of [`Feed::head`] while a fan-out is under way. A
+    /// read from a [`crate::View`] that must show whatever a client saw on a
+    /// watch waits for the view to reach it.
+    pub fn sent_head(&self) -> i64 {
+        self.inner.shared.hub.sent()
+    }
+
     /// The latest committed revision, read from the database (the fan-out
     /// may not have published it yet: see [`Feed::head`]).
     pub async fn committed_revision(&self) -> Result<i64, FeedError> {

@@ -99,6 +99,11 @@ impl<T> Hub<T> {
         self.ring.head()
     }
 
+    /// The last revision sent to any watcher (see `Ring::sent`).
+    pub(crate) fn sent(&self) -> i64 {
+        self.ring.sent()
+    }
+
     /// How many changes a watcher may fall behind.
     pub(crate) fn capacity(&self) -> usize {
         self.ring.capacity()

@@ -73,6 +73,10 @@ pub(crate) struct Ring<T> {
     capacity: usize,
     /// The last revision in every group.
     head: AtomicI64,
+    /// The last revision sent into any group, moved before the first send:
+    /// a change a watcher has seen is at most this (`head` moves only once
+    /// every group has it, and the tail may be descheduled in between).
+    sent: AtomicI64,
     /// Bumped each time the ring is replaced: a watcher whose ring was
     /// replaced must not claim progress from the new head.
     generation: AtomicU64,
@@ -163,6 +167,7 @@ impl<T> Ring<T> {
             groups: RwLock::new(Vec::new()),
             capacity,
             head: AtomicI64::new(head),
+            sent: AtomicI64::new(head),
             generation: AtomicU64::new(0),
             ticks: AtomicU64::new(0),
         }
@@ -171,6 +176,12 @@ impl<T> Ring<T> {
     /// The last revision in every group.
     pub(crate) fn head(&self) -> i64 {
         self.head.load(Ordering::SeqCst)
+    }
+
+    /// The last revision sent into any group: at or ahead of
+    /// [`Ring::head`] while a publish is under way.
+    pub(crate) fn sent(&self) -> i64 {
+        self.sent.load(Ordering::SeqCst)
     }
 
     /// How many changes a watcher may fall behind.
@@ -239,6 +250,8 @@ impl<T> Ring<T> {
         let Some(last) = batch.last().map(|change| change.revision) else {
             return;
         };
+        // Before any watcher can see it: see `sent`.
+        self.sent.fetch_max(last, Ordering::SeqCst);
         loop {
             let groups: Vec<Arc<Group<T>>> = read(&self.groups).clone();
             paced(groups, |group| group.head() < last, |group| group.send(batch)).await;
@@ -349,12 +362,17 @@ mod tests {
         assert_eq!(revision(early[0].receiver.try_recv()), Some(1));
         assert_eq!(early[GROUP].receiver.try_recv().err(), Some(TryRecvError::Empty));
         assert_eq!(ring.head(), 0, "the feed's head moves once every group has the batch");
+        assert_eq!(
+            ring.sent(),
+            2,
+            "what a watcher may have seen is known before any has it"
+        );
         // A watcher arriving now fills a new group, from the head before
         // the batch: the batch must reach it too.
         let mut late = ring.subscribe();
         assert_eq!(late.head, 0);
         while publish.as_mut().poll(&mut cx).is_pending() {}
-        assert_eq!(ring.head(), 2);
+        assert_eq!((ring.head(), ring.sent()), (2, 2));
         assert_eq!(revision(early[GROUP].receiver.try_recv()), Some(1));
         assert_eq!(revision(late.receiver.try_recv()), Some(1));
         assert_eq!(revision(late.receiver.try_recv()), Some(2));
