@@ -36,6 +36,8 @@ impl<T> Clone for View<T> {
 }
 
 struct Inner<T> {
+    /// The feed followed, for what its watch streams have been sent.
+    feed: Feed<T>,
     published: Arc<Published<T>>,
     /// The revision of the published snapshot, for [`View::wait_for`].
     revision: watch::Receiver<i64>,
@@ -63,6 +65,7 @@ impl<T: Entity> View<T> {
         let _ = revision.wait_for(|revision| *revision >= 0).await;
         View {
             inner: Arc::new(Inner {
+                feed: feed.clone(),
                 published,
                 revision,
                 task,
@@ -73,6 +76,24 @@ impl<T: Entity> View<T> {
     /// The state now, at one revision.
     pub fn snapshot(&self) -> Arc<Snapshot<T>> {
         self.inner.published.load()
+    }
+
+    /// The state once it holds every change this process's watch streams
+    /// may have been given ([`Feed::sent_head`]; at once, nearly always),
+    /// or as it is after `timeout`: a client that saw a change on a watch
+    /// and then reads here sees it. The view follows the feed beside the
+    /// streams, not before them, so [`View::snapshot`] alone can be behind
+    /// what a watcher has just been sent.
+    pub async fn seen(&self, timeout: Duration) -> Arc<Snapshot<T>> {
+        let sent = self.inner.feed.sent_head();
+        if !self.wait_for(sent, timeout).await {
+            tracing::warn!(
+                feed = self.inner.feed.name(),
+                sent,
+                "the view did not reach what the watch streams were sent in time; reading it as it is"
+            );
+        }
+        self.snapshot()
     }
 
     /// Waits until the view holds every change up to `revision`, for at most

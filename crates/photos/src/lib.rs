@@ -258,8 +258,9 @@ impl PhotosService {
     async fn get(&self, request: GetPhotoRequest) -> Result<Photo, ApiError> {
         let id = request::parse_id("id", &request.id)?.to_string();
         let owner = request::parse_optional_id("user_id", &request.user_id)?.map(|id| id.to_string());
-        self.caught_up().await;
-        let photo = self.view.snapshot().get(&id).map(|(photo, _)| photo.clone());
+        // What a client saw on WatchPhotos (a job's DONE) is in it.
+        let snapshot = self.view.seen(self.options.wait_timeout).await;
+        let photo = snapshot.get(&id).map(|(photo, _)| photo.clone());
         owned_by(photo, owner.as_deref()).ok_or_else(|| photo_not_found(&id))
     }
 
@@ -302,21 +303,6 @@ impl PhotosService {
         }
     }
 
-    /// Waits until the in-memory photos hold every change this process has
-    /// fanned out to its watch streams (at once, nearly always): a client
-    /// that saw a change on `WatchPhotos` (the job's `DONE`, say) and then
-    /// reads the photo here sees it, though the view follows the feed beside
-    /// the streams, not before them.
-    async fn caught_up(&self) {
-        let head = self.feed.sent_head();
-        if !self.view.wait_for(head, self.options.wait_timeout).await {
-            tracing::warn!(
-                head,
-                "the in-memory photos did not reach the fanned-out head in time; answering from what they hold"
-            );
-        }
-    }
-
     /// A page of `user_id`'s photos, newest first (ids are time-ordered):
     /// from memory, or with `fresh` from the database (one query on the
     /// scope index), for a reader that wants what another replica has just
@@ -334,8 +320,7 @@ impl PhotosService {
         let photos = if fresh {
             self.feed.list_scope(user_id, before, size + 1, true).await?
         } else {
-            self.caught_up().await;
-            let snapshot = self.view.snapshot();
+            let snapshot = self.view.seen(self.options.wait_timeout).await;
             let page = snapshot.scope(user_id, before, usize::try_from(size + 1).unwrap_or(usize::MAX), true);
             page.unwrap_or_default().into_iter().cloned().collect()
         };
